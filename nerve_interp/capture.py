@@ -1,0 +1,414 @@
+"""Run nnsight traces over batches and feed each FFN point to its covariance accumulator.
+
+Only D×D statistics leave the forward pass: activations are read inside the trace, padding
+tokens are dropped (SPEC.md §1), the rows go into a :class:`CovarianceAccumulator` on the
+activations' own device, and ``tracer.stop()`` ends the forward after the last point needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .covariance import CovarianceAccumulator
+from .errors import CaptureError, NerveInterpError, ResultsFileError, SiteError
+from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites, site_name
+from .spectrum import spectrum_from_covariance
+
+
+# ------------------------------------------------------------------ batches
+def _as_batch(item: Any, i: int) -> dict[str, Any]:
+    """One batch as model keyword arguments.
+
+    Token models get ``input_ids`` (+ ``attention_mask``); any other model gets its inputs
+    as given: a float tensor is passed positionally (key ``"_args"``), a dict as keywords.
+    """
+    if isinstance(item, torch.Tensor):
+        if item.is_floating_point():
+            return {"_args": (item,)}
+        item = {"input_ids": item}
+    if not isinstance(item, dict) and hasattr(item, "keys"):  # BatchEncoding
+        item = dict(item)
+    if not isinstance(item, dict):
+        raise TypeError(
+            f"batch {i} is a {type(item).__name__}; batches are dicts with 'input_ids' and "
+            "'attention_mask' (what a tokenizer returns), token-id tensors, or pass a list of "
+            "strings together with tokenizer=..."
+        )
+    if "input_ids" not in item:
+        return dict(item)  # a non-token model: keyword inputs, every row is data
+    out = {k: torch.as_tensor(v) for k, v in item.items()}
+    ids = out["input_ids"]
+    if ids.ndim == 1:
+        out = {k: v.unsqueeze(0) if v.ndim == 1 else v for k, v in out.items()}
+        ids = out["input_ids"]
+    if ids.ndim != 2:
+        raise CaptureError(
+            f"batch {i}: input_ids must be [batch, seq]; got shape {tuple(ids.shape)}."
+        )
+    mask = out.get("attention_mask")
+    if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+        raise CaptureError(
+            f"batch {i}: attention_mask {tuple(mask.shape)} does not match input_ids "
+            f"{tuple(ids.shape)}."
+        )
+    return out
+
+
+def iter_batches(
+    batches: Any, tokenizer: Any = None, *, batch_size: int = 8, max_length: int = 256
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Normalise what users pass as data into dicts of tensors.
+
+    Accepts a list of strings (with ``tokenizer``), one dict / BatchEncoding, a token-id
+    tensor ``[batch, seq]``, or an iterable of dicts or tensors.
+    """
+    if isinstance(batches, str):
+        raise TypeError(
+            "batches is a single string; pass a list of strings (documents) with tokenizer=..."
+        )
+    if isinstance(batches, Sequence) and batches and all(isinstance(b, str) for b in batches):
+        if tokenizer is None:
+            raise TypeError(
+                "batches is a list of strings but no tokenizer was given; pass tokenizer=... "
+                "(e.g. the second value of ni.load_model(...)) or tokenise them yourself."
+            )
+        from .data import tokenize_batches
+
+        yield from tokenize_batches(list(batches), tokenizer, batch_size=batch_size,
+                                    max_length=max_length)
+        return
+    if isinstance(batches, torch.Tensor):
+        t = batches if batches.ndim == 2 else batches.unsqueeze(0)
+        for j, start in enumerate(range(0, t.shape[0], batch_size)):
+            yield _as_batch(t[start:start + batch_size], j)
+        return
+    if isinstance(batches, dict) or (hasattr(batches, "keys") and "input_ids" in batches):
+        yield _as_batch(batches, 0)
+        return
+    for j, item in enumerate(batches):
+        yield _as_batch(item, j)
+
+
+def _budget_mask(mask: torch.Tensor, remaining: int | None) -> torch.Tensor:
+    """Keep the first ``remaining`` real tokens (row-major) of a boolean mask."""
+    if remaining is None or int(mask.sum()) <= remaining:
+        return mask
+    flat = mask.reshape(-1)
+    keep = flat & (flat.cumsum(0) <= remaining)
+    return keep.reshape(mask.shape)
+
+
+# ------------------------------------------------------------------ metadata
+def model_label(model: Any) -> str:
+    """A short name for the model: its nerve_interp name, its hub path, or its class."""
+    root = getattr(model, "_module", model)
+    info = getattr(root, "nerve_interp_info", None) or {}
+    if info.get("name"):
+        return str(info["name"])
+    cfg = getattr(root, "config", None)
+    path = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
+    return str(path) if path else type(root).__name__
+
+
+def _model_metadata(root: torch.nn.Module, sites: Sequence[FFNSite], n_layers: int) -> dict:
+    info = dict(getattr(root, "nerve_interp_info", None) or {})
+    try:
+        p = next(root.parameters())
+        dtype, device = str(p.dtype).replace("torch.", ""), str(p.device)
+    except StopIteration:
+        dtype, device = "none", "cpu"
+    cfg = getattr(root, "config", None)
+    return {
+        "model": model_label(root),
+        "model_class": type(root).__name__,
+        "model_type": str(getattr(cfg, "model_type", "") or ""),
+        "model_source": info.get("source", ""),
+        "model_note": info.get("note", ""),
+        "n_layers": n_layers,
+        "ffn_kind": sites[0].kind if sites else "",
+        "family": sites[0].family if sites else "",
+        "dtype": dtype,
+        "device": device,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import nnsight
+    import transformers
+
+    return {"nerve_interp": __version__, "torch": torch.__version__,
+            "nnsight": getattr(nnsight, "__version__", "?"),
+            "transformers": transformers.__version__}
+
+
+# ------------------------------------------------------------------ checkpoint
+def _fingerprint(meta: dict, sites: Sequence[FFNSite], points: Sequence[str]) -> str:
+    return json.dumps({"model": meta["model"], "model_class": meta["model_class"],
+                       "sites": [s.paths[p] for s in sites for p in points]}, sort_keys=True)
+
+
+def _save_checkpoint(path: Path, accs: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for (layer, point), acc in accs.items():
+        if acc.n_samples_seen_:
+            for k, v in acc.state_dict().items():
+                tensors[f"{site_name(layer, point)}.{k}"] = v.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp, metadata={"format": "nerve_interp.capture_checkpoint",
+                                      "state": json.dumps(state)})
+    os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
+
+
+def _load_checkpoint(path: Path, accs: dict, fingerprint: str) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "nerve_interp.capture_checkpoint":
+                raise ResultsFileError(f"{path} is not a nerve_interp capture checkpoint.")
+            state = json.loads(meta["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except ResultsFileError:
+        raise
+    except Exception as err:
+        raise ResultsFileError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is corrupt. "
+            "Delete it to start the capture afresh."
+        ) from None
+    if state.get("fingerprint") != fingerprint:
+        raise ResultsFileError(
+            f"checkpoint {path} belongs to another model or other sites "
+            f"({json.loads(state.get('fingerprint', '{}')).get('model')!r}); delete it or pass "
+            "another checkpoint path."
+        )
+    for (layer, point), acc in accs.items():
+        prefix = site_name(layer, point)
+        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if sub:
+            acc.load_state_dict(sub)
+    return state
+
+
+# ------------------------------------------------------------------ capture
+def collect_spectra(
+    model: Any,
+    batches: Any,
+    *,
+    tokenizer: Any = None,
+    layers: int | Iterable[int] | None = None,
+    points: Sequence[str] = ("pre", "post"),
+    sites: Sequence[FFNSite] | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    eigenvectors: bool = False,
+    gram_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 20,
+    data_label: str = "",
+):
+    """Eigenspectra of FFN activations before and after the nonlinearity, layer by layer.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or nnsight wrapper
+        A Hugging Face model (or ``nnsight.NNsight`` / ``TransformersModel`` of one). It is
+        wrapped with nnsight once; it still runs normally outside traces.
+    batches : iterable
+        Dicts with ``input_ids`` and ``attention_mask`` (tokenizer output), token-id tensors
+        ``[batch, seq]``, or a list of strings together with ``tokenizer``.
+    tokenizer : optional
+        Needed when ``batches`` are strings. They are padded per batch and truncated to
+        ``max_length`` tokens, ``batch_size`` texts at a time.
+    layers : int, list of int or None
+        Layers to capture (negative counts from the end); all by default.
+    points : sequence of str, default ("pre", "post")
+        Points per layer: ``pre``, ``post``, and for gated FFNs ``act``, ``up``.
+    sites : list of FFNSite, optional
+        Sites from :func:`find_ffn_sites` (e.g. passed by hand); found automatically if None.
+    max_tokens : int, optional
+        Stop after this many real (non-padding) tokens; the last batch is cut row-major.
+    eigenvectors : bool, default False
+        Keep eigenvectors (8·D² bytes per point) for subspace ablations.
+    gram_dtype : torch.dtype, default torch.float64
+        Precision of each batch's centred scatter matrix (float32 is ~1.7× faster on CPU).
+        Statistics are merged and eigendecomposed in float64 either way.
+    progress : bool, default True
+        Show a tqdm progress bar (tokens).
+    checkpoint : path, optional
+        Save the running statistics there every ``checkpoint_every`` batches and resume
+        from it when it exists (the same batches must be passed again; the ones already
+        counted are skipped).
+    data_label : str
+        What the text was (kept in the metadata, e.g. ``"python-docs/train"``).
+
+    Returns
+    -------
+    SpectraResult
+        ``.eigenvalues(layer, point)``, ``.metrics()``, ``.reinjection()``, ``.save(path)``.
+
+    Raises
+    ------
+    CaptureError
+        No tokens at all (empty or all-padding data), or NaN/inf activations (the message
+        names the site and batch).
+    SiteError
+        A layer out of range, or a point the FFN does not have.
+    """
+    from .results import SpectraResult
+
+    wrapper = as_nnsight(model)
+    root = wrapper._module
+    all_sites = list(sites) if sites is not None else find_ffn_sites(wrapper)
+    chosen = select_sites(all_sites, layers)
+    points = tuple(points) if not isinstance(points, str) else (points,)
+    for p in points:
+        if p not in POINTS:
+            raise SiteError(
+                f"unknown point {p!r}. Points are pre and post (every FFN), plus act and up "
+                "(gated FFNs only)."
+            )
+        chosen[0].path(p)  # raises a clear error for act/up on a plain FFN
+    order = [p for p in POINTS if p in points]
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
+    accs = {(s.layer, p): CovarianceAccumulator(s.name(p), gram_dtype=gram_dtype)
+            for s in chosen for p in order}
+    reads = [(accs[(s.layer, p)], s.paths[p]) for s in chosen for p in order]
+    meta = _model_metadata(root, chosen, len(all_sites))
+    fingerprint = _fingerprint(meta, chosen, order)
+
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    done_batches, n_tokens, n_batches = 0, 0, 0
+    if ckpt is not None and ckpt.exists():
+        state = _load_checkpoint(ckpt, accs, fingerprint)
+        done_batches, n_tokens = int(state["batches"]), int(state["tokens"])
+
+    device = next(root.parameters()).device
+    bar = tqdm(total=max_tokens, initial=n_tokens, unit="tok", disable=not progress,
+               desc=f"spectra {meta['model']}", dynamic_ncols=True)
+    try:
+        for i, batch in enumerate(iter_batches(batches, tokenizer, batch_size=batch_size,
+                                               max_length=max_length)):
+            if max_tokens is not None and n_tokens >= max_tokens:
+                break
+            n_batches = i + 1
+            if i < done_batches:
+                continue  # counted before the checkpoint
+            remaining = None if max_tokens is None else max_tokens - n_tokens
+            ids = batch.get("input_ids")
+            idx = mask_shape = None
+            if ids is not None:
+                mask = batch.get("attention_mask")
+                mask = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+                keep = _budget_mask(mask, remaining)
+                if not bool(keep.any()):
+                    continue  # an all-padding batch adds nothing; counted in the final check
+                idx, mask_shape = keep.reshape(-1).nonzero().squeeze(1).to(device), keep.shape
+            inputs = {k: _to(v, device) for k, v in batch.items()}
+            try:
+                n_keep = _trace_batch(wrapper, inputs, reads, idx, mask_shape, remaining)
+            except NerveInterpError as err:
+                shape = tuple(ids.shape) if ids is not None else "non-token inputs"
+                raise type(err)(
+                    f"while capturing {meta['model']} (batch {i}, input {shape}):\n  {err}"
+                ) from None
+            n_tokens += n_keep
+            bar.update(n_keep)
+            if ckpt is not None and (i + 1) % checkpoint_every == 0:
+                _save_checkpoint(ckpt, accs, {"batches": i + 1, "tokens": n_tokens,
+                                              "fingerprint": fingerprint})
+    finally:
+        bar.close()
+    if n_tokens == 0:
+        raise CaptureError(
+            f"no tokens reached {meta['model']}: the data were empty or every token was padding "
+            "(attention_mask all 0). Pass non-empty texts or batches with real tokens."
+        )
+    if ckpt is not None:
+        _save_checkpoint(ckpt, accs, {"batches": n_batches, "tokens": n_tokens,
+                                      "fingerprint": fingerprint})
+    spectra = {}
+    for key, acc in accs.items():
+        if acc.n_samples_seen_ < 2:
+            raise CaptureError(f"{acc.name} saw {acc.n_samples_seen_} token(s); need >= 2.")
+        spectra[key] = spectrum_from_covariance(
+            acc.covariance_, acc.mean_, acc.n_samples_seen_, eigenvectors=eigenvectors,
+            name=acc.name,
+        )
+    meta.update({
+        "n_tokens": n_tokens,
+        "n_batches": n_batches,
+        "max_tokens": max_tokens,
+        "gram_dtype": str(gram_dtype).replace("torch.", ""),
+        "data": data_label,
+        "points": list(order),
+        "layers": [s.layer for s in chosen],
+        "site_paths": {s.name(p): s.paths[p] for s in chosen for p in order},
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    })
+    return SpectraResult(spectra, meta)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def _trace_batch(wrapper: Any, inputs: dict, reads: list, idx: torch.Tensor | None,
+                 mask_shape: tuple | None, remaining: int | None) -> int:
+    """One nnsight trace: read every point in forward order, accumulate, stop early.
+
+    Returns the number of rows (tokens) each point received.
+    """
+    kwargs = dict(inputs)
+    args = kwargs.pop("_args", ())
+    counts = []
+    with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
+        for acc, path in reads:
+            x = wrapper.get(path)
+            rows = _select_rows(x, idx, mask_shape, remaining, acc.name)
+            acc.update(rows)
+            counts.append(rows.shape[0])
+        tracer.stop()
+    return counts[0]
+
+
+def _select_rows(x: torch.Tensor, idx: torch.Tensor | None, mask_shape: tuple | None,
+                 remaining: int | None, name: str) -> torch.Tensor:
+    """The rows of a point that are real tokens, within the token budget."""
+    if idx is None:  # non-token model: every row is data
+        rows = x.reshape(-1, x.shape[-1])
+        return rows if remaining is None else rows[:remaining]
+    if tuple(x.shape[:2]) == tuple(mask_shape):
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
+    n = mask_shape[0] * mask_shape[1]
+    if x.ndim == 2 and x.shape[0] == n:  # flattened [batch*seq, D] (OPT)
+        return x.index_select(0, idx)
+    raise CaptureError(
+        f"{name}: activations of shape {tuple(x.shape)} cannot be aligned with the attention "
+        f"mask {tuple(mask_shape)}; pass sites whose points are [batch, seq, D]."
+    )
+
+
+__all__ = ["collect_spectra", "iter_batches", "model_label"]

@@ -1,0 +1,341 @@
+"""Offline text for capturing activations: a built-in corpus, local files, and batching.
+
+Nothing here downloads anything. The built-in corpus ``"python-docs"`` is harvested from the
+docstrings of the Python standard library that ships with the interpreter (parsed with
+:mod:`ast`, never imported), so it exists on every machine that can run nerve_interp.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import inspect
+import json
+import re
+import sysconfig
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nerve_interp.errors import NerveInterpError
+
+__all__ = [
+    "CORPORA",
+    "SPLITS",
+    "DataError",
+    "load_corpus",
+    "read_texts",
+    "tokenize_batches",
+]
+
+CORPORA: tuple[str, ...] = ("python-docs",)
+"""Names accepted by :func:`load_corpus`."""
+
+SPLITS: tuple[str, ...] = ("train", "heldout", "all")
+"""Splits accepted by :func:`load_corpus`."""
+
+HELDOUT_FRACTION = 0.1
+"""Share of documents (chosen by a SHA-1 of their text) that go to the ``"heldout"`` split."""
+
+MIN_DOCSTRING_CHARS = 200
+"""Docstrings shorter than this (after :func:`inspect.cleandoc`) are left out of the corpus."""
+
+_EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__"}
+)
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_STMT_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+class DataError(NerveInterpError, ValueError):
+    """A corpus name, split, text file or batching argument that cannot be used."""
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def _is_heldout(text: str) -> bool:
+    """Whether ``text`` belongs to the held-out split (stable across runs and machines)."""
+    digest = hashlib.sha1(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < HELDOUT_FRACTION * 2**64
+
+
+def _stdlib_files(root: Path) -> list[Path]:
+    """``.py`` files under ``root`` outside the excluded folders, sorted by relative path."""
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if _EXCLUDED_DIRS.isdisjoint(rel.parts[:-1]):
+            files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _doc_nodes(node: ast.AST) -> Iterator[ast.AST]:
+    """The module, class and function nodes under ``node``, visiting statements only.
+
+    Definitions never sit inside expressions, so skipping them finds the same nodes as
+    :func:`ast.walk` at a fraction of the cost.
+    """
+    if isinstance(node, _DOC_NODES):
+        yield node
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, _STMT_NODES):
+            yield from _doc_nodes(child)
+
+
+def _docstrings(path: Path) -> list[tuple[int, str]]:
+    """``(line, cleaned docstring)`` of the module, classes and functions in one file."""
+    try:
+        source = path.read_bytes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SyntaxWarning for odd escapes in old modules
+            tree = ast.parse(source, filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        return []
+    found = []
+    for node in _doc_nodes(tree):
+        doc = ast.get_docstring(node, clean=False)
+        if doc:
+            doc = inspect.cleandoc(doc)
+            if len(doc) >= MIN_DOCSTRING_CHARS:
+                found.append((getattr(node, "lineno", 0), doc))
+    return sorted(found, key=lambda item: item[0])
+
+
+@functools.cache  # an unbounded lru_cache
+def _python_docs() -> tuple[str, ...]:
+    """Every long stdlib docstring, deduplicated, ordered by source path then line."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    docs = []
+    for path in _stdlib_files(root):
+        for _, doc in _docstrings(path):
+            if doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+    if not docs:
+        raise DataError(
+            f"found no docstrings of >= {MIN_DOCSTRING_CHARS} characters under the Python "
+            f"standard library at {root}; this interpreter seems to ship without its .py sources."
+        )
+    return tuple(docs)
+
+
+def load_corpus(name: str = "python-docs", split: str = "train") -> list[str]:
+    """Load a built-in text corpus that needs no download.
+
+    Parameters
+    ----------
+    name : str, default "python-docs"
+        Which corpus. ``"python-docs"`` is every module, class and function docstring of the
+        Python standard library of the running interpreter (found with ``sysconfig``; folders
+        ``test``, ``tests``, ``idlelib``, ``lib2to3``, ``turtledemo`` and ``site-packages`` are
+        skipped) that is at least 200 characters long after :func:`inspect.cleandoc`. The files
+        are parsed with :mod:`ast`, never imported. Duplicates are dropped; the order is by
+        source path, then line.
+    split : {"train", "heldout", "all"}, default "train"
+        ``"heldout"`` holds about 10 % of the documents, chosen by the SHA-1 of their text, so
+        the split is the same on every run and machine; ``"train"`` holds the rest. The two are
+        disjoint and together make ``"all"``.
+
+    Returns
+    -------
+    list of str
+        The documents, in a deterministic order. A new list on every call (the harvested
+        corpus itself is cached in memory, so only the first call parses files).
+
+    Raises
+    ------
+    DataError
+        If ``name`` or ``split`` is unknown.
+
+    Notes
+    -----
+    The text depends on the Python version (3.11.7 gives 2,179 documents, 1.2 M
+    characters). Pin hashes of the output if a test needs exact bytes.
+
+    Examples
+    --------
+    >>> docs = load_corpus("python-docs", split="heldout")
+    >>> len(docs) > 100 and all(isinstance(d, str) for d in docs)
+    True
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in CORPORA:
+        raise DataError(
+            f"unknown corpus {name!r}. Corpora available offline: {', '.join(CORPORA)}."
+        )
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} for corpus {key!r}. Splits: {', '.join(SPLITS)}.")
+    docs = _python_docs()
+    if split == "all":
+        return list(docs)
+    want_heldout = split == "heldout"
+    return [doc for doc in docs if _is_heldout(doc) == want_heldout]
+
+
+# --------------------------------------------------------------------------- local files
+
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Read documents from a local text file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``.txt`` file, split into paragraphs at blank lines (each paragraph stripped, empty
+        ones dropped), or a ``.jsonl`` file with one JSON object per line holding the document
+        in its ``"text"`` field (blank lines are skipped).
+
+    Returns
+    -------
+    list of str
+        The documents in file order.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    DataError
+        If the suffix is neither ``.txt`` nor ``.jsonl``, a JSONL line is not an object with a
+        string ``"text"``, or the file holds no text at all.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+    >>> _ = p.write_text("First paragraph.\\n\\n\\nSecond\\nparagraph.\\n")
+    >>> read_texts(p)
+    ['First paragraph.', 'Second\\nparagraph.']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"read_texts: no such file: {str(path)!r}")
+    suffix = path.suffix.lower()
+    raw = path.read_text(encoding="utf-8")
+    if suffix == ".txt":
+        texts = [p.strip() for p in _BLANK_LINES.split(raw.replace("\r\n", "\n"))]
+        texts = [t for t in texts if t]
+    elif suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}).") from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(
+                    f'{path}:{lineno}: each line must be a JSON object with a string "text" '
+                    f"field; got {line[:80]!r}."
+                )
+            if obj["text"].strip():
+                texts.append(obj["text"])
+    else:
+        raise DataError(
+            f"read_texts: {str(path)!r} has suffix {path.suffix!r}; expected .txt (paragraphs "
+            'separated by blank lines) or .jsonl (one {"text": ...} object per line).'
+        )
+    if not texts:
+        raise DataError(f"read_texts: {str(path)!r} contains no text (0 non-empty documents).")
+    return texts
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its eos id; raise when it has neither."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, list):  # some tokenizers list several eos ids
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    raise DataError(
+        f"{type(tokenizer).__name__} has neither a pad token nor an eos token, so batches "
+        "cannot be padded. Set one first, e.g. tokenizer.add_special_tokens({'pad_token': "
+        "'<pad>'}) (and resize the model's embeddings), or use batch_size=1."
+    )
+
+
+def tokenize_batches(
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenize texts into padded batches, in input order.
+
+    Parameters
+    ----------
+    texts : sequence of str
+        The documents. Batch ``b`` holds ``texts[b * batch_size:(b + 1) * batch_size]``.
+    tokenizer : transformers tokenizer
+        Any callable Hugging Face tokenizer. Special tokens are added as the tokenizer does by
+        default. The pad id is the tokenizer's pad token, else its eos token (the tokenizer
+        itself is not modified); padding goes on ``tokenizer.padding_side`` (default right).
+    batch_size : int, default 8
+        Documents per batch (the last batch may be smaller). Must be >= 1.
+    max_length : int, default 256
+        Longer documents are truncated to this many tokens. Must be >= 1.
+
+    Yields
+    ------
+    dict of str to torch.Tensor
+        ``"input_ids"`` and ``"attention_mask"``, both int64 of shape ``(B, T)`` where ``T`` is
+        the longest (truncated) document in the batch; ``attention_mask`` is 1 on real tokens
+        and 0 on padding.
+
+    Raises
+    ------
+    DataError
+        If ``texts`` is a bare string or holds a non-string, the sizes are < 1, or the
+        tokenizer has neither a pad nor an eos token (raised on the call, before iterating).
+
+    Examples
+    --------
+    >>> from nerve_interp.zoo import load_model  # doctest: +SKIP
+    >>> _, tok = load_model("minilm")  # doctest: +SKIP
+    >>> batch = next(tokenize_batches(["a b c", "a"], tok, batch_size=2))  # doctest: +SKIP
+    >>> batch["attention_mask"].sum(1).tolist()  # doctest: +SKIP
+    [5, 3]
+    """
+    if isinstance(texts, str):
+        raise DataError("texts must be a sequence of strings, got a single str; wrap it: [text].")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"texts[{i}] is {type(text).__name__}, expected str.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size == {batch_size!r}, must be an int >= 1.")
+    if not isinstance(max_length, int) or max_length < 1:
+        raise DataError(f"max_length == {max_length!r}, must be an int >= 1 (tokens per text).")
+    pad_id = _pad_token_id(tokenizer)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    return _batches(texts, tokenizer, batch_size, max_length, pad_id, left)
+
+
+def _batches(
+    texts: list[str], tokenizer: Any, batch_size: int, max_length: int, pad_id: int, left: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        ids = tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
+        width = max((len(row) for row in ids), default=0)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, tokens in enumerate(ids):
+            n = len(tokens)
+            cols = slice(width - n, width) if left else slice(0, n)
+            input_ids[row, cols] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, cols] = 1
+        yield {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,55 @@
+"""Every error and warning nerve_interp raises, in one place.
+
+Each error also subclasses the built-in error callers already catch, so ``except ValueError``
+keeps working (``SiteError`` is a ``ValueError``, ``UnknownArchitectureError`` a ``LookupError``).
+Warnings have their own classes so they can be filtered::
+
+    import warnings, nerve_interp as ni
+    warnings.simplefilter("ignore", ni.errors.RankDeficientWarning)
+"""
+
+from __future__ import annotations
+
+
+class NerveInterpError(Exception):
+    """Base class of every nerve_interp error."""
+
+
+class SiteError(NerveInterpError, ValueError):
+    """A site name, layer index or point that does not exist in the model."""
+
+
+class UnknownArchitectureError(NerveInterpError, LookupError):
+    """No FFN sites could be found automatically; pass them by hand."""
+
+
+class CaptureError(NerveInterpError, RuntimeError):
+    """The data or the activations cannot produce a spectrum (no tokens, NaN/inf, ...)."""
+
+
+class NotFittedError(NerveInterpError, AttributeError):
+    """A statistic was read before any data reached the accumulator."""
+
+
+class ResultsFileError(NerveInterpError, OSError):
+    """A results or checkpoint file that is corrupt, of the wrong kind, or from another model."""
+
+
+class RankDeficientWarning(UserWarning):
+    """Fewer tokens than dimensions: the covariance has rank <= N - 1 and metrics depend on N/D."""
+
+
+class NegativeEigenvalueWarning(UserWarning):
+    """Round-off produced eigenvalues below -1e-8 * lambda_1 (they were clipped to 0)."""
+
+
+__all__ = [
+    "CaptureError",
+    "NegativeEigenvalueWarning",
+    "NerveInterpError",
+    "NotFittedError",
+    "RankDeficientWarning",
+    "ResultsFileError",
+    "SiteError",
+    "UnknownArchitectureError",
+]

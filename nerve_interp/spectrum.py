@@ -1,0 +1,157 @@
+"""Eigendecomposition of a covariance matrix in float64: the :class:`Spectrum` of one point.
+
+Eigenvalues come from ``torch.linalg.eigh`` in float64 and are stored in descending order.
+Round-off negatives are clipped to 0; how many there were and the most negative value are
+kept (``n_negative``, ``min_eigenvalue``) and a ``NegativeEigenvalueWarning`` is raised when
+one is below ``-1e-8 · λ_1`` (a sign of a broken covariance, not of round-off).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import metrics as _metrics
+from .errors import NegativeEigenvalueWarning, NotFittedError, RankDeficientWarning
+
+NEGATIVE_WARN_TOL = 1e-8
+
+
+@dataclass
+class Spectrum:
+    """Eigenvalues (and optionally eigenvectors) of one point's activation covariance.
+
+    Attributes
+    ----------
+    eigenvalues : ndarray of shape (D,), float64
+        Descending, >= 0 (round-off negatives clipped), in squared activation units.
+    mean : ndarray of shape (D,), float64
+        Mean activation μ over the tokens.
+    n_samples : int
+        Number of tokens N the covariance was estimated from.
+    eigenvectors : ndarray of shape (D, D), float64, or None
+        Column ``i`` belongs to ``eigenvalues[i]``. Kept only when asked for
+        (``collect_spectra(..., eigenvectors=True)``): 8·D² bytes each.
+    n_negative : int
+        How many eigenvalues came out of ``eigh`` below 0 before clipping.
+    min_eigenvalue : float
+        The smallest eigenvalue before clipping.
+    name : str
+        The site name, e.g. ``"layers.3.ffn.pre"``.
+    """
+
+    eigenvalues: np.ndarray
+    mean: np.ndarray
+    n_samples: int
+    eigenvectors: np.ndarray | None = None
+    n_negative: int = 0
+    min_eigenvalue: float = 0.0
+    name: str = "spectrum"
+    _metric_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def dim(self) -> int:
+        """Width D of the point."""
+        return int(self.eigenvalues.shape[0])
+
+    @property
+    def rank_deficient(self) -> bool:
+        """True when N <= D, so the covariance has rank <= N - 1 < D."""
+        return self.n_samples <= self.dim
+
+    def require_eigenvectors(self) -> np.ndarray:
+        """The eigenvectors, or an error saying how to keep them."""
+        if self.eigenvectors is None:
+            raise NotFittedError(
+                f"the spectrum of {self.name} was computed without eigenvectors; rerun "
+                "collect_spectra(..., eigenvectors=True) to keep them (8·D² bytes per point)."
+            )
+        return self.eigenvectors
+
+    def metrics(self, *, concentration_k: int | None = None) -> dict[str, float]:
+        """Every per-spectrum metric of SPEC.md §3 (see ``metrics.compute_metrics``)."""
+        key = concentration_k
+        if key not in self._metric_cache:
+            self._metric_cache[key] = _metrics.compute_metrics(
+                self.eigenvalues, concentration_k=concentration_k
+            )
+        return dict(self._metric_cache[key])
+
+    def __repr__(self) -> str:
+        vec = "with" if self.eigenvectors is not None else "without"
+        return (
+            f"Spectrum({self.name!r}, D={self.dim}, N={self.n_samples}, "
+            f"λ_1={self.eigenvalues[0]:.4g}, {vec} eigenvectors)"
+        )
+
+
+def spectrum_from_covariance(
+    covariance: torch.Tensor | np.ndarray,
+    mean: torch.Tensor | np.ndarray,
+    n_samples: int,
+    *,
+    eigenvectors: bool = False,
+    name: str = "spectrum",
+    warn: bool = True,
+) -> Spectrum:
+    """Eigendecompose a covariance in float64 and return its :class:`Spectrum`.
+
+    Parameters
+    ----------
+    covariance : tensor or ndarray of shape (D, D)
+        Symmetric positive semi-definite (up to round-off).
+    mean : tensor or ndarray of shape (D,)
+    n_samples : int
+        Tokens the covariance came from; ``n_samples <= D`` raises a ``RankDeficientWarning``.
+    eigenvectors : bool, default False
+        Keep the eigenvectors (needed for subspace ablations).
+    name : str
+        Site name for messages.
+    warn : bool, default True
+        Emit ``RankDeficientWarning`` / ``NegativeEigenvalueWarning``.
+    """
+    cov = torch.as_tensor(covariance).detach().to("cpu", torch.float64)
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"covariance of {name} must be square (D, D); got {tuple(cov.shape)}.")
+    cov = 0.5 * (cov + cov.T)  # exact symmetry for eigh
+    if eigenvectors:
+        vals, vecs = torch.linalg.eigh(cov)
+        vecs = vecs.flip(-1).numpy()
+    else:
+        vals, vecs = torch.linalg.eigvalsh(cov), None
+    vals = vals.flip(-1).numpy()
+    lam1 = float(vals[0]) if vals.size else 0.0
+    n_neg = int((vals < 0).sum())
+    min_val = float(vals.min()) if vals.size else 0.0
+    if warn and n_neg and min_val < -NEGATIVE_WARN_TOL * max(abs(lam1), np.finfo(float).tiny):
+        warnings.warn(
+            f"{name}: {n_neg} negative eigenvalue(s), the most negative {min_val:.3e} "
+            f"(λ_1 = {lam1:.3e}); clipped to 0. The covariance is not positive semi-definite "
+            "beyond round-off: check it was accumulated centred and in float64/float32.",
+            NegativeEigenvalueWarning,
+            stacklevel=2,
+        )
+    d = vals.size
+    if warn and n_samples <= d:
+        warnings.warn(
+            f"{name}: N = {n_samples} tokens <= D = {d}: the spectrum is rank-deficient "
+            f"(rank <= {n_samples - 1}) and every metric depends on N/D. Raise max_tokens "
+            "(the papers use ~65k tokens, N >> D) before comparing metrics.",
+            RankDeficientWarning,
+            stacklevel=2,
+        )
+    return Spectrum(
+        eigenvalues=np.clip(vals, 0.0, None),
+        mean=torch.as_tensor(mean).detach().to("cpu", torch.float64).numpy().copy(),
+        n_samples=int(n_samples),
+        eigenvectors=vecs,
+        n_negative=n_neg,
+        min_eigenvalue=min_val,
+        name=name,
+    )
+
+
+__all__ = ["Spectrum", "spectrum_from_covariance"]

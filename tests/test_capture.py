@@ -1,0 +1,131 @@
+"""nnsight capture against an independent raw-hook float64 reference, and its bad-input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, make_tiny, random_batch, raw_hook_points, ref_eigenvalues
+from test_sites import FunctionalNet
+
+import nerve_interp as ni
+from nerve_interp.errors import CaptureError, RankDeficientWarning, ResultsFileError, SiteError
+
+GATED = {"llama", "mistral", "qwen2", "gemma3"}
+
+
+def family_of(name):
+    return "gated" if name in GATED else {"bert": "bert", "opt": "opt"}.get(name, "plain")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_capture_matches_raw_hooks(name):
+    model = make_tiny(name)
+    batches = [random_batch(seed=s) for s in range(3)]
+    ref = raw_hook_points(model, batches, family_of(name))
+    points = ("pre", "act", "up", "post") if name in GATED else ("pre", "post")
+    res = ni.collect_spectra(model, batches, points=points, progress=False, eigenvectors=True)
+    n_real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert res.metadata["n_tokens"] == n_real
+    for (layer, point), x in ref.items():
+        got, want = res.eigenvalues(layer, point), ref_eigenvalues(x)
+        assert got.shape == want.shape
+        assert np.max(np.abs(got - want)) / want[0] <= 1e-6, (layer, point)
+        np.testing.assert_allclose(res.mean(layer, point), x.mean(0), rtol=1e-9, atol=1e-9)
+        assert res.spectrum(layer, point).n_samples == n_real
+
+
+def test_gated_post_is_act_times_up():
+    model = make_tiny("llama")
+    ref = raw_hook_points(model, [random_batch()], "gated")
+    np.testing.assert_allclose(ref[(0, "post")], ref[(0, "act")] * ref[(0, "up")], rtol=1e-6)
+
+
+def test_padding_is_excluded():
+    """Same real tokens with and without extra padding give the same spectrum."""
+    model = make_tiny("gpt2")
+    ids = torch.randint(2, 97, (2, 10))
+    plain = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded_ids = torch.cat([ids, torch.zeros(2, 6, dtype=ids.dtype)], 1)
+    padded = {"input_ids": padded_ids,
+              "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(2, 6)], 1).long()}
+    a = ni.collect_spectra(model, [plain], progress=False, layers=[0])
+    b = ni.collect_spectra(model, [padded], progress=False, layers=[0])
+    assert a.metadata["n_tokens"] == b.metadata["n_tokens"] == 20
+    np.testing.assert_allclose(a.eigenvalues(0, "post"), b.eigenvalues(0, "post"), atol=1e-9)
+
+
+def test_rank_deficient_warning():
+    with pytest.warns(RankDeficientWarning, match="N = 30 tokens <= D = 128"):
+        ni.collect_spectra(make_tiny("gpt2"), [random_batch()], max_tokens=30, layers=[0],
+                           progress=False)
+
+
+def test_max_tokens_and_layers_and_stop():
+    model = make_tiny("pythia")
+    batches = [random_batch(seed=s) for s in range(5)]
+    res = ni.collect_spectra(model, batches, max_tokens=100, layers=[-1], progress=False)
+    assert res.metadata["n_tokens"] == 100 and res.layers == [2]
+    assert res.spectrum(2, "pre").n_samples == 100
+    with pytest.raises(SiteError, match="out of range"):
+        ni.collect_spectra(model, batches, layers=[7], progress=False)
+    with pytest.raises(SiteError, match="no 'act' point"):
+        ni.collect_spectra(model, batches, points=("pre", "act"), progress=False)
+
+
+def test_strings_with_tokenizer(tiny_tokenizer):
+    model = make_tiny("gpt2")
+    texts = ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w3 w5"] * 4
+    res = ni.collect_spectra(model, texts, tokenizer=tiny_tokenizer, batch_size=5,
+                             progress=False)
+    lens = [len(tiny_tokenizer(t)["input_ids"]) for t in texts]
+    assert lens[:3] == [5, 2, 4]
+    assert res.metadata["n_tokens"] == sum(lens)
+    with pytest.raises(TypeError, match="no tokenizer"):
+        ni.collect_spectra(model, texts, progress=False)
+
+
+def test_empty_and_all_padding_data():
+    model = make_tiny("gpt2")
+    with pytest.raises(CaptureError, match="no tokens"):
+        ni.collect_spectra(model, [], progress=False)
+    ids = torch.randint(2, 97, (2, 5))
+    with pytest.raises(CaptureError, match="every token was padding"):
+        ni.collect_spectra(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}],
+                           progress=False)
+
+
+def test_nan_activation_names_site_and_batch():
+    model = make_tiny("gpt2")
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias[3] = float("nan")
+    with pytest.raises(CaptureError, match=r"batch 0.*\n.*layers\.1\.ffn\.pre.*NaN/inf"):
+        ni.collect_spectra(model, [random_batch()], progress=False)
+
+
+def test_function_activation_model():
+    net = FunctionalNet().eval()
+    x = torch.randn(4, 6, 8)
+    res = ni.collect_spectra(net, [x], progress=False)  # float input: every row is data
+    h = net.blocks[0].mlp.fc_in(x).detach().reshape(-1, 16).double().numpy()
+    np.testing.assert_allclose(res.eigenvalues(0, "pre"), ref_eigenvalues(h), rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_checkpoint_resume(tmp_path):
+    model = make_tiny("gpt2")
+    batches = [random_batch(seed=s) for s in range(6)]
+    ckpt = tmp_path / "run.ckpt"
+    full = ni.collect_spectra(model, batches, progress=False)
+    ni.collect_spectra(model, batches[:4], progress=False, checkpoint=ckpt, checkpoint_every=2)
+    resumed = ni.collect_spectra(model, batches, progress=False, checkpoint=ckpt)
+    assert resumed.metadata["n_tokens"] == full.metadata["n_tokens"]
+    for layer in full.layers:
+        np.testing.assert_allclose(resumed.eigenvalues(layer, "post"),
+                                   full.eigenvalues(layer, "post"), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ResultsFileError, match="another model"):
+        ni.collect_spectra(make_tiny("pythia"), batches, progress=False, checkpoint=ckpt)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ResultsFileError, match="corrupt"):
+        ni.collect_spectra(model, batches, progress=False, checkpoint=bad)

@@ -1,0 +1,53 @@
+"""Spectrum: fp64 eigendecomposition, clipping of round-off negatives, warnings."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from nerve_interp.errors import NegativeEigenvalueWarning, NotFittedError, RankDeficientWarning
+from nerve_interp.spectrum import spectrum_from_covariance
+
+
+def test_eigen_pairs_descending_and_reconstruct():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
+    cov = np.cov(x, rowvar=False)
+    s = spectrum_from_covariance(cov, x.mean(0), 500, eigenvectors=True)
+    assert np.all(np.diff(s.eigenvalues) <= 0)
+    U = s.eigenvectors
+    np.testing.assert_allclose(U @ np.diag(s.eigenvalues) @ U.T, cov, atol=1e-10)
+    np.testing.assert_allclose(s.eigenvalues, np.sort(np.linalg.eigvalsh(cov))[::-1], rtol=1e-10)
+
+
+def test_rank_deficient_warns_and_negative_clipping_recorded():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 20))
+    with pytest.warns(RankDeficientWarning, match="N = 5 tokens <= D = 20"):
+        s = spectrum_from_covariance(np.cov(x, rowvar=False), x.mean(0), 5)
+    assert s.eigenvalues.min() >= 0 and s.rank_deficient
+    assert (s.eigenvalues > 1e-10 * s.eigenvalues[0]).sum() == 4
+
+
+def test_large_negative_eigenvalue_warns():
+    cov = np.diag([1.0, 0.5, -0.1])
+    with pytest.warns(NegativeEigenvalueWarning, match="most negative -1.000e-01"):
+        s = spectrum_from_covariance(cov, np.zeros(3), 100)
+    assert s.n_negative == 1 and s.min_eigenvalue == pytest.approx(-0.1)
+    assert s.eigenvalues[-1] == 0.0
+
+
+def test_roundoff_negative_is_silent():
+    cov = np.diag([1.0, 0.5, -1e-17])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = spectrum_from_covariance(cov, np.zeros(3), 100)
+    assert s.n_negative == 1
+
+
+def test_missing_eigenvectors_error_says_how():
+    s = spectrum_from_covariance(np.eye(3), np.zeros(3), 10)
+    with pytest.raises(NotFittedError, match="eigenvectors=True"):
+        s.require_eigenvectors()
