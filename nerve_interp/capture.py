@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,16 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .covariance import CovarianceAccumulator
-from .errors import CaptureError, NerveInterpError, ResultsFileError, SiteError
+from .errors import (
+    CaptureError,
+    NegativeEigenvalueWarning,
+    NerveInterpError,
+    RankDeficientWarning,
+    ResultsFileError,
+    SiteError,
+)
 from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites, site_name
-from .spectrum import spectrum_from_covariance
+from .spectrum import NEGATIVE_WARN_TOL, spectrum_from_covariance
 
 
 # ------------------------------------------------------------------ batches
@@ -350,8 +358,9 @@ def collect_spectra(
             raise CaptureError(f"{acc.name} saw {acc.n_samples_seen_} token(s); need >= 2.")
         spectra[key] = spectrum_from_covariance(
             acc.covariance_, acc.mean_, acc.n_samples_seen_, eigenvectors=eigenvectors,
-            name=acc.name,
+            name=acc.name, warn=False,
         )
+    _warn_once(list(spectra.values()))
     meta.update({
         "n_tokens": n_tokens,
         "n_batches": n_batches,
@@ -365,6 +374,28 @@ def collect_spectra(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     })
     return SpectraResult(spectra, meta)
+
+
+def _warn_once(spectra: list) -> None:
+    """One warning per capture (not one per point) for rank deficiency and negatives."""
+    short = [s for s in spectra if s.rank_deficient]
+    if short:
+        names = ", ".join(s.name for s in short[:3]) + (", ..." if len(short) > 3 else "")
+        warnings.warn(
+            f"N = {short[0].n_samples} tokens <= D = {short[0].dim} at {len(short)} of "
+            f"{len(spectra)} points ({names}): those spectra are rank-deficient "
+            f"(rank <= N - 1) and every metric depends on N/D. Raise max_tokens (the papers "
+            "use ~65k tokens, N >> D) before comparing metrics.",
+            RankDeficientWarning, stacklevel=3)
+    bad = [s for s in spectra
+           if s.min_eigenvalue < -NEGATIVE_WARN_TOL * max(float(s.eigenvalues[0]), 1e-300)]
+    if bad:
+        worst = min(bad, key=lambda s: s.min_eigenvalue / max(float(s.eigenvalues[0]), 1e-300))
+        warnings.warn(
+            f"{len(bad)} point(s) had eigenvalues below -1e-8·λ_1 (worst {worst.name}: "
+            f"{worst.min_eigenvalue:.3e}, λ_1 = {worst.eigenvalues[0]:.3e}); clipped to 0. "
+            "This is more than round-off: report it with the model and dtype.",
+            NegativeEigenvalueWarning, stacklevel=3)
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -56,9 +56,11 @@ def test_padding_is_excluded():
 
 
 def test_rank_deficient_warning():
-    with pytest.warns(RankDeficientWarning, match="N = 30 tokens <= D = 128"):
+    with pytest.warns(RankDeficientWarning,
+                      match=r"N = 30 tokens <= D = 128 at 2 of 2 points \(layers.0.ffn.pre") as rec:
         ni.collect_spectra(make_tiny("gpt2"), [random_batch()], max_tokens=30, layers=[0],
                            progress=False)
+    assert len(rec) == 1 and rec[0].filename == __file__  # one warning, at the user's line
 
 
 def test_max_tokens_and_layers_and_stop():

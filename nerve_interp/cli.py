@@ -1,0 +1,183 @@
+"""The ``nerve-interp`` command. Parses arguments, calls public functions, prints.
+
+    nerve-interp demo                        # SmolLM2-135M, offline, < 3 minutes on 2 cores
+    nerve-interp spectra --model gpt2 --text notes.txt --max-tokens 50000 --out results/gpt2
+    nerve-interp models                      # the offline models and whether they are installed
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Spectral interpretability of FFNs in language models (nnsight).")
+
+TABLE_COLUMNS = {
+    "layer": "layer",
+    "participation_ratio_pre": "PR pre",
+    "participation_ratio_post": "PR post",
+    "pr_gain": "PR gain",
+    "soft_rank_pre": "soft pre",
+    "soft_rank_post": "soft post",
+    "delta_spectral_entropy": "ΔSE",
+    "delta_eee": "ΔEEE",
+    "js_divergence": "JS",
+}
+
+
+def _parse_ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give layers as comma-separated integers, "
+                                 "e.g. 0,1,-1") from None
+
+
+def format_table(reinjection) -> str:
+    """The per-layer pre/post table printed by the CLI."""
+    df = reinjection[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
+    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) -> dict:
+    """Save the results file, the two tables as CSV, and the figures into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"spectra": result.save(out / "spectra.safetensors")}
+    paths["metrics"] = out / "metrics.csv"
+    result.metrics().to_csv(paths["metrics"], index=False)
+    reinj = result.reinjection()
+    paths["reinjection"] = out / "reinjection.csv"
+    reinj.to_csv(paths["reinjection"], index=False)
+    g = plotting.plot_spectra(result.eigenvalue_frame(), layers=figure_layers)
+    g.figure.suptitle(f"{result.model}: eigenvalue decay before (pre) and after (post) the "
+                      "FFN nonlinearity", y=1.01)
+    paths["figure"] = out / "spectra.png"
+    g.savefig(paths["figure"], dpi=110, bbox_inches="tight")
+    plt.close(g.figure)
+    axes = plotting.plot_reinjection(reinj)
+    axes[0].figure.suptitle(f"{result.model}: variance reinjection by the nonlinearity")
+    paths["reinjection_figure"] = out / "reinjection.png"
+    axes[0].figure.savefig(paths["reinjection_figure"], dpi=110)
+    plt.close(axes[0].figure)
+    return paths
+
+
+def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
+         layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
+         out: Path, device: str | None, checkpoint: bool) -> None:
+    from . import capture, zoo
+
+    t0 = time.perf_counter()
+    model, tokenizer = zoo.load_model(model_name, device=device)
+    t_load = time.perf_counter() - t0
+    info = getattr(model, "nerve_interp_info", {})
+    typer.echo(f"model   {info.get('name', model_name)} ({type(model).__name__}), "
+               f"loaded in {t_load:.1f} s")
+    if info.get("note"):
+        typer.echo(f"note    {info['note']}")
+    typer.echo(f"text    {data_label}: {len(texts)} documents")
+    t1 = time.perf_counter()
+    result = capture.collect_spectra(
+        model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
+        max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
+        data_label=data_label, checkpoint=out / "capture.ckpt" if checkpoint else None)
+    t_cap = time.perf_counter() - t1
+    meta = result.metadata
+    typer.echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
+               f"{len(result.points)} points in {t_cap:.1f} s")
+    reinj = result.reinjection() if {"pre", "post"} <= set(result.points) else None
+    if reinj is not None:
+        typer.echo("\nPer layer, pre -> post (PR = participation ratio = hard rank; "
+                   "soft = soft rank = exp(spectral entropy)):")
+        typer.echo(format_table(reinj))
+        mean = reinj.mean(numeric_only=True)
+        typer.echo(f"\nmean over layers: PR gain {mean['pr_gain']:.2f}×, "
+                   f"soft-rank gain {mean['soft_rank_gain']:.2f}×, "
+                   f"ΔSE {mean['delta_spectral_entropy']:+.3f} nats, "
+                   f"ΔEEE {mean['delta_eee']:+.3f}, JS {mean['js_divergence']:.4f}")
+    paths = write_outputs(result, out)
+    typer.echo("\nwrote")
+    for key, path in paths.items():
+        typer.echo(f"  {key:<19}{path}")
+    typer.echo(f"total {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def demo(
+    max_tokens: Annotated[int, typer.Option(help="Tokens of text to measure.")] = 6000,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("nerve_interp_demo"),
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default all).")]
+    = None,
+) -> None:
+    """Spectra of every FFN of SmolLM2-135M before and after SiLU, offline."""
+    from . import data
+
+    texts = data.load_corpus("python-docs", split="train")
+    _run("smollm2-135m", texts, "python-docs/train", max_tokens=max_tokens,
+         layers=_parse_ints(layers), points=["pre", "post"], batch_size=8, max_length=128,
+         out=out, device=None, checkpoint=False)
+
+
+@app.command()
+def spectra(
+    model: Annotated[str, typer.Option(help="Short name (smollm2-135m, minilm), hub name, "
+                                            "or local folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    text: Annotated[Path | None, typer.Option(help=".txt (paragraphs) or .jsonl ('text'); "
+                                                   "default: the python-docs corpus.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to measure (N >> D wanted).")]
+    = 20000,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers.")] = None,
+    points: Annotated[str, typer.Option(help="Comma-separated: pre,post[,act,up].")]
+    = "pre,post",
+    batch_size: Annotated[int, typer.Option()] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per text (truncation).")] = 256,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
+    checkpoint: Annotated[bool, typer.Option(help="Checkpoint into OUT and resume.")] = True,
+) -> None:
+    """Spectra and metrics of every FFN of any model, written to OUT."""
+    from . import data
+
+    if text is None:
+        texts, label = data.load_corpus("python-docs", split="train"), "python-docs/train"
+    else:
+        texts, label = data.read_texts(text), str(text)
+    _run(model, texts, label, max_tokens=max_tokens, layers=_parse_ints(layers),
+         points=[p for p in points.replace(" ", "").split(",") if p], batch_size=batch_size,
+         max_length=max_length, out=out, device=device, checkpoint=checkpoint)
+
+
+@app.command()
+def models() -> None:
+    """List the offline models and whether they are installed."""
+    from . import zoo
+
+    typer.echo(zoo.available_models().to_string(index=False))
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of nerve_interp and the libraries it runs on."""
+    from ._versions import show_versions
+
+    show_versions()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+__all__ = ["app", "format_table", "write_outputs"]

@@ -1,0 +1,174 @@
+"""Figures from tidy DataFrames (never from models): seaborn in, matplotlib Axes out.
+
+Every function takes ``data`` (a table made by :class:`SpectraResult`) and column names, draws
+on the ``ax`` it is given or a new one, and returns what it drew on, so a figure can be
+redrawn from a saved CSV without rerunning any model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from ._validation import check_tidy
+
+#: Colours of the points, the same in every figure.
+POINT_PALETTE = {"pre": "#1f77b4", "post": "#d62728", "act": "#ff7f0e", "up": "#2ca02c"}
+
+#: Axis labels, one per name (SPEC.md's names).
+LABELS = {
+    "spectral_entropy": "spectral entropy (nats)",
+    "participation_ratio": "participation ratio",
+    "eee": "EEE",
+    "soft_rank": "soft rank",
+    "hard_rank": "hard rank",
+    "soft_rank_utilization": "soft rank / D",
+    "hard_rank_utilization": "hard rank / D",
+    "spectral_concentration": "spectral concentration",
+    "sui": "SUI",
+    "pr_gain": "PR gain (post / pre)",
+    "delta_spectral_entropy": "Δ spectral entropy (post − pre)",
+    "delta_eee": "Δ EEE (post − pre)",
+    "js_divergence": "JS divergence (pre, post)",
+    "soft_rank_gain": "soft rank gain",
+    "hard_rank_gain": "hard rank gain",
+}
+
+
+def _pyplot():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _palette(points: Sequence[str]) -> dict[str, str]:
+    return {p: POINT_PALETTE.get(p, "#7f7f7f") for p in points}
+
+
+def plot_spectra(
+    data: pd.DataFrame,
+    *,
+    layers: Sequence[int] | None = None,
+    col_wrap: int = 6,
+    height: float = 1.9,
+    normalize: bool = True,
+    floor: float = 1e-12,
+    **kwargs: Any,
+):
+    """Eigenvalue decay, pre vs post, one log-log panel per layer.
+
+    Parameters
+    ----------
+    data : DataFrame
+        ``SpectraResult.eigenvalue_frame()``: columns ``layer, point, rank, eigenvalue``.
+    layers : sequence of int, optional
+        Panels to draw (default: every layer in ``data``).
+    normalize : bool, default True
+        Divide each spectrum by its sum (share of variance per direction), so layers with
+        different activation scales share an axis.
+    floor : float, default 1e-12
+        Eigenvalues below ``floor · λ_1`` are float64 round-off of exact zeros (a point of
+        rank r < D, e.g. a gate projection from d_model < D dims) and are not drawn; the
+        line ends where the rank ends.
+    **kwargs
+        Passed to ``seaborn.relplot``.
+
+    Returns
+    -------
+    seaborn.FacetGrid
+    """
+    import seaborn as sns
+
+    check_tidy(data, ("layer", "point", "rank", "eigenvalue"))
+    df = data if layers is None else data[data["layer"].isin(list(layers))]
+    top = df.groupby(["layer", "point"])["eigenvalue"].transform("max")
+    df = df[df["eigenvalue"] > floor * top].copy()
+    if normalize:
+        df["eigenvalue"] = df["eigenvalue"] / df.groupby(["layer", "point"])[
+            "eigenvalue"].transform("sum")
+    points = [p for p in POINT_PALETTE if p in set(df["point"])]
+    n_layers = df["layer"].nunique()
+    g = sns.relplot(data=df, x="rank", y="eigenvalue", hue="point", hue_order=points,
+                    palette=_palette(points), col="layer", col_wrap=min(col_wrap, n_layers),
+                    kind="line", height=height, aspect=1.1, linewidth=1.2,
+                    facet_kws={"sharey": True}, **kwargs)
+    g.set(xscale="log", yscale="log")
+    g.set_titles("layer {col_name}")
+    g.set_axis_labels("rank i", "λ_i / Σλ" if normalize else "eigenvalue λ_i")
+    return g
+
+
+def plot_metric(
+    data: pd.DataFrame,
+    *,
+    metric: str = "participation_ratio",
+    x: str = "layer",
+    hue: str = "point",
+    ax: Any = None,
+    **kwargs: Any,
+):
+    """One metric against depth (or step, or width), a line per point.
+
+    Parameters
+    ----------
+    data : DataFrame
+        Tidy metrics (``SpectraResult.metrics()``): ``layer, point, metric, value``.
+    metric : str
+        Which metric to draw (a name from SPEC.md).
+    x, hue : str
+        Columns for the x axis and the colours.
+    ax : matplotlib Axes, optional
+    **kwargs
+        Passed to ``seaborn.lineplot``.
+
+    Returns
+    -------
+    matplotlib Axes
+    """
+    import seaborn as sns
+
+    check_tidy(data, (x, hue, "metric", "value"))
+    df = data[data["metric"] == metric]
+    if df.empty:
+        raise KeyError(f"metric {metric!r} is not in the table; it has "
+                       f"{sorted(data['metric'].unique())}.")
+    if ax is None:
+        _, ax = _pyplot().subplots(figsize=(5, 3.2))
+    points = [p for p in POINT_PALETTE if p in set(df[hue])] if hue == "point" else None
+    sns.lineplot(data=df, x=x, y="value", hue=hue, hue_order=points,
+                 palette=_palette(points) if points else None, marker="o", ax=ax, **kwargs)
+    ax.set_ylabel(LABELS.get(metric, metric))
+    return ax
+
+
+def plot_reinjection(
+    data: pd.DataFrame,
+    *,
+    metrics: Sequence[str] = ("pr_gain", "delta_spectral_entropy", "delta_eee", "js_divergence"),
+    axes: Any = None,
+):
+    """Variance reinjection per layer: one small panel per column of ``reinjection()``.
+
+    Reference lines mark "no change" (gain 1, difference 0).
+
+    Returns
+    -------
+    ndarray of matplotlib Axes
+    """
+    check_tidy(data, ("layer", *metrics))
+    plt = _pyplot()
+    if axes is None:
+        _, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0),
+                               layout="constrained")
+    for ax, name in zip(axes, metrics, strict=True):
+        ax.plot(data["layer"], data[name], marker="o", color=POINT_PALETTE["post"])
+        ref = 1.0 if name.endswith("gain") else 0.0
+        ax.axhline(ref, color="0.6", lw=0.8, ls="--")
+        ax.set_xlabel("layer")
+        ax.set_title(LABELS.get(name, name), fontsize=10)
+    return axes
+
+
+__all__ = ["LABELS", "POINT_PALETTE", "plot_metric", "plot_reinjection", "plot_spectra"]

@@ -1,0 +1,46 @@
+"""The nerve-interp command on a local model folder (no hub, no network)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_tiny
+from typer.testing import CliRunner
+
+import nerve_interp as ni
+from nerve_interp.cli import app
+
+
+@pytest.fixture
+def local_model(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "tiny-gpt2"
+    make_tiny("gpt2").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 90 + 2}" for j in range(30))
+                                for i in range(40)))
+    return folder, text
+
+
+def test_spectra_command(local_model, tmp_path):
+    folder, text = local_model
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
+                                   "--max-tokens", "600", "--out", str(out), "--layers", "0,-1"])
+    assert res.exit_code == 0, res.output
+    assert "PR gain" in res.output and "capture 600 tokens, 2 layers" in res.output
+    for name in ("spectra.safetensors", "metrics.csv", "reinjection.csv", "spectra.png",
+                 "reinjection.png", "capture.ckpt"):
+        assert (out / name).exists(), name
+    back = ni.SpectraResult.load(out / "spectra.safetensors")
+    assert back.layers == [0, 2] and back.metadata["n_tokens"] == 600
+    assert back.metadata["data"] == str(text)
+
+
+def test_bad_arguments(local_model, tmp_path):
+    folder, text = local_model
+    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
+                                   "--out", str(tmp_path / "o"), "--layers", "a,b"])
+    assert res.exit_code != 0 and "comma-separated integers" in res.output
+    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
+                                   "--out", str(tmp_path / "o"), "--layers", "9"])
+    assert res.exit_code != 0 and "out of range" in str(res.exception)
