@@ -272,6 +272,7 @@ def tokenize_batches(
     *,
     batch_size: int = 8,
     max_length: int = 256,
+    padding_side: str = "right",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenize texts into padded batches, in input order.
 
@@ -282,11 +283,16 @@ def tokenize_batches(
     tokenizer : transformers tokenizer
         Any callable Hugging Face tokenizer. Special tokens are added as the tokenizer does by
         default. The pad id is the tokenizer's pad token, else its eos token (the tokenizer
-        itself is not modified); padding goes on ``tokenizer.padding_side`` (default right).
+        itself is not modified).
     batch_size : int, default 8
         Documents per batch (the last batch may be smaller). Must be >= 1.
     max_length : int, default 256
         Longer documents are truncated to this many tokens. Must be >= 1.
+    padding_side : {"right", "left"}, default "right"
+        Right padding (the default, whatever ``tokenizer.padding_side`` says) gives every real
+        token the same position id as in an unpadded forward pass, so models with absolute
+        positions (GPT-2, OPT) see exactly the text. Left padding shifts them in a plain
+        Hugging Face forward; it is only needed for generation.
 
     Yields
     ------
@@ -320,7 +326,9 @@ def tokenize_batches(
     if not isinstance(max_length, int) or max_length < 1:
         raise DataError(f"max_length == {max_length!r}, must be an int >= 1 (tokens per text).")
     pad_id = _pad_token_id(tokenizer)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    if padding_side not in ("right", "left"):
+        raise DataError(f"padding_side == {padding_side!r}, must be 'right' or 'left'.")
+    left = padding_side == "left"
     return _batches(texts, tokenizer, batch_size, max_length, pad_id, left)
 
 

@@ -131,3 +131,20 @@ def test_checkpoint_resume(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ResultsFileError, match="corrupt"):
         ni.collect_spectra(model, batches, progress=False, checkpoint=bad)
+
+
+def test_nnsight_transformers_model_wrapper(tiny_tokenizer):
+    """A model the user already wrapped with nnsight's TransformersModel works the same."""
+    from nnsight import TransformersModel
+
+    # right padding only: TransformersModel gives left-padded rows position ids that start at
+    # their first real token, a plain HF forward does not (GPT-2 has absolute positions)
+    batches = [random_batch(seed=s) for s in range(2)]
+    for b in batches:
+        b["attention_mask"][3] = 1
+    plain = ni.collect_spectra(make_tiny("gpt2"), batches, progress=False)
+    wrapped = TransformersModel(make_tiny("gpt2"), tokenizer=tiny_tokenizer)
+    res = ni.collect_spectra(wrapped, batches, progress=False)
+    for layer in plain.layers:
+        np.testing.assert_allclose(res.eigenvalues(layer, "post"), plain.eigenvalues(layer, "post"),
+                                   rtol=1e-10, atol=1e-12)

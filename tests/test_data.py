@@ -149,9 +149,11 @@ def test_tokenize_batches_shapes_and_mask():
 
 def test_tokenize_batches_left_padding_and_determinism():
     tok = _word_tokenizer()
-    tok.padding_side = "left"
-    a = list(tokenize_batches(SENTENCES, tok, batch_size=3, max_length=4))
-    b = list(tokenize_batches(SENTENCES, tok, batch_size=3, max_length=4))
+    tok.padding_side = "left"  # ignored: right padding keeps position ids as unpadded
+    assert next(tokenize_batches(SENTENCES, tok, batch_size=3, max_length=4))[
+        "attention_mask"][1].tolist() == [1, 1, 1, 0]
+    a = list(tokenize_batches(SENTENCES, tok, batch_size=3, max_length=4, padding_side="left"))
+    b = list(tokenize_batches(SENTENCES, tok, batch_size=3, max_length=4, padding_side="left"))
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x["input_ids"], y["input_ids"])
         assert torch.equal(x["attention_mask"], y["attention_mask"])
