@@ -51,3 +51,24 @@ def test_missing_eigenvectors_error_says_how():
     s = spectrum_from_covariance(np.eye(3), np.zeros(3), 10)
     with pytest.raises(NotFittedError, match="eigenvectors=True"):
         s.require_eigenvectors()
+
+
+def test_pipeline_eigenvalues_equal_sklearn_pca():
+    """Accumulator + fp64 eigh == scikit-learn PCA's explained_variance_ (unbiased)."""
+    import torch
+    from sklearn.decomposition import PCA
+
+    from nerve_interp.covariance import CovarianceAccumulator
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, 16)) @ rng.standard_normal((16, 16)) + 300.0
+    acc = CovarianceAccumulator("t")
+    for chunk in np.array_split(x, 9):
+        acc.update(torch.from_numpy(chunk))
+    s = spectrum_from_covariance(acc.covariance_, acc.mean_, acc.n_samples_seen_,
+                                 eigenvectors=True)
+    pca = PCA().fit(x)
+    np.testing.assert_allclose(s.eigenvalues, pca.explained_variance_, rtol=1e-9)
+    # same principal axes up to sign
+    dots = np.abs(np.sum(s.eigenvectors.T * pca.components_, axis=1))
+    np.testing.assert_allclose(dots, 1.0, atol=1e-8)
