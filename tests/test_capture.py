@@ -148,3 +148,17 @@ def test_nnsight_transformers_model_wrapper(tiny_tokenizer):
     for layer in plain.layers:
         np.testing.assert_allclose(res.eigenvalues(layer, "post"), plain.eigenvalues(layer, "post"),
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_forward_stops_after_last_needed_layer():
+    model = make_tiny("llama")
+    calls = []
+    handles = [model.model.layers[i].register_forward_hook(
+        lambda m, a, o, i=i: calls.append(i)) for i in range(3)]
+    handles.append(model.lm_head.register_forward_hook(lambda m, a, o: calls.append("head")))
+    try:
+        ni.collect_spectra(model, [random_batch()], layers=[1], progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [0]  # layer 1's FFN read inside layer 1: layers 1 (rest), 2, head never ran
