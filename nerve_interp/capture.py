@@ -222,6 +222,7 @@ def collect_spectra(
     points: Sequence[str] = ("pre", "post"),
     sites: Sequence[FFNSite] | None = None,
     max_tokens: int | None = None,
+    skip_first: int = 0,
     batch_size: int = 8,
     max_length: int = 256,
     eigenvectors: bool = False,
@@ -252,6 +253,12 @@ def collect_spectra(
         Sites from :func:`find_ffn_sites` (e.g. passed by hand); found automatically if None.
     max_tokens : int, optional
         Stop after this many real (non-padding) tokens; the last batch is cut row-major.
+    skip_first : int, default 0
+        Leave out the first ``skip_first`` real tokens of every sequence. The first token is
+        often an attention sink with *massive activations* (SmolLM2-135M: FFN post norms
+        ~3000 vs a median of ~6 in layer 11), which alone can hold >95% of a layer's
+        variance and drive its participation ratio to ~1. The papers keep every position
+        (the default); ``skip_first=1`` shows the spectrum of the other tokens.
     eigenvectors : bool, default False
         Keep eigenvectors (8·D² bytes per point) for subspace ablations.
     gram_dtype : torch.dtype, default torch.float64
@@ -294,6 +301,8 @@ def collect_spectra(
             )
         chosen[0].path(p)  # raises a clear error for act/up on a plain FFN
     order = [p for p in POINTS if p in points]
+    if skip_first < 0:
+        raise ValueError(f"skip_first == {skip_first}, must be >= 0 (tokens per sequence).")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
     accs = {(s.layer, p): CovarianceAccumulator(s.name(p), gram_dtype=gram_dtype)
@@ -325,6 +334,8 @@ def collect_spectra(
             if ids is not None:
                 mask = batch.get("attention_mask")
                 mask = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+                if skip_first:
+                    mask = mask & (mask.long().cumsum(1) > skip_first)
                 keep = _budget_mask(mask, remaining)
                 if not bool(keep.any()):
                     continue  # an all-padding batch adds nothing; counted in the final check
@@ -365,6 +376,7 @@ def collect_spectra(
         "n_tokens": n_tokens,
         "n_batches": n_batches,
         "max_tokens": max_tokens,
+        "skip_first": skip_first,
         "gram_dtype": str(gram_dtype).replace("torch.", ""),
         "data": data_label,
         "points": list(order),

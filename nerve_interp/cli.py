@@ -76,6 +76,7 @@ def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) 
 
 
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
+         skip_first: int,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
          out: Path, device: str | None, checkpoint: bool) -> None:
     from . import capture, zoo
@@ -92,7 +93,8 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     t1 = time.perf_counter()
     result = capture.collect_spectra(
         model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
-        max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
+        max_tokens=max_tokens, skip_first=skip_first, batch_size=batch_size,
+        max_length=max_length,
         data_label=data_label, checkpoint=out / "capture.ckpt" if checkpoint else None)
     t_cap = time.perf_counter() - t1
     meta = result.metadata
@@ -117,16 +119,19 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
 
 @app.command()
 def demo(
-    max_tokens: Annotated[int, typer.Option(help="Tokens of text to measure.")] = 6000,
+    max_tokens: Annotated[int, typer.Option(help="Tokens of text to measure.")] = 12000,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("nerve_interp_demo"),
     layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default all).")]
     = None,
+    skip_first: Annotated[int, typer.Option(help="Leave out the first N tokens of every "
+                                                 "text (attention sinks).")] = 0,
 ) -> None:
     """Spectra of every FFN of SmolLM2-135M before and after SiLU, offline."""
     from . import data
 
     texts = data.load_corpus("python-docs", split="train")
     _run("smollm2-135m", texts, "python-docs/train", max_tokens=max_tokens,
+         skip_first=skip_first,
          layers=_parse_ints(layers), points=["pre", "post"], batch_size=8, max_length=128,
          out=out, device=None, checkpoint=False)
 
@@ -147,6 +152,8 @@ def spectra(
     max_length: Annotated[int, typer.Option(help="Tokens per text (truncation).")] = 256,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
     checkpoint: Annotated[bool, typer.Option(help="Checkpoint into OUT and resume.")] = True,
+    skip_first: Annotated[int, typer.Option(help="Leave out the first N tokens of every "
+                                                 "text (attention sinks).")] = 0,
 ) -> None:
     """Spectra and metrics of every FFN of any model, written to OUT."""
     from . import data
@@ -155,7 +162,8 @@ def spectra(
         texts, label = data.load_corpus("python-docs", split="train"), "python-docs/train"
     else:
         texts, label = data.read_texts(text), str(text)
-    _run(model, texts, label, max_tokens=max_tokens, layers=_parse_ints(layers),
+    _run(model, texts, label, max_tokens=max_tokens, skip_first=skip_first,
+         layers=_parse_ints(layers),
          points=[p for p in points.replace(" ", "").split(",") if p], batch_size=batch_size,
          max_length=max_length, out=out, device=device, checkpoint=checkpoint)
 

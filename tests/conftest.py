@@ -59,8 +59,12 @@ def random_batch(batch=4, seq=24, seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def raw_hook_points(model: torch.nn.Module, batches, family: str) -> dict:
-    """Per (layer, point): fp64 [N, D] activations of real tokens, read with raw torch hooks."""
+def raw_hook_points(model: torch.nn.Module, batches, family: str, select=None) -> dict:
+    """Per (layer, point): fp64 [N, D] activations of real tokens, read with raw torch hooks.
+
+    ``select``: optional boolean masks (one per batch) of the tokens to keep; default the
+    attention masks.
+    """
     store: dict = {}
     handles = []
     layers = None
@@ -97,6 +101,8 @@ def raw_hook_points(model: torch.nn.Module, batches, family: str) -> dict:
     finally:
         for h in handles:
             h.remove()
+    if select is not None:
+        masks = [m.bool() for m in select]
     out = {}
     for key, ts in store.items():
         # OPT flattens [batch, seq, d] to [batch*seq, d] before its FFN

@@ -162,3 +162,16 @@ def test_forward_stops_after_last_needed_layer():
         for h in handles:
             h.remove()
     assert calls == [0]  # layer 1's FFN read inside layer 1: layers 1 (rest), 2, head never ran
+
+
+def test_skip_first_tokens_matches_raw_hooks():
+    model = make_tiny("gpt2")
+    batches = [random_batch(seed=s) for s in range(2)]
+    keep = [b["attention_mask"].bool() & (b["attention_mask"].cumsum(1) > 2) for b in batches]
+    ref = raw_hook_points(model, batches, "plain", select=keep)
+    res = ni.collect_spectra(model, batches, skip_first=2, progress=False)
+    n = sum(int(b["attention_mask"].sum()) - 2 * b["attention_mask"].shape[0] for b in batches)
+    assert res.metadata["n_tokens"] == n and res.metadata["skip_first"] == 2
+    for (layer, point), x in ref.items():
+        want = ref_eigenvalues(x)
+        assert np.max(np.abs(res.eigenvalues(layer, point) - want)) / want[0] <= 1e-9
