@@ -8,6 +8,7 @@ activations' own device, and ``tracer.stop()`` ends the forward after the last p
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import tempfile
@@ -105,6 +106,29 @@ def iter_batches(
         return
     for j, item in enumerate(batches):
         yield _as_batch(item, j)
+
+
+def _hash_batch(h: Any, batch: dict) -> None:
+    ids = batch.get("input_ids")
+    if ids is None:
+        return
+    mask = batch.get("attention_mask")
+    for j, row in enumerate(ids):
+        real = row if mask is None else row[mask[j].bool()]
+        h.update(real.to(torch.int64).cpu().numpy().tobytes())
+        h.update(b"|")
+
+
+def token_hash(batches: Iterable[dict]) -> str:
+    """SHA-1 of the real (non-padding) token ids of ``batches``, row by row.
+
+    Spectra record it (``metadata["data_sha1"]``) so an ablation can warn when it is
+    evaluated on the very text the spectra came from.
+    """
+    h = hashlib.sha1()
+    for b in batches:
+        _hash_batch(h, b)
+    return h.hexdigest()
 
 
 def _budget_mask(mask: torch.Tensor, remaining: int | None) -> torch.Tensor:
@@ -318,6 +342,7 @@ def collect_spectra(
         done_batches, n_tokens = int(state["batches"]), int(state["tokens"])
 
     device = next(root.parameters()).device
+    data_hash = hashlib.sha1()
     bar = tqdm(total=max_tokens, initial=n_tokens, unit="tok", disable=not progress,
                desc=f"spectra {meta['model']}", dynamic_ncols=True)
     try:
@@ -326,6 +351,7 @@ def collect_spectra(
             if max_tokens is not None and n_tokens >= max_tokens:
                 break
             n_batches = i + 1
+            _hash_batch(data_hash, batch)
             if i < done_batches:
                 continue  # counted before the checkpoint
             remaining = None if max_tokens is None else max_tokens - n_tokens
@@ -379,6 +405,7 @@ def collect_spectra(
         "skip_first": skip_first,
         "gram_dtype": str(gram_dtype).replace("torch.", ""),
         "data": data_label,
+        "data_sha1": data_hash.hexdigest(),
         "points": list(order),
         "layers": [s.layer for s in chosen],
         "site_paths": {s.name(p): s.paths[p] for s in chosen for p in order},
@@ -454,4 +481,4 @@ def _select_rows(x: torch.Tensor, idx: torch.Tensor | None, mask_shape: tuple | 
     )
 
 
-__all__ = ["collect_spectra", "iter_batches", "model_label"]
+__all__ = ["collect_spectra", "iter_batches", "model_label", "token_hash"]

@@ -1,0 +1,547 @@
+"""Causal subspace ablations with nnsight: is the capacity a spectrum shows actually used?
+
+Project an FFN point's activations onto (``keep``) or away from (``remove``) its dominant
+(``top``), weakest (``tail``) or a random eigen-subspace, by assigning the projected value to
+the point inside an nnsight trace, and measure what the model loses on held-out text
+(SPEC.md §5): ``delta_loss`` (next-token cross-entropy, ablated − clean, nats), ``kl``
+(KL(clean ‖ ablated) of next-token distributions, nats per token) and ``top1_agreement`` for
+causal LMs; ``cosine`` (per token) and ``embedding_cosine`` (mean-pooled) of the final hidden
+states for encoders.
+
+Many ablations of one batch run in one forward pass: the batch is repeated once per
+ablation ("copies") and each copy gets its own projection.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .capture import iter_batches, model_label, token_hash
+from .errors import CaptureError, SiteError
+from .projection import Projection, effective_rank_count, make_projection
+from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, select_sites
+
+LM_METRICS = ("delta_loss", "kl", "top1_agreement")
+ENCODER_METRICS = ("cosine", "embedding_cosine")
+
+
+class HeldOutWarning(UserWarning):
+    """The evaluation text looks like the text the spectra were captured on."""
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One ablation: a subspace of one or several sites, kept or removed.
+
+    ``layers`` may hold several layers: they are ablated together in one forward pass.
+    """
+
+    layers: tuple[int, ...]
+    point: str = "post"
+    subspace: str | slice = "top"
+    k: int = 1
+    mode: str = "keep"
+    seed: int = 0
+    center: bool = True
+
+    @property
+    def subspace_name(self) -> str:
+        s = self.subspace
+        return f"slice[{s.start}:{s.stop}]" if isinstance(s, slice) else str(s)
+
+
+@dataclass
+class _Stats:
+    """Per-sequence sums of each metric, and token counts, for one ablation."""
+
+    sums: dict[str, list[float]] = field(default_factory=dict)
+    counts: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        self.sums.setdefault(name, []).extend(sums.double().tolist())
+        self.counts.setdefault(name, []).extend(counts.double().tolist())
+
+
+def _task(root: torch.nn.Module) -> str:
+    cfg = getattr(root, "config", None)
+    archs = " ".join(getattr(cfg, "architectures", None) or []) + type(root).__name__
+    if "CausalLM" in archs or "LMHeadModel" in archs or getattr(cfg, "is_decoder", False):
+        return "causal-lm"
+    return "encoder"
+
+
+# --------------------------------------------------------------- interventions
+def _set_value(wrapper: Any, path: str, value: torch.Tensor) -> None:
+    module_path, _, io = path.rpartition(".")
+    setattr(wrapper.get(module_path), io, value)
+
+
+def _block_path(site_path: str, layer: int) -> str:
+    """``model.layers.5.mlp.act_fn.input`` -> ``model.layers.5`` (the block of the site)."""
+    head, sep, _ = site_path.partition(f".{layer}.")
+    if not sep:
+        raise SiteError(f"cannot find the block of layer {layer} in {site_path!r}.")
+    return f"{head}.{layer}"
+
+
+def _run_copies(wrapper: Any, inputs: dict, copies: list[dict[str, Projection]],
+                order: list[str], *, skip: tuple[list[str], torch.Tensor] | None = None,
+                save_blocks: Sequence[str] = ()) -> tuple[Any, dict]:
+    """One forward of ``len(copies)`` stacked copies of ``inputs``; copy c gets its
+    projections (path -> Projection) applied in forward order.
+
+    ``skip = (block_paths, residual)``: those blocks are not run and output ``residual``
+    (the clean residual stream after the last of them, repeated per copy); the blocks before
+    the first ablated site compute exactly the clean run, so this only saves time.
+    ``save_blocks``: block outputs to return (clean run). Returns (model output, saved).
+    """
+    c = len(copies)
+    stacked = {k: v.repeat(c, *([1] * (v.ndim - 1))) for k, v in inputs.items()}
+    saved = {}
+    with torch.no_grad(), wrapper.trace(**stacked):
+        if skip is not None:
+            residual = skip[1].repeat(c, *([1] * (skip[1].ndim - 1)))
+            for block in skip[0]:
+                wrapper.get(block).skip(residual)
+        for block in save_blocks:
+            saved[block] = wrapper.get(block).output
+        for path in order:
+            x = wrapper.get(path)
+            parts = list(x.chunk(c, dim=0))
+            for i, projs in enumerate(copies):
+                proj = projs.get(path)
+                if proj is not None:
+                    if x.shape[-1] != proj.basis.shape[0]:
+                        raise SiteError(
+                            f"{path}: activations have width {x.shape[-1]} but the spectrum "
+                            f"has D = {proj.basis.shape[0]}; the spectra come from another "
+                            "model or width."
+                        )
+                    parts[i] = proj(parts[i])
+            _set_value(wrapper, path, torch.cat(parts, dim=0))
+        out = wrapper.output.save()
+    return out, saved
+
+
+class _LMReference:
+    """The clean run's next-token distributions at the real positions of one batch,
+    computed once and compared with every ablated copy."""
+
+    def __init__(self, clean_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        valid = mask[:, 1:] & mask[:, :-1]  # predict token t+1 from position t
+        self.rows = valid.nonzero()  # (n, 2): sequence, position
+        self.seq = self.rows[:, 0]
+        self.n_seq = ids.shape[0]
+        self.labels = ids[:, 1:][valid]
+        self.lp = torch.log_softmax(clean_logits[:, :-1][valid].float(), dim=-1)
+        self.ce = -self.lp.gather(-1, self.labels[:, None]).squeeze(-1)
+        self.top1 = self.lp.argmax(-1)
+        self.p = self.lp.exp()
+
+    def per_sequence(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sums = torch.zeros(self.n_seq, dtype=torch.float64, device=values.device)
+        sums.index_add_(0, self.seq, values.double())
+        counts = torch.zeros_like(sums).index_add_(0, self.seq, torch.ones_like(sums[self.seq]))
+        return sums, counts
+
+    def effects(self, abl_logits: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sequence sums and counts of delta_loss, kl and top1_agreement (and the clean
+        loss, for the metadata)."""
+        valid_logits = abl_logits[:, :-1][self.rows[:, 0], self.rows[:, 1]]
+        lp_a = torch.log_softmax(valid_logits.float(), dim=-1)
+        ce_a = -lp_a.gather(-1, self.labels[:, None]).squeeze(-1)
+        kl = (self.p * (self.lp - lp_a)).sum(-1)
+        agree = (lp_a.argmax(-1) == self.top1).float()
+        return {"delta_loss": self.per_sequence(ce_a - self.ce),
+                "kl": self.per_sequence(kl),
+                "top1_agreement": self.per_sequence(agree),
+                "clean_loss": self.per_sequence(self.ce)}
+
+
+def _encoder_effects(clean: torch.Tensor, abl: torch.Tensor, mask: torch.Tensor
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    m = mask.float()
+    cos = torch.nn.functional.cosine_similarity(clean.float(), abl.float(), dim=-1)
+    pool = lambda h: (h.float() * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)  # noqa: E731
+    emb = torch.nn.functional.cosine_similarity(pool(clean), pool(abl), dim=-1)
+    return {"cosine": ((cos * m).sum(1), m.sum(1)),
+            "embedding_cosine": (emb, torch.ones_like(emb))}
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, torch.Tensor):
+        return out
+    raise CaptureError(f"cannot read final hidden states from a {type(out).__name__} output.")
+
+
+# ------------------------------------------------------------------ confidence
+def _ratio_ci(sums: np.ndarray, counts: np.ndarray, *, n_boot: int, rng: np.random.Generator
+              ) -> tuple[float, float, float]:
+    """Value and 95% percentile bootstrap interval of ``Σ sums / Σ counts``.
+
+    ``sums`` has shape (n_seeds, n_sequences); sequences (and seeds, when > 1) are resampled.
+    """
+    value = float(np.mean(sums.sum(1) / counts.sum()))
+    n_seeds, n_seq = sums.shape
+    if n_seq < 2:
+        return value, math.nan, math.nan
+    qi = rng.integers(0, n_seq, size=(n_boot, n_seq))
+    si = rng.integers(0, n_seeds, size=(n_boot, n_seeds)) if n_seeds > 1 else \
+        np.zeros((n_boot, 1), dtype=int)
+    per_seed = sums[:, qi].sum(-1) / counts[qi].sum(-1)  # (n_seeds, n_boot)
+    boot = np.take_along_axis(per_seed.T, si, axis=1).mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return value, float(lo), float(hi)
+
+
+# ------------------------------------------------------------------ results
+class AblationResult:
+    """Effects of subspace ablations, tidy (SPEC.md §7).
+
+    Attributes
+    ----------
+    table : DataFrame
+        ``model, layer, point, subspace, mode, k, variance_fraction, metric, value, ci_low,
+        ci_high`` (``layer`` is a comma-joined string when several layers were ablated
+        together). ``clean_loss`` rows hold the clean run's loss.
+    metadata : dict
+        Model, evaluation tokens and sequences, data hash, spectra source, held-out check,
+        ``clean_loss`` (value, ci_low, ci_high) of causal LMs.
+    """
+
+    def __init__(self, table: pd.DataFrame, metadata: dict):
+        self.table = table
+        self.metadata = metadata
+
+    def summary(self, thresholds: Sequence[float] = (0.9, 0.99), spectra: Any = None
+                ) -> pd.DataFrame:
+        """Per layer: the smallest kept top-k that recovers 90% / 99% of clean loss.
+
+        ``recovered(k) = 1 − delta_loss(keep top k) / delta_loss(mean ablation)``, with mean
+        ablation = keep 0 = remove all (both are in a sweep). Next to it the spectrum's
+        ``participation_ratio`` and ``soft_rank`` (from ``spectra``, or the metadata) — the
+        test of whether the capacity the spectrum shows is used.
+        """
+        t = self.table
+        rows = []
+        for (layer, point), g in t[t["metric"] == "delta_loss"].groupby(["layer", "point"]):
+            keep = g[(g["subspace"] == "top") & (g["mode"] == "keep")].sort_values("k")
+            base = g[((g["subspace"] == "top") & (g["mode"] == "keep") & (g["k"] == 0))
+                     | ((g["subspace"] == "top") & (g["mode"] == "remove")
+                        & (g["k"] == g["dim"]))]
+            if keep.empty or base.empty:
+                continue
+            loss_mean = float(base["value"].iloc[0])
+            rec = 1.0 - keep["value"].to_numpy() / loss_mean if loss_mean > 0 else \
+                np.ones(len(keep))
+            row = {"model": self.metadata.get("model"), "layer": layer, "point": point,
+                   "dim": int(g["dim"].iloc[0]), "mean_ablation_delta_loss": loss_mean}
+            for thr in thresholds:
+                ok = np.nonzero(rec >= thr)[0]
+                k = int(keep["k"].iloc[ok[0]]) if ok.size else math.nan
+                row[f"k{round(thr * 100)}"] = k
+                row[f"variance_fraction_k{round(thr * 100)}"] = (
+                    float(keep["variance_fraction"].iloc[ok[0]]) if ok.size else math.nan)
+            spec_metrics = self.metadata.get("spectrum_metrics", {}).get(f"{layer}/{point}")
+            if spec_metrics:
+                row.update(spec_metrics)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def to_csv(self, path: Any) -> None:
+        self.table.to_csv(path, index=False)
+
+    def __repr__(self) -> str:
+        n = self.table.groupby(["layer", "point", "subspace", "mode", "k"]).ngroups
+        return (f"AblationResult(model={self.metadata.get('model')!r}, ablations={n}, "
+                f"eval_tokens={self.metadata.get('eval_tokens')})")
+
+
+# ------------------------------------------------------------------ public API
+def _projections(spectra: Any, sites_by_layer: dict, ab: Ablation) -> tuple[dict, float]:
+    projs, fracs = {}, []
+    for layer in ab.layers:
+        spec = spectra.spectrum(layer, ab.point)
+        ctx = f" at {spec.name}, D = {spec.dim}"
+        proj, frac = make_projection(spec.eigenvalues, spec.require_eigenvectors(), spec.mean,
+                                     subspace=ab.subspace, k=ab.k, mode=ab.mode,
+                                     center=ab.center, seed=ab.seed, context=ctx)
+        projs[sites_by_layer[layer].path(ab.point)] = proj
+        fracs.append(frac)
+    return projs, float(np.mean(fracs))
+
+
+def run_ablations(
+    model: Any,
+    spectra: Any,
+    batches: Any,
+    ablations: Sequence[Ablation],
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_length: int = 128,
+    max_batches: int | None = None,
+    copies: int | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+    data_label: str = "",
+    skip_clean_prefix: bool = True,
+) -> AblationResult:
+    """Run many ablations over the same evaluation batches (the engine behind
+    :func:`ablate` and :func:`ablation_sweep`).
+
+    Each batch is run once clean and then once per group of ``copies`` ablations (the batch
+    repeated once per ablation). Random subspaces with several seeds are aggregated into one
+    row with a confidence interval over seeds and sequences. With ``skip_clean_prefix`` the
+    blocks before the first ablated layer are not recomputed: nnsight's ``skip`` feeds them
+    the clean residual stream saved from the clean run (same result, less time).
+    """
+    wrapper = as_nnsight(model)
+    root = wrapper._module
+    label = model_label(root)
+    if spectra.metadata.get("model") not in (None, label):
+        raise SiteError(f"the spectra were captured on {spectra.metadata.get('model')!r}, not "
+                        f"on {label!r}; capture spectra of this model first.")
+    sites = find_ffn_sites(wrapper)
+    by_layer = {s.layer: s for s in sites}
+    for ab in ablations:
+        if ab.point not in POINTS:
+            raise SiteError(f"unknown point {ab.point!r}; use one of {', '.join(POINTS)}.")
+        for layer in ab.layers:
+            select_sites(sites, [layer])
+    task = _task(root)
+    batch_list = list(iter_batches(batches, tokenizer, batch_size=batch_size,
+                                   max_length=max_length))
+    if max_batches is not None:
+        batch_list = batch_list[:max_batches]
+    if not batch_list:
+        raise CaptureError("no evaluation batches: pass held-out texts or batches.")
+    eval_hash = token_hash(batch_list)
+    held_out = eval_hash != spectra.metadata.get("data_sha1")
+    if not held_out:
+        warnings.warn("the evaluation tokens are exactly the tokens the spectra were captured "
+                      "on; effects measured on the same text overstate how general they are. "
+                      "Evaluate on held-out text (e.g. load_corpus(split='heldout')).",
+                      HeldOutWarning, stacklevel=3)
+    # resolve projections once (CPU, float64), move to the model's device lazily
+    device = next(root.parameters()).device
+    resolved = []
+    for ab in ablations:
+        projs, frac = _projections(spectra, by_layer, ab)
+        resolved.append(({p: pr.to(device) for p, pr in projs.items()}, frac))
+    order = [s.path(p) for s in sites for p in POINTS if p in s.paths]
+    if copies is None:
+        b0 = batch_list[0]["input_ids"]
+        vocab = getattr(getattr(root, "config", None), "vocab_size", 1024) or 1024
+        per_copy = b0.numel() * (vocab if task == "causal-lm" else 1024) * 4 * 3
+        copies = int(max(1, min(16, 2e9 // max(per_copy, 1))))
+    stats = [_Stats() for _ in ablations]
+    clean_stats = _Stats()
+    # blocks before the first ablated layer of a group compute the clean run: skip them
+    blocks = [_block_path(s.paths["pre"], s.layer) for s in sites]
+    first_layer = {start: min(lay for ab in ablations[start:start + copies] for lay in ab.layers)
+                   for start in range(0, len(ablations), copies)}
+    save_blocks = sorted({blocks[f - 1] for f in first_layer.values() if f > 0},
+                         key=blocks.index) if skip_clean_prefix else []
+    n_runs = len(batch_list) * (1 + math.ceil(len(ablations) / copies))
+    bar = tqdm(total=n_runs, disable=not progress, unit="fwd", desc=f"ablations {label}",
+               dynamic_ncols=True)
+    n_tokens = 0
+    try:
+        for batch in batch_list:
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+            n_tokens += int(mask.sum())
+            clean, residuals = _run_copies(wrapper, inputs, [{}], [], save_blocks=save_blocks)
+            ref = (_LMReference(clean.logits, inputs["input_ids"], mask)
+                   if task == "causal-lm" else None)
+            bar.update(1)
+            for start in range(0, len(ablations), copies):
+                group = resolved[start:start + copies]
+                paths = {p for projs, _ in group for p in projs}
+                first = first_layer[start]
+                skip = None
+                if skip_clean_prefix and first > 0 and isinstance(
+                        residuals.get(blocks[first - 1]), torch.Tensor):
+                    skip = ([blocks[j] for j in range(first)], residuals[blocks[first - 1]])
+                out, _ = _run_copies(wrapper, inputs, [projs for projs, _ in group],
+                                     [p for p in order if p in paths], skip=skip)
+                for j in range(len(group)):
+                    if task == "causal-lm":
+                        eff = ref.effects(out.logits.chunk(len(group), dim=0)[j])
+                    else:
+                        ab_h = _hidden(out).chunk(len(group), dim=0)[j]
+                        eff = _encoder_effects(_hidden(clean), ab_h, mask)
+                    for name, (s, n) in eff.items():
+                        if name == "clean_loss":
+                            if start == 0 and j == 0:
+                                clean_stats.add(name, s, n)
+                        else:
+                            stats[start + j].add(name, s, n)
+                bar.update(1)
+    finally:
+        bar.close()
+    table = _tabulate(label, ablations, resolved, stats, spectra, n_boot)
+    clean_loss = None
+    if clean_stats.sums:
+        clean_loss = _ratio_ci(np.array([clean_stats.sums["clean_loss"]]),
+                               np.array(clean_stats.counts["clean_loss"]), n_boot=n_boot,
+                               rng=np.random.default_rng(0))
+    metadata = {
+        "clean_loss": clean_loss,
+        "model": label, "task": task, "eval_tokens": n_tokens,
+        "eval_sequences": sum(int(b["input_ids"].shape[0]) for b in batch_list),
+        "eval_data": data_label, "eval_sha1": eval_hash,
+        "spectra_data": spectra.metadata.get("data", ""),
+        "spectra_tokens": spectra.metadata.get("n_tokens"), "held_out": held_out,
+        "copies_per_forward": copies,
+        "spectrum_metrics": {
+            f"{layer}/{point}": {k: v for k, v in spectra.spectrum(layer, point).metrics().items()
+                                 if k in ("participation_ratio", "soft_rank")}
+            for layer, point in {(lay, ab.point) for ab in ablations for lay in ab.layers}},
+    }
+    return AblationResult(table, metadata)
+
+
+def _tabulate(label, ablations, resolved, stats, spectra, n_boot) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    groups: dict[tuple, list[int]] = {}
+    for i, ab in enumerate(ablations):
+        key = (ab.layers, ab.point, ab.subspace_name, ab.mode, ab.k, ab.center)
+        groups.setdefault(key, []).append(i)
+    rows = []
+    for (layers, point, subspace, mode, k, _center), idx in groups.items():
+        layer = layers[0] if len(layers) == 1 else ",".join(map(str, layers))
+        dim = spectra.spectrum(layers[0], point).dim
+        frac = float(np.mean([resolved[i][1] for i in idx]))
+        for name in stats[idx[0]].sums:
+            sums = np.array([stats[i].sums[name] for i in idx])
+            counts = np.array(stats[idx[0]].counts[name])
+            value, lo, hi = _ratio_ci(sums, counts, n_boot=n_boot, rng=rng)
+            rows.append((label, layer, point, subspace, mode, k, dim, frac, name, value, lo, hi,
+                         len(idx)))
+    return pd.DataFrame(rows, columns=["model", "layer", "point", "subspace", "mode", "k", "dim",
+                                       "variance_fraction", "metric", "value", "ci_low",
+                                       "ci_high", "n_seeds"])
+
+
+def ablate(
+    model: Any,
+    spectra: Any,
+    batches: Any,
+    *,
+    layers: int | Iterable[int],
+    point: str = "post",
+    subspace: str | slice = "top",
+    k: int = 1,
+    mode: str = "keep",
+    center: bool = True,
+    seed: int = 0,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> AblationResult:
+    """Ablate one subspace at one or several layers at once and measure the effect.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or nnsight wrapper
+    spectra : SpectraResult
+        Captured with ``eigenvectors=True`` on *other* text than ``batches``.
+    batches : list of str (with ``tokenizer``), or batches as for ``collect_spectra``
+        Held-out evaluation text.
+    layers : int or iterable of int
+        Sites ablated together (negative counts from the end).
+    point : {"post", "pre", "act", "up"}
+        Ablating ``pre`` lets the nonlinearity act on the projected input (the reinjection
+        test); ``post`` removes the subspace from what the down-projection reads.
+    subspace : {"top", "tail", "random"} or slice
+    k : int
+        Subspace size (0 <= k <= D; tail: <= number of directions with variance).
+    mode : {"keep", "remove"}
+    center : bool, default True
+        Mean-preserving projection (x ↦ μ + P(x − μ)); False drops μ.
+    seed : int
+        Seed of the random subspace.
+    **kwargs
+        Passed to :func:`run_ablations` (``batch_size``, ``max_length``, ``progress``, ...).
+
+    Returns
+    -------
+    AblationResult
+    """
+    n = len(find_ffn_sites(as_nnsight(model)))
+    idx = [layers] if isinstance(layers, int) else list(layers)
+    resolved = tuple(sorted({(int(i) % n) if -n <= int(i) < n else int(i) for i in idx}))
+    ab = Ablation(resolved, point, subspace, k, mode, seed, center)
+    return run_ablations(model, spectra, batches, [ab], tokenizer=tokenizer, **kwargs)
+
+
+def default_ks(d: int, n: int = 8) -> list[int]:
+    """A log grid of ``n`` subspace sizes from 1 to D (D included).
+
+    >>> default_ks(1536)
+    [1, 3, 8, 23, 66, 188, 537, 1536]
+    """
+    return sorted({int(round(v)) for v in np.geomspace(1, d, n)})
+
+
+def ablation_sweep(
+    model: Any,
+    spectra: Any,
+    batches: Any,
+    *,
+    layers: Iterable[int] | None = None,
+    point: str = "post",
+    ks: Sequence[int] | None = None,
+    subspaces: Sequence[str] = ("top", "tail", "random"),
+    modes: Sequence[str] = ("keep", "remove"),
+    seeds: int = 3,
+    center: bool = True,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> AblationResult:
+    """Effect of ablating top / tail / random subspaces of growing size, layer by layer.
+
+    Every layer is ablated on its own. ``ks`` defaults to :func:`default_ks` of the point's
+    width; tail sizes are capped at the number of directions with variance; ``top``/``keep``
+    always includes k = 0 (mean ablation), the baseline of :meth:`AblationResult.summary`.
+    Random subspaces use ``seeds`` seeds each.
+
+    Returns
+    -------
+    AblationResult
+        ``.table`` with columns ``layer, point, subspace, mode, k, variance_fraction, metric,
+        value, ci_low, ci_high``; ``.summary()``; plot with ``plotting.plot_ablation``.
+    """
+    layers = spectra.layers if layers is None else list(layers)
+    ablations = []
+    for layer in layers:
+        spec = spectra.spectrum(layer, point)
+        grid = list(ks) if ks is not None else default_ks(spec.dim)
+        rank = effective_rank_count(spec.eigenvalues)
+        for subspace in subspaces:
+            sizes = sorted({min(k, rank) if subspace == "tail" else k for k in grid})
+            if subspace == "top":
+                sizes = sorted({0, *sizes})
+            for mode in modes:
+                for k in sizes:
+                    n_seeds = seeds if subspace == "random" else 1
+                    for seed in range(n_seeds):
+                        ablations.append(Ablation((parse_site(spec.name)[0],), point,
+                                                  subspace, k, mode, seed, center))
+    return run_ablations(model, spectra, batches, ablations, tokenizer=tokenizer, **kwargs)
+
+
+__all__ = ["Ablation", "AblationResult", "HeldOutWarning", "ablate", "ablation_sweep",
+           "default_ks", "run_ablations"]
