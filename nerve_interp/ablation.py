@@ -491,7 +491,7 @@ def default_ks(d: int, n: int = 8) -> list[int]:
     """A log grid of ``n`` subspace sizes from 1 to D (D included).
 
     >>> default_ks(1536)
-    [1, 3, 8, 23, 66, 188, 537, 1536]
+    [1, 3, 8, 23, 66, 189, 539, 1536]
     """
     return sorted({int(round(v)) for v in np.geomspace(1, d, n)})
 

@@ -237,8 +237,15 @@ def sui(eigenvalues: ArrayLike, k: int | None = None) -> float:
     """
     lam = check_eigenvalues(eigenvalues)
     d = lam.size
-    parts = (hard_rank(lam) / d, soft_rank(lam) / d, 1.0 - spectral_concentration(lam, k))
+    parts = (hard_rank(lam) / d, soft_rank(lam) / d, _outside_top(lam, k))
     return float(np.prod(parts) ** (1.0 / 3.0))
+
+
+def _outside_top(lam: np.ndarray, k: int | None) -> float:
+    """``1 - spectral_concentration``, summed from the tail (no cancellation when ~0)."""
+    k = default_concentration_k(lam.size) if k is None else k
+    spectral_concentration(lam, k)  # validates k
+    return float(lam[k:].sum() / lam.sum())
 
 
 def js_divergence(eigenvalues_p: ArrayLike, eigenvalues_q: ArrayLike) -> float:
@@ -295,7 +302,8 @@ def compute_metrics(eigenvalues: ArrayLike, *, concentration_k: int | None = Non
         "soft_rank_utilization": math.exp(se) / d,
         "hard_rank_utilization": pr / d,
         "spectral_concentration": conc,
-        "sui": float((pr / d * math.exp(se) / d * (1.0 - conc)) ** (1.0 / 3.0)),
+        "sui": float((pr / d * math.exp(se) / d * _outside_top(lam, concentration_k))
+                     ** (1.0 / 3.0)),
     }
     return out
 
