@@ -35,6 +35,10 @@ _LAZY = {
     "load_corpus": ("nerve_interp.data", "load_corpus"),
     "read_texts": ("nerve_interp.data", "read_texts"),
     "tokenize_batches": ("nerve_interp.data", "tokenize_batches"),
+    "ablate": ("nerve_interp.ablation", "ablate"),
+    "ablation_sweep": ("nerve_interp.ablation", "ablation_sweep"),
+    "AblationResult": ("nerve_interp.ablation", "AblationResult"),
+    "Ablation": ("nerve_interp.ablation", "Ablation"),
     "plotting": ("nerve_interp.plotting", None),
     "show_versions": ("nerve_interp._versions", "show_versions"),
 }

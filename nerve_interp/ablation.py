@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .capture import iter_batches, model_label, token_hash
 from .errors import CaptureError, SiteError
-from .projection import Projection, effective_rank_count, make_projection
+from .projection import Projection, effective_rank_count, energy_k, make_projection
 from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, select_sites
 
 LM_METRICS = ("delta_loss", "kl", "top1_agreement")
@@ -444,10 +444,11 @@ def ablate(
     layers: int | Iterable[int],
     point: str = "post",
     subspace: str | slice = "top",
-    k: int = 1,
+    k: int | None = None,
     mode: str = "keep",
     center: bool = True,
     seed: int = 0,
+    energy: float | None = None,
     tokenizer: Any = None,
     **kwargs: Any,
 ) -> AblationResult:
@@ -468,6 +469,10 @@ def ablate(
     subspace : {"top", "tail", "random"} or slice
     k : int
         Subspace size (0 <= k <= D; tail: <= number of directions with variance).
+    energy : float, optional
+        Instead of ``k``: the smallest k whose top (or tail) eigenvalues hold this share of
+        the variance (energy matching; with several layers, the first layer's k is used).
+        For ``random`` subspaces the top-k energy match sets k.
     mode : {"keep", "remove"}
     center : bool, default True
         Mean-preserving projection (x ↦ μ + P(x − μ)); False drops μ.
@@ -483,6 +488,11 @@ def ablate(
     n = len(find_ffn_sites(as_nnsight(model)))
     idx = [layers] if isinstance(layers, int) else list(layers)
     resolved = tuple(sorted({(int(i) % n) if -n <= int(i) < n else int(i) for i in idx}))
+    if (k is None) == (energy is None):
+        raise ValueError("pass exactly one of k= (subspace size) and energy= (share of variance).")
+    if energy is not None:
+        which = "tail" if subspace == "tail" else "top"
+        k = energy_k(spectra.eigenvalues(resolved[0], point), energy, which)
     ab = Ablation(resolved, point, subspace, k, mode, seed, center)
     return run_ablations(model, spectra, batches, [ab], tokenizer=tokenizer, **kwargs)
 

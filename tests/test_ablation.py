@@ -169,3 +169,15 @@ def test_bad_input(llama):
     with pytest.warns(HeldOutWarning, match="exactly the tokens the spectra were captured on"):
         res = ablate(model, spectra, TRAIN, layers=0, k=1, progress=False)
     assert res.metadata["held_out"] is False
+
+
+def test_energy_matched_k(llama):
+    model, spectra = llama
+    from nerve_interp.projection import energy_k
+
+    res = ablate(model, spectra, HELD, layers=1, energy=0.5, mode="keep", progress=False)
+    k = int(res.table["k"].iloc[0])
+    assert k == energy_k(spectra.eigenvalues(1, "post"), 0.5)
+    assert res.table["variance_fraction"].iloc[0] >= 0.5
+    with pytest.raises(ValueError, match="exactly one of k="):
+        ablate(model, spectra, HELD, layers=1, progress=False)

@@ -44,3 +44,21 @@ def test_bad_arguments(local_model, tmp_path):
     res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
                                    "--out", str(tmp_path / "o"), "--layers", "9"])
     assert res.exit_code != 0 and "out of range" in str(res.exception)
+
+
+def test_ablate_command(local_model, tmp_path):
+    folder, text = local_model
+    out = tmp_path / "abl"
+    res = CliRunner().invoke(app, ["ablate", "--model", str(folder), "--text", str(text),
+                                   "--out", str(out), "--layers", "1", "--ks", "1,8,128",
+                                   "--seeds", "2", "--capture-tokens", "800",
+                                   "--eval-texts", "4"])
+    assert res.exit_code == 0, res.output
+    assert "k90" in res.output
+    import pandas as pd
+
+    table = pd.read_csv(out / "ablation.csv")
+    assert set(table["subspace"]) == {"top", "tail", "random"}
+    assert set(table["k"]) == {0, 1, 8, 128}
+    for name in ("summary.csv", "ablation_k.png", "ablation_variance.png"):
+        assert (out / name).exists(), name
