@@ -14,10 +14,12 @@ ablation ("copies") and each copy gets its own projection.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .capture import iter_batches, model_label, token_hash
-from .errors import CaptureError, SiteError
+from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
 from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, select_sites
 
@@ -260,7 +262,34 @@ class AblationResult:
         return pd.DataFrame(rows)
 
     def to_csv(self, path: Any) -> None:
+        """Write the tidy table (the figures can be redrawn from it)."""
         self.table.to_csv(path, index=False)
+
+    def save(self, path: Any) -> Path:
+        """Write ``<path>.csv`` (the table) and ``<path>.json`` (the metadata); no pickle."""
+        base = Path(path).with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self.table.to_csv(base.with_suffix(".csv"), index=False)
+        base.with_suffix(".json").write_text(json.dumps(
+            {"format": "nerve_interp.ablation", "metadata": self.metadata}, indent=1,
+            default=str))
+        return base.with_suffix(".csv")
+
+    @classmethod
+    def load(cls, path: Any) -> AblationResult:
+        """Read what :meth:`save` wrote (give either file or the common stem)."""
+        base = Path(path).with_suffix("")
+        try:
+            meta = json.loads(base.with_suffix(".json").read_text())
+            table = pd.read_csv(base.with_suffix(".csv"))
+        except (OSError, ValueError) as err:
+            raise ResultsFileError(
+                f"cannot read ablation results at {base}.csv/.json ({type(err).__name__}: "
+                f"{err}); write them with AblationResult.save()."
+            ) from None
+        if meta.get("format") != "nerve_interp.ablation":
+            raise ResultsFileError(f"{base}.json is not a nerve_interp ablation file.")
+        return cls(table, meta["metadata"])
 
     def __repr__(self) -> str:
         n = self.table.groupby(["layer", "point", "subspace", "mode", "k"]).ngroups

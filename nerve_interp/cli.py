@@ -227,7 +227,7 @@ def ablate(
         modes=[m for m in modes.split(",") if m], seeds=seeds, max_length=max_length,
         data_label=labels[1])
     out.mkdir(parents=True, exist_ok=True)
-    result.to_csv(out / "ablation.csv")
+    result.save(out / "ablation.csv")
     summary = result.summary()
     summary.to_csv(out / "summary.csv", index=False)
     metric = "delta_loss" if result.metadata["task"] == "causal-lm" else "cosine"
@@ -242,7 +242,7 @@ def ablate(
                 "soft_rank", "mean_ablation_delta_loss"]
         typer.echo(summary[[c for c in cols if c in summary]].to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
-    typer.echo(f"\nwrote {out}/ablation.csv, summary.csv, ablation_k.png, "
+    typer.echo(f"\nwrote {out}/ablation.csv (+ .json), summary.csv, ablation_k.png, "
                f"ablation_variance.png; total {time.perf_counter() - t0:.0f} s")
 
 

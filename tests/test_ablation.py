@@ -181,3 +181,20 @@ def test_energy_matched_k(llama):
     assert res.table["variance_fraction"].iloc[0] >= 0.5
     with pytest.raises(ValueError, match="exactly one of k="):
         ablate(model, spectra, HELD, layers=1, progress=False)
+
+
+def test_save_load(llama, tmp_path):
+    import pandas as pd
+
+    from nerve_interp.ablation import AblationResult
+    from nerve_interp.errors import ResultsFileError
+
+    model, spectra = llama
+    res = ablation_sweep(model, spectra, HELD, layers=[0], ks=[1, 4], progress=False)
+    path = res.save(tmp_path / "sweep.csv")
+    back = AblationResult.load(path)
+    pd.testing.assert_frame_equal(back.table, res.table, check_dtype=False)
+    assert back.metadata["eval_sha1"] == res.metadata["eval_sha1"]
+    pd.testing.assert_frame_equal(back.summary(), res.summary(), check_dtype=False)
+    with pytest.raises(ResultsFileError, match="cannot read ablation results"):
+        AblationResult.load(tmp_path / "missing.csv")
