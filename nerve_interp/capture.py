@@ -397,7 +397,10 @@ def collect_spectra(
             acc.covariance_, acc.mean_, acc.n_samples_seen_, eigenvectors=eigenvectors,
             name=acc.name, warn=False,
         )
-    _warn_once(list(spectra.values()))
+    # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
+    # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 Gram
+    _warn_once(list(spectra.values()),
+               NEGATIVE_WARN_TOL if gram_dtype == torch.float64 else 64 * 2.0**-23)
     meta.update({
         "n_tokens": n_tokens,
         "n_batches": n_batches,
@@ -415,7 +418,7 @@ def collect_spectra(
     return SpectraResult(spectra, meta)
 
 
-def _warn_once(spectra: list) -> None:
+def _warn_once(spectra: list, neg_tol: float = NEGATIVE_WARN_TOL) -> None:
     """One warning per capture (not one per point) for rank deficiency and negatives."""
     short = [s for s in spectra if s.rank_deficient]
     if short:
@@ -427,11 +430,11 @@ def _warn_once(spectra: list) -> None:
             "use ~65k tokens, N >> D) before comparing metrics.",
             RankDeficientWarning, stacklevel=3)
     bad = [s for s in spectra
-           if s.min_eigenvalue < -NEGATIVE_WARN_TOL * max(float(s.eigenvalues[0]), 1e-300)]
+           if s.min_eigenvalue < -neg_tol * max(float(s.eigenvalues[0]), 1e-300)]
     if bad:
         worst = min(bad, key=lambda s: s.min_eigenvalue / max(float(s.eigenvalues[0]), 1e-300))
         warnings.warn(
-            f"{len(bad)} point(s) had eigenvalues below -1e-8·λ_1 (worst {worst.name}: "
+            f"{len(bad)} point(s) had eigenvalues below -{neg_tol:.1e}·λ_1 (worst {worst.name}: "
             f"{worst.min_eigenvalue:.3e}, λ_1 = {worst.eigenvalues[0]:.3e}); clipped to 0. "
             "This is more than round-off: report it with the model and dtype.",
             NegativeEigenvalueWarning, stacklevel=3)

@@ -188,3 +188,20 @@ def test_tokenize_batches_errors_are_raised_on_call():
     with pytest.raises(DataError, match="max_length == -1"):
         tokenize_batches(SENTENCES, tok, max_length=-1)
     assert list(tokenize_batches([], tok)) == []
+
+
+def test_train_tokenizer_and_blocks():
+    from nerve_interp.data import token_blocks, train_tokenizer
+
+    texts = ["the quick brown fox jumps over the lazy dog"] * 40 + ["a b c"] * 10
+    tok = train_tokenizer(texts, vocab_size=320)
+    assert 257 < len(tok) <= 320 and tok.eos_token_id == tok.pad_token_id == 0
+    assert tok.decode(tok("the lazy dog")["input_ids"]) == "the lazy dog"
+    assert train_tokenizer(texts, vocab_size=320) is tok  # cached, deterministic
+    b = token_blocks(texts, tok, seq_len=16)
+    n_ids = sum(len(tok(t)["input_ids"]) + 1 for t in texts)
+    assert b.shape == (n_ids // 16, 16) and b.dtype == torch.long
+    with pytest.raises(ValueError, match="fewer than one block"):
+        token_blocks(["a"], tok, seq_len=64)
+    with pytest.raises(ValueError, match="vocab_size == 100"):
+        train_tokenizer(texts, vocab_size=100)

@@ -1,0 +1,163 @@
+"""Spectra during training: a callback that measures every FFN every N steps.
+
+:class:`SpectralTracker` runs :func:`collect_spectra` on a fixed set of held-out batches
+(the same tokens every time, so metrics are comparable across steps) and appends tidy rows
+``step, layer, point, metric, value, train_loss, val_loss``. Reinjection metrics (SPEC.md §4)
+are rows with ``point == "reinjection"``. It plugs into :func:`nerve_interp.training.train`
+and, through :class:`HFSpectralCallback`, into ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .errors import RankDeficientWarning
+from .training import Callback, TrainState
+
+REINJECTION_POINT = "reinjection"
+
+
+class SpectralTracker(Callback):
+    """Measure FFN spectra every ``every`` steps on fixed batches.
+
+    Parameters
+    ----------
+    batches : sequence
+        Evaluation batches (dicts with ``input_ids``/``attention_mask``, token-id tensors
+        ``(B, T)`` such as validation blocks, or float inputs for the Mixer). Fixed.
+    every : int, default 50
+        Interval in optimizer steps; step 0 (before training) and the last step are
+        measured too.
+    points : sequence of str, default ("pre", "post")
+    layers : list of int, optional
+    max_tokens : int, optional
+    gram_dtype : torch.dtype, default torch.float32
+        Tracking favours speed; statistics are still centred and merged in float64.
+    reinjection : bool, default True
+        Add the pre -> post reinjection metrics.
+
+    Attributes
+    ----------
+    frame : DataFrame
+        Tidy rows collected so far. ``seconds`` is the time spent measuring.
+    """
+
+    def __init__(self, batches: Sequence[Any], *, every: int = 50,
+                 points: Sequence[str] = ("pre", "post"), layers: Sequence[int] | None = None,
+                 max_tokens: int | None = None, gram_dtype: torch.dtype = torch.float32,
+                 reinjection: bool = True):
+        if every < 1:
+            raise ValueError(f"every == {every}, must be >= 1 (steps between measurements).")
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("SpectralTracker needs at least one evaluation batch.")
+        self.every = every
+        self.points = tuple(points)
+        self.layers = layers
+        self.max_tokens = max_tokens
+        self.gram_dtype = gram_dtype
+        self.reinjection = reinjection and {"pre", "post"} <= set(self.points)
+        self.rows: list[dict] = []
+        self.seconds = 0.0
+        self._measured: set[int] = set()
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["step", "layer", "point", "metric", "value",
+                                                "train_loss", "val_loss"])
+
+    def measure(self, model: torch.nn.Module, step: int, train_loss: float = math.nan,
+                val_loss: float = math.nan) -> None:
+        """Capture spectra now and append rows for ``step``."""
+        from .capture import collect_spectra
+
+        if step in self._measured:
+            return
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RankDeficientWarning)  # said once, at setup
+                res = collect_spectra(model, self.batches, points=self.points, layers=self.layers,
+                                      max_tokens=self.max_tokens, gram_dtype=self.gram_dtype,
+                                      progress=False)
+        finally:
+            model.train(was_training)
+        base = {"step": step, "train_loss": train_loss, "val_loss": val_loss}
+        for r in res.metrics().itertuples(index=False):
+            self.rows.append({**base, "layer": r.layer, "point": r.point, "metric": r.metric,
+                              "value": r.value})
+        if self.reinjection:
+            for r in res.reinjection(tidy=True).itertuples(index=False):
+                self.rows.append({**base, "layer": r.layer, "point": REINJECTION_POINT,
+                                  "metric": r.metric, "value": r.value})
+        self._measured.add(step)
+        self.seconds += time.perf_counter() - t0
+
+    # training-loop hooks
+    def on_train_begin(self, model: torch.nn.Module, state: TrainState) -> None:
+        if state.step == 0:
+            self.measure(model, 0)
+
+    def on_step_end(self, model: torch.nn.Module, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self.measure(model, state.step, state.train_loss, state.val_loss)
+
+    def on_train_end(self, model: torch.nn.Module, state: TrainState) -> None:
+        self.measure(model, state.step, state.train_loss, state.val_loss)
+
+    def state_dict(self) -> dict:
+        return {"rows": [{k: (float(v) if isinstance(v, float) else v) for k, v in r.items()}
+                         for r in self.rows], "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
+        self.seconds = float(state["seconds"])
+        self._measured = {int(r["step"]) for r in self.rows}
+
+
+def _hf_callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class HFSpectralCallback(_hf_callback_base()):
+    """``transformers.Trainer`` callback wrapping a :class:`SpectralTracker`.
+
+    >>> # trainer = Trainer(..., callbacks=[HFSpectralCallback(tracker)])  # doctest: +SKIP
+    """
+
+    def __init__(self, tracker: SpectralTracker):
+        self.tracker = tracker
+
+    def _loss(self, state: Any, key: str) -> float:
+        for entry in reversed(state.log_history):
+            if key in entry:
+                return float(entry[key])
+        return math.nan
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
+        if model is not None and state.global_step == 0:
+            self.tracker.measure(model, 0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
+        if model is not None and state.global_step % self.tracker.every == 0:
+            self.tracker.measure(model, state.global_step, self._loss(state, "loss"),
+                                 self._loss(state, "eval_loss"))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
+        if model is not None:
+            self.tracker.measure(model, state.global_step, self._loss(state, "loss"),
+                                 self._loss(state, "eval_loss"))
+
+
+__all__ = ["REINJECTION_POINT", "HFSpectralCallback", "SpectralTracker"]

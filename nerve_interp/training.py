@@ -1,0 +1,374 @@
+"""A plain, readable training loop for the package's small models, with callbacks.
+
+Deterministic for a seed (on CPU), resumable exactly from a checkpoint, and instrumented by
+callbacks such as :class:`nerve_interp.tracking.SpectralTracker`::
+
+    model = ni.models.make_lm("small", activation="gelu", norm="pre")
+    tok = ni.data.train_tokenizer()
+    train_blocks = ni.data.token_blocks(ni.load_corpus(split="train"), tok, 128)
+    val_blocks = ni.data.token_blocks(ni.load_corpus(split="heldout"), tok, 128)
+    run = ni.training.train(model, train_blocks, val_blocks,
+                            ni.training.TrainConfig(steps=300, optimizer="adamw"))
+    run.history          # tidy: step, split, loss
+
+Optimizers: ``adamw``, ``sgd`` (momentum), ``muon`` (torch.optim.Muon on the 2-D hidden
+weight matrices, AdamW on embeddings, head, norms and biases, as Muon is meant to be used),
+``lion`` (Chen et al. 2023, implemented here in a few lines).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ResultsFileError
+
+OPTIMIZERS = ("adamw", "sgd", "muon", "lion")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train` (all plain values, saved in checkpoints).
+
+    Attributes
+    ----------
+    steps : int
+        Optimizer steps.
+    batch_size : int
+        Blocks (sequences) per step, sampled with replacement from a seeded generator.
+    lr : float
+        Peak learning rate (after ``warmup`` linear steps, cosine decay to ``min_lr_ratio``).
+    optimizer : {"adamw", "sgd", "muon", "lion"}
+    eval_every : int
+        Validation loss every this many steps (and at the last step).
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} == {getattr(self, name)}, must be >= 1.")
+        if not self.lr > 0:
+            raise ValueError(f"lr == {self.lr}, must be > 0.")
+        self.betas = tuple(self.betas)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (EvoLved Sign Momentum, Chen et al. 2023): sign of an interpolated momentum.
+
+    ``update = sign(β1·m + (1−β1)·g)``; ``p -= lr·(update + wd·p)``; ``m = β2·m + (1−β2)·g``.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = (m * b1 + p.grad * (1 - b1)).sign_()
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+        return loss
+
+
+class _Optimizers:
+    """Several optimizers stepped together (Muon + AdamW), behaving like one."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {str(i): o.state_dict() for i, o in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, o in enumerate(self.optimizers):
+            o.load_state_dict(state[str(i)])
+
+
+def _split_params(model: torch.nn.Module) -> tuple[list, list, list]:
+    """(hidden 2-D matrices, other decayed params, no-decay params: norms, biases, gains)."""
+    matrices, embeds, no_decay = [], [], []
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = getattr(model, "lm_head", None) or getattr(model, "head", None)
+    if isinstance(head, torch.nn.Linear):
+        embed_ids.add(id(head.weight))
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2:
+            no_decay.append(p)
+        elif id(p) in embed_ids:
+            embeds.append(p)
+        else:
+            matrices.append(p)
+    return matrices, embeds, no_decay
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Any:
+    """The optimizer named in ``cfg``; weight decay only on matrices and embeddings."""
+    matrices, embeds, no_decay = _split_params(model)
+    groups = [{"params": matrices + embeds, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "lion":
+        return Lion(groups, lr=cfg.lr, betas=cfg.betas)
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        raise ValueError(f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9); this is "
+                         f"torch {torch.__version__}.")
+    return _Optimizers([
+        muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95,
+             adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW([{"params": embeds, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, betas=cfg.betas),
+    ])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from ``lr`` to ``lr·min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(
+        math.pi * min(frac, 1.0))))
+
+
+@dataclass
+class TrainState:
+    """What callbacks see: the step just finished and the latest losses."""
+
+    step: int = 0
+    train_loss: float = math.nan
+    val_loss: float = math.nan
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+class Callback:
+    """Base class of training callbacks; override what you need."""
+
+    def on_train_begin(self, model: torch.nn.Module, state: TrainState) -> None: ...
+
+    def on_step_end(self, model: torch.nn.Module, state: TrainState) -> None: ...
+
+    def on_train_end(self, model: torch.nn.Module, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train`."""
+
+    model: torch.nn.Module
+    history: pd.DataFrame
+    config: TrainConfig
+    seconds: float
+    callback_seconds: float
+
+
+def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    if batch.is_floating_point():
+        raise TypeError("train() expects token blocks (LongTensor); for the Mixer use "
+                        "train_classifier().")
+    return model(input_ids=batch, labels=batch).loss
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int = 16,
+             max_batches: int | None = None) -> float:
+    """Mean next-token loss over ``blocks`` (first ``max_batches·batch_size`` of them)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    device = next(model.parameters()).device
+    for i, start in enumerate(range(0, blocks.shape[0], batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        b = blocks[start:start + batch_size].to(device)
+        total += float(_loss(model, b)) * b.shape[0]
+        n += b.shape[0]
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def _save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    model: torch.nn.Module,
+    train_blocks: torch.Tensor,
+    val_blocks: torch.Tensor | None = None,
+    config: TrainConfig | None = None,
+    *,
+    callbacks: Sequence[Callback] = (),
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a causal LM on token blocks.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Called as ``model(input_ids=..., labels=...)`` returning an object with ``.loss``
+        (nerve_interp's ``TinyLM`` or a Hugging Face causal LM).
+    train_blocks, val_blocks : LongTensor of shape (n_blocks, seq_len)
+        From :func:`nerve_interp.data.token_blocks`.
+    config : TrainConfig
+    callbacks : sequence of Callback
+        E.g. ``SpectralTracker``; their time is measured separately (``callback_seconds``).
+    checkpoint : path, optional
+        Saved every ``config.checkpoint_every`` steps and at the end; when it exists the run
+        resumes from it exactly (same model, optimizer, data order and RNG state).
+
+    Returns
+    -------
+    TrainResult
+        ``history``: tidy DataFrame ``step, split, loss`` (+ ``lr``).
+    """
+    cfg = config or TrainConfig()
+    if train_blocks.ndim != 2 or train_blocks.shape[0] == 0:
+        raise ValueError(f"train_blocks must be (n_blocks, seq_len) token ids; got shape "
+                         f"{tuple(train_blocks.shape)}.")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    state = TrainState()
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        try:
+            saved = torch.load(ckpt, weights_only=True)
+        except Exception as err:
+            raise ResultsFileError(f"checkpoint {ckpt} cannot be read ({err}); delete it to "
+                                   "start afresh.") from None
+        if saved.get("config") != asdict(cfg) | {"betas": list(cfg.betas)}:
+            raise ResultsFileError(f"checkpoint {ckpt} was written with another TrainConfig; "
+                                   "delete it or pass the same config.")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.step, state.history = int(saved["step"]), list(saved["history"])
+        for cb, cb_state in zip(callbacks, saved.get("callbacks", []), strict=False):
+            cb.load_state_dict(cb_state)
+    device = next(model.parameters()).device
+    model.train()
+    cb_time = 0.0
+    t0 = time.perf_counter()
+    for cb in callbacks:
+        t = time.perf_counter()
+        cb.on_train_begin(model, state)
+        cb_time += time.perf_counter() - t
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, unit="step",
+               desc=f"train {cfg.optimizer}", dynamic_ncols=True)
+    try:
+        while state.step < cfg.steps:
+            lr = lr_at(state.step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = torch.randint(0, train_blocks.shape[0], (cfg.batch_size,), generator=gen)
+            batch = train_blocks[idx].to(device)
+            loss = _loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at step "
+                                         f"{state.step}; lower lr (now {lr:.3g}) or clip harder.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            state.step += 1
+            state.train_loss = float(loss.detach())
+            state.history.append({"step": state.step, "split": "train", "loss": state.train_loss,
+                                  "lr": lr})
+            if val_blocks is not None and (state.step % cfg.eval_every == 0
+                                           or state.step == cfg.steps):
+                state.val_loss = evaluate(model, val_blocks, batch_size=cfg.batch_size,
+                                          max_batches=cfg.eval_batches)
+                state.history.append({"step": state.step, "split": "val",
+                                      "loss": state.val_loss, "lr": lr})
+            t = time.perf_counter()
+            for cb in callbacks:
+                cb.on_step_end(model, state)
+            cb_time += time.perf_counter() - t
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.train_loss:.3f}")
+            if ckpt is not None and (state.step % cfg.checkpoint_every == 0
+                                     or state.step == cfg.steps):
+                _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                             "step": state.step, "history": state.history,
+                             "config": asdict(cfg) | {"betas": list(cfg.betas)},
+                             "callbacks": [cb.state_dict() for cb in callbacks]})
+    finally:
+        bar.close()
+    for cb in callbacks:
+        t = time.perf_counter()
+        cb.on_train_end(model, state)
+        cb_time += time.perf_counter() - t
+    model.eval()
+    return TrainResult(model, pd.DataFrame(state.history), cfg, time.perf_counter() - t0,
+                       cb_time)
+
+
+__all__ = ["OPTIMIZERS", "Callback", "Lion", "TrainConfig", "TrainResult", "TrainState",
+           "evaluate", "lr_at", "make_optimizer", "train"]
