@@ -221,29 +221,68 @@ class TrainResult:
     callback_seconds: float
 
 
-def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    if batch.is_floating_point():
-        raise TypeError("train() expects token blocks (LongTensor); for the Mixer use "
-                        "train_classifier().")
+Data = Any  # LongTensor (n_blocks, seq_len) of token ids, or a tuple (inputs, labels)
+
+
+def _n(data: Data) -> int:
+    return int(data[0].shape[0] if isinstance(data, tuple) else data.shape[0])
+
+
+def _take(data: Data, idx: Any, device: torch.device) -> Data:
+    if isinstance(data, tuple):
+        return tuple(d[idx].to(device) for d in data)
+    return data[idx].to(device)
+
+
+def _loss(model: torch.nn.Module, batch: Data) -> torch.Tensor:
+    """Next-token loss for token blocks; cross-entropy for ``(inputs, labels)`` pairs."""
+    if isinstance(batch, tuple):
+        return model(batch[0], labels=batch[1]).loss
     return model(input_ids=batch, labels=batch).loss
 
 
+def _check_data(data: Data, name: str) -> None:
+    ok = (isinstance(data, tuple) and len(data) == 2 and data[0].shape[0] == data[1].shape[0]
+          and data[0].shape[0] > 0) or (isinstance(data, torch.Tensor) and data.ndim == 2
+                                         and data.shape[0] > 0 and not data.is_floating_point())
+    if not ok:
+        shape = (tuple(tuple(d.shape) for d in data) if isinstance(data, tuple)
+                 else tuple(getattr(data, "shape", ())))
+        raise ValueError(f"{name} must be token blocks (LongTensor (n_blocks, seq_len)) or a "
+                         f"pair (inputs, labels) with the same first dimension; got {shape}.")
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int = 16,
+def evaluate(model: torch.nn.Module, data: Data, *, batch_size: int = 16,
              max_batches: int | None = None) -> float:
-    """Mean next-token loss over ``blocks`` (first ``max_batches·batch_size`` of them)."""
+    """Mean loss over ``data`` (its first ``max_batches·batch_size`` items)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     device = next(model.parameters()).device
-    for i, start in enumerate(range(0, blocks.shape[0], batch_size)):
+    for i, start in enumerate(range(0, _n(data), batch_size)):
         if max_batches is not None and i >= max_batches:
             break
-        b = blocks[start:start + batch_size].to(device)
-        total += float(_loss(model, b)) * b.shape[0]
-        n += b.shape[0]
+        b = _take(data, slice(start, start + batch_size), device)
+        size = _n(b)
+        total += float(_loss(model, b)) * size
+        n += size
     model.train(was_training)
     return total / max(n, 1)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: tuple, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier on ``(inputs, labels)``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, _n(data), batch_size):
+        x, y = _take(data, slice(start, start + batch_size), device)
+        correct += int((model(x).logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / _n(data)
 
 
 def _save(path: Path, payload: dict) -> None:
@@ -264,15 +303,16 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a causal LM on token blocks.
+    """Train a causal LM on token blocks (or a classifier on ``(inputs, labels)``).
 
     Parameters
     ----------
     model : torch.nn.Module
         Called as ``model(input_ids=..., labels=...)`` returning an object with ``.loss``
         (nerve_interp's ``TinyLM`` or a Hugging Face causal LM).
-    train_blocks, val_blocks : LongTensor of shape (n_blocks, seq_len)
-        From :func:`nerve_interp.data.token_blocks`.
+    train_blocks, val_blocks : LongTensor of shape (n_blocks, seq_len), or (inputs, labels)
+        Token blocks from :func:`nerve_interp.data.token_blocks`; or, for a classifier such
+        as the MLP-Mixer, a pair of tensors (called as ``model(inputs, labels=labels)``).
     config : TrainConfig
     callbacks : sequence of Callback
         E.g. ``SpectralTracker``; their time is measured separately (``callback_seconds``).
@@ -286,9 +326,9 @@ def train(
         ``history``: tidy DataFrame ``step, split, loss`` (+ ``lr``).
     """
     cfg = config or TrainConfig()
-    if train_blocks.ndim != 2 or train_blocks.shape[0] == 0:
-        raise ValueError(f"train_blocks must be (n_blocks, seq_len) token ids; got shape "
-                         f"{tuple(train_blocks.shape)}.")
+    _check_data(train_blocks, "train_blocks")
+    if val_blocks is not None:
+        _check_data(val_blocks, "val_blocks")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
@@ -325,8 +365,8 @@ def train(
             lr = lr_at(state.step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = torch.randint(0, train_blocks.shape[0], (cfg.batch_size,), generator=gen)
-            batch = train_blocks[idx].to(device)
+            idx = torch.randint(0, _n(train_blocks), (cfg.batch_size,), generator=gen)
+            batch = _take(train_blocks, idx, device)
             loss = _loss(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)} at step "
@@ -371,4 +411,4 @@ def train(
 
 
 __all__ = ["OPTIMIZERS", "Callback", "Lion", "TrainConfig", "TrainResult", "TrainState",
-           "evaluate", "lr_at", "make_optimizer", "train"]
+           "accuracy", "evaluate", "lr_at", "make_optimizer", "train"]
