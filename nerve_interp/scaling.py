@@ -1,0 +1,437 @@
+r"""Power-law fits ``y = A · x^β`` of a metric against FFN width, with honest intervals.
+
+Definitions are fixed in SPEC.md §6 and follow the fit used by the authors' follow-up to [SSL]
+(*Spectral Scaling Laws in Language Models*, Jha & Reagen, EMNLP 2025): ordinary least squares
+on ``(ln x, ln y)``, the same numbers ``numpy.polyfit(ln x, ln y, 1)`` gives. With
+``u = ln x``, ``v = ln y`` and ``n`` points:
+
+==================  =============================================================
+``beta``            OLS slope ``S_uv / S_uu`` (dimensionless exponent)
+``prefactor``       ``A = exp(intercept)``, in the units of ``y`` per unit ``x^β``
+``beta_se``         ``sqrt(SS_res / (n − 2)) / sqrt(S_uu)``
+``beta_ci``         ``beta ± t_{0.975, n−2} · beta_se`` (the ± of the follow-up)
+``beta_ci_boot``    percentile interval of ``beta`` over pairs resampled with replacement
+``r2``              ``1 − SS_res / SS_tot`` on the log scale
+==================  =============================================================
+
+Both intervals assume the points are independent. Layers of one model at one width are not, so
+fit one value per width (e.g. the median over layers) rather than every layer as a point, or
+the intervals will be too narrow. With the handful of widths a sweep has (n = 5 to 8) the
+bootstrap interval is coarse; the t-interval is the one to quote.
+
+This module imports numpy and scipy only (pandas is imported inside :func:`fit_table`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.stats
+
+from ._validation import _to_numpy, check_positive_int
+
+ArrayLike = Any
+
+#: Columns of :func:`fit_table`, after the ``by`` columns.
+FIT_COLUMNS: tuple[str, ...] = (
+    "beta",
+    "beta_se",
+    "beta_ci_low",
+    "beta_ci_high",
+    "beta_boot_low",
+    "beta_boot_high",
+    "prefactor",
+    "r2",
+    "n",
+    "prefactor_ci_low",
+    "prefactor_ci_high",
+    "x_min",
+    "x_max",
+    "n_boot_used",
+)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Result of :func:`fit_power_law`: ``y ≈ prefactor · x ** beta``.
+
+    Attributes
+    ----------
+    beta : float
+        Fitted exponent (OLS slope on ``(ln x, ln y)``).
+    beta_se : float
+        Standard error of ``beta``, ``sqrt(SS_res / (n − 2)) / sqrt(S_xx)`` with ``S_xx`` the
+        sum of squares of centred ``ln x``.
+    beta_ci : tuple of float
+        ``(low, high)`` t-interval, ``beta ± t_{(1+confidence)/2, n−2} · beta_se``.
+    beta_ci_boot : tuple of float
+        ``(low, high)`` percentile interval of ``beta`` over ``n_boot_used`` bootstrap
+        resamples of the ``(x, y)`` pairs; ``(nan, nan)`` when no bootstrap was run.
+    prefactor : float
+        ``A = exp(intercept)``, in units of ``y`` per unit ``x ** beta``. It is the fitted
+        *geometric* mean of ``y`` at ``x = 1`` (no log-normal bias correction).
+    prefactor_ci : tuple of float
+        ``exp`` of the t-interval of the intercept.
+    r2 : float
+        Coefficient of determination on the log scale, in [0, 1]; ``nan`` when all ``y`` are
+        equal (``SS_tot = 0``).
+    n : int
+        Number of points fitted.
+    x_range : tuple of float
+        ``(min x, max x)``: the range where :meth:`predict` interpolates.
+    confidence : float
+        Coverage of both intervals (default 0.95).
+    n_boot_used : int
+        Bootstrap resamples that entered ``beta_ci_boot``; resamples whose ``x`` are all
+        equal have no slope and are skipped.
+    """
+
+    beta: float
+    beta_se: float
+    beta_ci: tuple[float, float]
+    beta_ci_boot: tuple[float, float]
+    prefactor: float
+    prefactor_ci: tuple[float, float]
+    r2: float
+    n: int
+    x_range: tuple[float, float]
+    confidence: float = 0.95
+    n_boot_used: int = 0
+
+    @property
+    def beta_pm(self) -> float:
+        """Half-width of the t-interval, the ``±`` of ``β = 0.97 ± 0.05``."""
+        return (self.beta_ci[1] - self.beta_ci[0]) / 2
+
+    def predict(self, x: ArrayLike) -> Any:
+        """``prefactor · x ** beta``: a float for a scalar ``x``, else an array of ``x``'s shape.
+
+        Examples
+        --------
+        >>> fit = fit_power_law([1, 2, 4, 8], [3, 6, 12, 24], n_boot=0)
+        >>> round(fit.predict(16), 6)
+        48.0
+        """
+        xa = _to_numpy(x)
+        out = self.prefactor * np.power(xa, self.beta)
+        return float(out) if out.ndim == 0 else out
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Flat dictionary with the keys of :data:`FIT_COLUMNS` (one row of :func:`fit_table`)."""
+        return {
+            "beta": self.beta,
+            "beta_se": self.beta_se,
+            "beta_ci_low": self.beta_ci[0],
+            "beta_ci_high": self.beta_ci[1],
+            "beta_boot_low": self.beta_ci_boot[0],
+            "beta_boot_high": self.beta_ci_boot[1],
+            "prefactor": self.prefactor,
+            "r2": self.r2,
+            "n": self.n,
+            "prefactor_ci_low": self.prefactor_ci[0],
+            "prefactor_ci_high": self.prefactor_ci[1],
+            "x_min": self.x_range[0],
+            "x_max": self.x_range[1],
+            "n_boot_used": self.n_boot_used,
+        }
+
+    def __str__(self) -> str:
+        pct = f"{100 * self.confidence:g}%"
+        return (f"β = {self.beta:.3f} ± {self.beta_pm:.3f} ({pct} t), "
+                f"R² = {self.r2:.3f}, n = {self.n}")
+
+
+def _check_xy(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    xa, ya = _to_numpy(x), _to_numpy(y)
+    for name, a, what in (("x", xa, "one width per point"), ("y", ya, "one value per point")):
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be 1-D of shape (n,) ({what}); got shape {a.shape}.")
+    if xa.size != ya.size:
+        raise ValueError(
+            f"x and y must have the same length; got len(x) = {xa.size}, len(y) = {ya.size}. "
+            "Pass one (width, value) pair per point."
+        )
+    if xa.size < 3:
+        raise ValueError(
+            f"a power-law fit needs at least 3 points (n − 2 >= 1 degrees of freedom for the "
+            f"standard error); got {xa.size}. Add widths to the sweep."
+        )
+    for name, a in (("x", xa), ("y", ya)):
+        bad = np.flatnonzero(~np.isfinite(a))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"{name}[{i}] = {a[i]}: a power law needs finite values "
+                f"({bad.size} non-finite of {a.size}); drop or fix those points first."
+            )
+        bad = np.flatnonzero(a <= 0)
+        if bad.size:
+            i = int(bad[0])
+            hint = ("drop zero-rank points or fit log(y+1) yourself" if name == "y"
+                    else "x is a width or a size and must be positive")
+            raise ValueError(
+                f"{name}[{i}] = {a[i]}: a power law needs {name} > 0 "
+                f"({bad.size} value(s) <= 0 of {a.size}); {hint}."
+            )
+    if np.unique(xa).size < 2:
+        raise ValueError(
+            f"x has a single distinct value ({xa[0]:g}) across all {xa.size} points, so the "
+            "exponent is undefined; fit across at least 2 distinct widths."
+        )
+    return xa, ya
+
+
+def _ols(u: np.ndarray, v: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Slope, intercept, SS_res, S_uu, SS_tot of ``v ~ u`` (centred sums, float64)."""
+    um, vm = u.mean(), v.mean()
+    du, dv = u - um, v - vm
+    s_uu = float(du @ du)
+    slope = float(du @ dv) / s_uu
+    intercept = float(vm - slope * um)
+    resid = dv - slope * du
+    return slope, intercept, float(resid @ resid), s_uu, float(dv @ dv)
+
+
+def _bootstrap_slopes(u: np.ndarray, v: np.ndarray, n_boot: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    idx = rng.integers(0, u.size, size=(n_boot, u.size))
+    ub, vb = u[idx], v[idx]
+    ok = np.ptp(ub, axis=1) > 0  # all-equal x: no slope, skip
+    ub, vb = ub[ok], vb[ok]
+    du = ub - ub.mean(axis=1, keepdims=True)
+    dv = vb - vb.mean(axis=1, keepdims=True)
+    return np.einsum("ij,ij->i", du, dv) / np.einsum("ij,ij->i", du, du)
+
+
+def fit_power_law(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    n_boot: int = 2000,
+    seed: int | np.random.Generator | None = 0,
+    confidence: float = 0.95,
+) -> PowerLawFit:
+    """Fit ``y = A · x^β`` by least squares on ``(ln x, ln y)`` (SPEC.md §6).
+
+    Parameters
+    ----------
+    x : array-like of shape (n,)
+        The size being scaled, usually the FFN width ``D`` (units: dimensions). Finite, > 0,
+        at least 2 distinct values.
+    y : array-like of shape (n,)
+        The metric at each ``x``, e.g. soft or hard rank (units of the metric). Finite, > 0.
+        ``n >= 3``. Each point should be one independent observation (e.g. the median over
+        layers at one width), not one layer of a model.
+    n_boot : int, default 2000
+        Bootstrap resamples of the ``(x, y)`` pairs for ``beta_ci_boot``; 0 skips the bootstrap
+        (the interval is then ``(nan, nan)``).
+    seed : int, numpy Generator or None, default 0
+        Seed of the bootstrap, so the same call gives the same interval.
+    confidence : float, default 0.95
+        Coverage of the t-interval and of the bootstrap percentile interval, in (0, 1).
+
+    Returns
+    -------
+    PowerLawFit
+        ``beta``, ``beta_se``, ``beta_ci``, ``beta_ci_boot``, ``prefactor``, ``r2``, ``n``, ...
+
+    Raises
+    ------
+    ValueError
+        If ``x`` or ``y`` is not 1-D, their lengths differ, ``n < 3``, a value is non-finite or
+        <= 0 (the message names the index), or all ``x`` are equal.
+
+    See Also
+    --------
+    fit_table : one fit per group of a tidy table.
+    asymmetry : ``β_soft − β_hard``.
+
+    Notes
+    -----
+    The t-interval is exact when ``ln y`` has independent Gaussian noise of constant variance
+    around a line in ``ln x``. The bootstrap resamples points, so with few widths its interval
+    is coarse and can be narrower than the t-interval; resamples whose ``x`` are all equal are
+    skipped and ``n_boot_used`` says how many remained (a warning is raised when none did).
+
+    Examples
+    --------
+    >>> fit = fit_power_law([768, 1536, 3072, 6144], [300.0, 540.0, 1010.0, 1900.0], seed=0)
+    >>> round(fit.beta, 3), round(fit.r2, 4), fit.n
+    (0.889, 0.9997, 4)
+    >>> lo, hi = fit.beta_ci
+    >>> round(lo, 3), round(hi, 3)
+    (0.844, 0.935)
+    >>> exact = fit_power_law([1, 2, 4, 8], [3 * 2**0, 3 * 2**0.7, 3 * 4**0.7, 3 * 8**0.7])
+    >>> round(exact.beta, 6), round(exact.prefactor, 6), round(exact.r2, 6)
+    (0.7, 3.0, 1.0)
+    >>> print(exact)
+    β = 0.700 ± 0.000 (95% t), R² = 1.000, n = 4
+    """
+    xa, ya = _check_xy(x, y)
+    n_boot = check_positive_int(n_boot, "n_boot", minimum=0)
+    if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+        raise ValueError(f"confidence = {confidence!r}, must be a float in (0, 1), e.g. 0.95.")
+    u, v = np.log(xa), np.log(ya)
+    n = int(u.size)
+    slope, intercept, ss_res, s_uu, ss_tot = _ols(u, v)
+    dof = n - 2
+    s = math.sqrt(ss_res / dof)
+    se = s / math.sqrt(s_uu)
+    se_int = s * math.sqrt(1.0 / n + float(u.mean()) ** 2 / s_uu)
+    t = float(scipy.stats.t.ppf(0.5 + confidence / 2, dof))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+    boot_ci = (float("nan"), float("nan"))
+    n_used = 0
+    if n_boot > 0:
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        slopes = _bootstrap_slopes(u, v, n_boot, rng)
+        n_used = int(slopes.size)
+        if n_used:
+            alpha = (1 - confidence) / 2
+            lo, hi = np.quantile(slopes, [alpha, 1 - alpha])
+            boot_ci = (float(lo), float(hi))
+        else:
+            warnings.warn(
+                f"all {n_boot} bootstrap resamples had a single distinct x, so beta_ci_boot is "
+                "(nan, nan); use the t-interval.", RuntimeWarning, stacklevel=2)
+
+    return PowerLawFit(
+        beta=slope,
+        beta_se=se,
+        beta_ci=(slope - t * se, slope + t * se),
+        beta_ci_boot=boot_ci,
+        prefactor=math.exp(intercept),
+        prefactor_ci=(math.exp(intercept - t * se_int), math.exp(intercept + t * se_int)),
+        r2=r2,
+        n=n,
+        x_range=(float(xa.min()), float(xa.max())),
+        confidence=float(confidence),
+        n_boot_used=n_used,
+    )
+
+
+def fit_table(
+    df: Any,
+    *,
+    x: str = "width",
+    y: str = "value",
+    by: str | Sequence[str] = ("metric", "point"),
+    agg: str | None = None,
+    n_boot: int = 2000,
+    seed: int | None = 0,
+    confidence: float = 0.95,
+):
+    """One power-law fit per group of a tidy table (SPEC.md §7 in, one row per fit out).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Long table with columns ``x``, ``y`` and the ``by`` columns, e.g. a width sweep
+        ``width, layer, point, metric, value``.
+    x, y : str, default "width", "value"
+        Columns of the size and of the metric.
+    by : str or sequence of str, default ("metric", "point")
+        Columns that define a fit; ``()`` fits the whole table once.
+    agg : str, optional
+        If given (``"median"``, ``"mean"``, ...), first reduce ``y`` over the rows that share
+        ``by`` and ``x`` (e.g. the layers of one model), so each width is one point: the
+        follow-up fits the median over layers. By default every row is a point, which makes
+        the intervals too narrow when rows are layers of the same model.
+    n_boot, seed, confidence
+        Passed to :func:`fit_power_law` (the same seed for every group).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per group: the ``by`` columns, then ``beta, beta_se, beta_ci_low,
+        beta_ci_high, beta_boot_low, beta_boot_high, prefactor, r2, n``, then
+        ``prefactor_ci_low, prefactor_ci_high, x_min, x_max, n_boot_used``.
+
+    Raises
+    ------
+    KeyError
+        If a column is missing (the message lists which).
+    ValueError
+        If a group cannot be fitted; the message names the group.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"width": [1, 2, 4, 1, 2, 4],
+    ...                    "metric": ["soft_rank"] * 3 + ["hard_rank"] * 3,
+    ...                    "value": [2.0, 4.0, 8.0, 1.0, 1.5, 2.25]})
+    >>> table = fit_table(df, by="metric", n_boot=0)
+    >>> [(m, round(b, 6)) for m, b in zip(table["metric"], table["beta"])]
+    [('hard_rank', 0.584963), ('soft_rank', 1.0)]
+    """
+    import pandas as pd
+
+    from ._validation import check_tidy
+
+    keys = [by] if isinstance(by, str) else list(by)
+    check_tidy(df, [*keys, x, y])
+    data = df[[*keys, x, y]]
+    if agg is not None:
+        data = data.groupby([*keys, x], sort=True, observed=True, dropna=False)[y].agg(agg)
+        data = data.reset_index()
+    groups = [((), data)] if not keys else data.groupby(keys, sort=True, observed=True,
+                                                          dropna=False)
+    rows = []
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        label = dict(zip(keys, key, strict=True))
+        try:
+            fit = fit_power_law(g[x].to_numpy(), g[y].to_numpy(), n_boot=n_boot, seed=seed,
+                                confidence=confidence)
+        except ValueError as err:
+            where = ", ".join(f"{k}={v!r}" for k, v in label.items()) or "whole table"
+            raise ValueError(f"cannot fit {y} against {x} for group {where}: {err}") from err
+        rows.append({**label, **fit.to_dict()})
+    return pd.DataFrame(rows, columns=[*keys, *FIT_COLUMNS])
+
+
+def asymmetry(soft_fit: PowerLawFit | float, hard_fit: PowerLawFit | float) -> float:
+    """Asymmetry of spectral scaling, ``Δ = β_soft − β_hard``.
+
+    This is the definition of the authors' follow-up to [SSL] (where AdamW has the largest,
+    Δ = 0.37): how much faster the soft rank (tail directions) grows with width than the hard
+    rank (dominant modes). Δ > 0 means widening mostly adds low-energy tail directions.
+
+    Parameters
+    ----------
+    soft_fit, hard_fit : PowerLawFit or float
+        Fits of soft rank and of hard rank against width over the same widths (or their
+        exponents).
+
+    Returns
+    -------
+    float
+        ``soft_fit.beta − hard_fit.beta`` (dimensionless). No interval is given: the two fits
+        share their widths and runs, so their errors are correlated.
+
+    Examples
+    --------
+    >>> widths = [768, 1536, 3072, 6144]
+    >>> soft = fit_power_law(widths, [2.0 * w**0.66 for w in widths], n_boot=0)
+    >>> hard = fit_power_law(widths, [5.0 * w**0.29 for w in widths], n_boot=0)
+    >>> round(asymmetry(soft, hard), 6)
+    0.37
+    """
+    def beta(f: PowerLawFit | float, name: str) -> float:
+        if isinstance(f, PowerLawFit):
+            return f.beta
+        if isinstance(f, (int, float, np.floating)) and not isinstance(f, bool):
+            return float(f)
+        raise TypeError(f"{name} must be a PowerLawFit or a float exponent; got "
+                        f"{type(f).__name__}.")
+
+    return beta(soft_fit, "soft_fit") - beta(hard_fit, "hard_fit")
+
+
+__all__ = ["FIT_COLUMNS", "PowerLawFit", "asymmetry", "fit_power_law", "fit_table"]

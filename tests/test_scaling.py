@@ -1,0 +1,276 @@
+"""Power-law fits (SPEC.md §6) against exact answers, scipy/numpy references and simulation."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nerve_interp.scaling import (
+    FIT_COLUMNS,
+    PowerLawFit,
+    asymmetry,
+    fit_power_law,
+    fit_table,
+)
+
+WIDTHS = np.array([768, 1536, 2304, 3072, 3840, 4608, 5376, 6144], dtype=float)
+
+
+def noisy(beta=0.9, a=2.0, sigma=0.1, seed=1, x=WIDTHS):
+    rng = np.random.default_rng(seed)
+    return x, a * x**beta * np.exp(sigma * rng.standard_normal(x.size))
+
+
+# --- exact answers -------------------------------------------------------------------------
+
+def test_exact_power_law():
+    x = np.array([1.0, 2, 3, 5, 8, 13])
+    fit = fit_power_law(x, 3 * x**0.7)
+    assert fit.beta == pytest.approx(0.7, abs=1e-12)
+    assert fit.prefactor == pytest.approx(3.0, rel=1e-12)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+    assert abs(fit.beta_se) < 1e-10
+    assert fit.beta_ci[1] - fit.beta_ci[0] < 1e-9
+    assert fit.n == 6 and fit.x_range == (1.0, 13.0)
+    assert fit.predict(10.0) == pytest.approx(3 * 10**0.7)
+    np.testing.assert_allclose(fit.predict(x), 3 * x**0.7, rtol=1e-12)
+    assert str(fit) == "β = 0.700 ± 0.000 (95% t), R² = 1.000, n = 6"
+
+
+def test_fit_is_frozen_and_accepts_lists_and_series():
+    fit = fit_power_law([1, 2, 4], [1, 2, 4], n_boot=0)
+    assert isinstance(fit, PowerLawFit)
+    with pytest.raises(AttributeError):
+        fit.beta = 2.0  # type: ignore[misc]
+    fit2 = fit_power_law(pd.Series([1, 2, 4]), pd.Series([1.0, 2.0, 4.0]), n_boot=0)
+    assert fit2.beta == pytest.approx(1.0)
+
+
+# --- independent references ------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_linregress_and_polyfit(seed):
+    x, y = noisy(seed=seed, sigma=0.2)
+    fit = fit_power_law(x, y, n_boot=0)
+    lr = scipy.stats.linregress(np.log(x), np.log(y))
+    slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+    assert fit.beta == pytest.approx(lr.slope, rel=1e-10)
+    assert fit.beta == pytest.approx(slope, rel=1e-10)
+    assert fit.prefactor == pytest.approx(math.exp(intercept), rel=1e-10)
+    assert fit.beta_se == pytest.approx(lr.stderr, rel=1e-10)
+    assert fit.r2 == pytest.approx(lr.rvalue**2, rel=1e-10)
+    t = scipy.stats.t.ppf(0.975, x.size - 2)
+    assert fit.beta_ci[0] == pytest.approx(lr.slope - t * lr.stderr, rel=1e-10)
+    assert fit.beta_ci[1] == pytest.approx(lr.slope + t * lr.stderr, rel=1e-10)
+    assert fit.beta_pm == pytest.approx(t * lr.stderr, rel=1e-10)
+    # intercept interval from linregress's intercept_stderr
+    lo, hi = fit.prefactor_ci
+    assert math.log(lo) == pytest.approx(lr.intercept - t * lr.intercept_stderr, rel=1e-9)
+    assert math.log(hi) == pytest.approx(lr.intercept + t * lr.intercept_stderr, rel=1e-9)
+
+
+def test_se_formula_by_hand():
+    x, y = noisy(seed=5, sigma=0.3)
+    u, v = np.log(x), np.log(y)
+    b, c = np.polyfit(u, v, 1)
+    ss_res = np.sum((v - (b * u + c)) ** 2)
+    s_xx = np.sum((u - u.mean()) ** 2)
+    se = math.sqrt(ss_res / (u.size - 2)) / math.sqrt(s_xx)
+    assert fit_power_law(x, y, n_boot=0).beta_se == pytest.approx(se, rel=1e-10)
+
+
+def test_confidence_level_changes_t_quantile():
+    x, y = noisy(seed=3)
+    f90 = fit_power_law(x, y, n_boot=0, confidence=0.90)
+    f95 = fit_power_law(x, y, n_boot=0, confidence=0.95)
+    t90, t95 = (scipy.stats.t.ppf(q, x.size - 2) for q in (0.95, 0.975))
+    assert f90.beta_pm / f95.beta_pm == pytest.approx(t90 / t95)
+    assert str(f90).endswith("(90% t), R² = " + f"{f90.r2:.3f}, n = 8")
+
+
+@settings(max_examples=50, deadline=None)
+@given(beta=st.floats(-2, 2), log_a=st.floats(-5, 5), log_c=st.floats(-3, 3),
+       seed=st.integers(0, 2**16))
+def test_units_change_only_the_prefactor(beta, log_a, log_c, seed):
+    """Rescaling x by c leaves β, its SE and R² unchanged and divides A by c^β."""
+    x, y = noisy(beta=beta, a=math.exp(log_a), sigma=0.1, seed=seed)
+    c = math.exp(log_c)
+    f1 = fit_power_law(x, y, n_boot=0)
+    f2 = fit_power_law(c * x, y, n_boot=0)
+    assert f2.beta == pytest.approx(f1.beta, abs=1e-9)
+    assert f2.beta_se == pytest.approx(f1.beta_se, rel=1e-6, abs=1e-12)
+    assert f2.prefactor == pytest.approx(f1.prefactor / c**f1.beta, rel=1e-8)
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+def test_t_interval_coverage():
+    rng = np.random.default_rng(2025)
+    true_beta, hits, reps = 0.85, 0, 300
+    for _ in range(reps):
+        y = 1.5 * WIDTHS**true_beta * np.exp(0.15 * rng.standard_normal(WIDTHS.size))
+        lo, hi = fit_power_law(WIDTHS, y, n_boot=0).beta_ci
+        hits += lo <= true_beta <= hi
+    assert 0.90 <= hits / reps <= 0.99, hits / reps
+
+
+# --- bootstrap ------------------------------------------------------------------------------
+
+def test_bootstrap_contains_beta_and_is_deterministic():
+    x, y = noisy(seed=7, sigma=0.2)
+    f1 = fit_power_law(x, y, seed=123)
+    f2 = fit_power_law(x, y, seed=123)
+    f3 = fit_power_law(x, y, seed=124)
+    lo, hi = f1.beta_ci_boot
+    assert lo < f1.beta < hi
+    assert f1.beta_ci_boot == f2.beta_ci_boot
+    assert f1.beta_ci_boot != f3.beta_ci_boot
+    assert 0 < f1.n_boot_used <= 2000
+    gen = fit_power_law(x, y, seed=np.random.default_rng(123))
+    assert gen.beta_ci_boot == f1.beta_ci_boot
+
+
+def test_bootstrap_skips_degenerate_resamples():
+    # 3 points with 3 distinct x: P(all equal) = 3/27, so about 1 in 9 resamples is skipped.
+    fit = fit_power_law([1, 2, 4], [1.0, 2.2, 3.9], n_boot=2000, seed=0)
+    assert 1600 < fit.n_boot_used < 1900
+    off = fit_power_law([1, 2, 4], [1.0, 2.2, 3.9], n_boot=0)
+    assert math.isnan(off.beta_ci_boot[0]) and off.n_boot_used == 0
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        ([1, 2], [1, 2], "at least 3 points.*got 2"),
+        ([1, 2, 4, 8], [1, 2, 0.0, 4], r"y\[2\] = 0.0: a power law needs y > 0.*log\(y\+1\)"),
+        ([1, 2, 4, 8], [1, 2, -3.0, 4], r"y\[2\] = -3.0: a power law needs y > 0"),
+        ([0, 2, 4, 8], [1, 2, 3, 4], r"x\[0\] = 0.0: a power law needs x > 0"),
+        ([1, 2, 4, 8], [1, float("nan"), 3, 4], r"y\[1\] = nan: a power law needs finite"),
+        ([1, 2, float("inf")], [1, 2, 3], r"x\[2\] = inf"),
+        ([1, 2, 4], [1, 2, 3, 4], r"same length; got len\(x\) = 3, len\(y\) = 4"),
+        ([768, 768, 768], [1, 2, 3], r"single distinct value \(768\).*at least 2 distinct"),
+        (np.ones((3, 2)), np.ones((3, 2)), r"x must be 1-D.*got shape \(3, 2\)"),
+    ],
+)
+def test_errors(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        fit_power_law(x, y, n_boot=0)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="confidence"):
+        fit_power_law([1, 2, 4], [1, 2, 3], confidence=95)
+    with pytest.raises(ValueError, match="n_boot == -1"):
+        fit_power_law([1, 2, 4], [1, 2, 3], n_boot=-1)
+
+
+# --- tables and asymmetry -------------------------------------------------------------------
+
+def _sweep() -> pd.DataFrame:
+    rows = []
+    for point, (soft, hard) in {"post": (0.95, 0.5), "pre": (0.8, 0.3)}.items():
+        for metric, beta in (("soft_rank", soft), ("hard_rank", hard)):
+            x, y = noisy(beta=beta, seed=len(rows))
+            rows += [{"point": point, "metric": metric, "width": w, "value": v}
+                     for w, v in zip(x, y, strict=True)]
+    return pd.DataFrame(rows)
+
+
+def test_fit_table_matches_fit_power_law():
+    df = _sweep()
+    table = fit_table(df)
+    assert list(table.columns) == ["metric", "point", *FIT_COLUMNS]
+    assert len(table) == 4
+    for row in table.itertuples(index=False):
+        g = df[(df.metric == row.metric) & (df.point == row.point)]
+        fit = fit_power_law(g.width, g.value)
+        assert row.beta == fit.beta and row.beta_se == fit.beta_se
+        assert (row.beta_ci_low, row.beta_ci_high) == fit.beta_ci
+        assert (row.beta_boot_low, row.beta_boot_high) == fit.beta_ci_boot
+        assert row.prefactor == fit.prefactor and row.r2 == fit.r2 and row.n == fit.n
+
+
+def test_fit_table_two_groups_by_str_and_agg():
+    df = _sweep().query("point == 'post'")
+    table = fit_table(df, by="metric", n_boot=0)
+    assert list(table["metric"]) == ["hard_rank", "soft_rank"]
+    # two "layers" per width with the same geometric mean: median-aggregation recovers the fit
+    lay = pd.concat([df.assign(layer=0, value=df.value * 1.2),
+                     df.assign(layer=1, value=df.value * 1.2)])
+    agg = fit_table(lay, by="metric", agg="median", n_boot=0)
+    assert (agg["n"] == 8).all()
+    np.testing.assert_allclose(agg["beta"], table["beta"], rtol=1e-12)
+    whole = fit_table(df.query("metric == 'soft_rank'"), by=(), n_boot=0)
+    assert len(whole) == 1 and list(whole.columns) == list(FIT_COLUMNS)
+
+
+def test_fit_table_errors_name_the_group_and_columns():
+    df = _sweep()
+    df.loc[df.index[0], "value"] = 0.0
+    with pytest.raises(ValueError, match=r"metric='soft_rank', point='post'.*y\[0\] = 0.0"):
+        fit_table(df, n_boot=0)
+    with pytest.raises(KeyError, match="width"):
+        fit_table(df.drop(columns="width"))
+
+
+def test_asymmetry():
+    soft = fit_power_law(WIDTHS, 2 * WIDTHS**0.66, n_boot=0)
+    hard = fit_power_law(WIDTHS, 7 * WIDTHS**0.29, n_boot=0)
+    assert asymmetry(soft, hard) == pytest.approx(0.37, abs=1e-12)
+    assert asymmetry(0.96, 0.82) == pytest.approx(0.14)
+    with pytest.raises(TypeError, match="soft_fit"):
+        asymmetry("0.9", hard)  # type: ignore[arg-type]
+
+
+# --- purity ---------------------------------------------------------------------------------
+
+def test_import_is_light():
+    code = ("import sys, nerve_interp.scaling; "
+            "print(*[m in sys.modules for m in ('torch', 'nnsight', 'pandas', 'matplotlib')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False"] * 4, out
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+def test_plot_power_law_one_line_per_hue():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nerve_interp.scaling_plots import plot_power_law
+
+    df = _sweep().query("metric == 'soft_rank'")
+    layers = pd.concat([df.assign(layer=i, value=df.value * (1 + 0.05 * i)) for i in range(3)])
+    ax = plot_power_law(layers, hue="point")
+    lines = ax.get_lines()
+    assert len(lines) == 2
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("pre: β = ") and "(95% t), R² = " in labels[0]  # SPEC order
+    assert labels[1].startswith("post: β = ")
+    assert ax.get_ylabel() == "soft rank"
+    plt.close("all")
+
+    fig, ax0 = plt.subplots()
+    ax = plot_power_law(df.query("point == 'pre'"), ax=ax0)
+    assert ax is ax0 and len(ax.get_lines()) == 1
+    ax = plot_power_law(df, hue="point", fits=False, ax=plt.subplots()[1])
+    assert len(ax.get_lines()) == 0
+    with pytest.raises(ValueError, match="2 metrics"):
+        plot_power_law(_sweep(), hue="point")
+    with pytest.warns(UserWarning, match="needs 3"):
+        plot_power_law(df[df.width < 2000], hue="point", ax=plt.subplots()[1])
+    plt.close("all")
