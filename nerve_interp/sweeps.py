@@ -1,0 +1,141 @@
+"""Experiments that train many small models: the width sweep behind spectral scaling laws.
+
+:func:`width_sweep` trains one model per (normalisation, FFN width, seed), measures the final
+spectra of every layer's FFN on fixed held-out batches, and fits ``soft_rank ∝ D^β`` and
+``hard_rank ∝ D^β`` per normalisation scheme ([SSL]'s LayerNorm table, at whatever scale the
+hardware allows). Every finished run is written to ``out_dir`` so an interrupted sweep resumes
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .errors import RankDeficientWarning
+
+SWEEP_METRICS = ("soft_rank", "hard_rank", "participation_ratio", "spectral_entropy", "eee",
+                 "soft_rank_utilization", "hard_rank_utilization")
+
+
+@dataclass
+class WidthSweepResult:
+    """Outcome of :func:`width_sweep`.
+
+    Attributes
+    ----------
+    table : DataFrame
+        Tidy: ``norm, width, seed, layer, point, metric, value, val_loss``.
+    fits : DataFrame
+        One power-law fit per ``norm`` and ``metric`` (``beta, beta_se, beta_ci_low,
+        beta_ci_high, r2, n, ...``); each width × seed is one point (median over layers,
+        as the authors' follow-up does).
+    """
+
+    table: pd.DataFrame
+    fits: pd.DataFrame
+
+
+def _run_key(norm: str, width: int, seed: int) -> str:
+    return f"{norm}-D{width}-s{seed}"
+
+
+def width_sweep(
+    widths: Sequence[int],
+    train_blocks: torch.Tensor,
+    val_blocks: torch.Tensor,
+    *,
+    norms: Sequence[str] = ("pre", "post", "mix"),
+    seeds: Sequence[int] = (0,),
+    preset: str = "tiny",
+    model_overrides: dict[str, Any] | None = None,
+    train_config: Any = None,
+    eval_blocks: int = 16,
+    point: str = "post",
+    fit_metrics: Sequence[str] = ("soft_rank", "hard_rank"),
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> WidthSweepResult:
+    """Train one model per normalisation × FFN width × seed and fit spectral scaling laws.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        FFN widths D (``d_ff``), at least 3 distinct values for a fit.
+    train_blocks, val_blocks : LongTensor (n_blocks, seq_len)
+        From :func:`nerve_interp.data.token_blocks`.
+    norms : sequence of {"pre", "post", "mix", "none"}
+    seeds : sequence of int
+        Initialisation and data-order seeds.
+    preset : str
+        A :data:`nerve_interp.models.PRESETS` key; ``model_overrides`` replace its fields
+        (``vocab_size`` should match the tokenizer).
+    train_config : TrainConfig, optional
+        Same for every run (its seed is replaced by each run's seed).
+    eval_blocks : int
+        The first ``eval_blocks`` validation blocks are the fixed tokens spectra are
+        measured on (N = eval_blocks · seq_len tokens; keep N >> D).
+    point : str, default "post"
+        [SSL] measures the post-activation spectrum.
+    out_dir : path, optional
+        One JSON per finished run; runs already there are not retrained (resume).
+
+    Returns
+    -------
+    WidthSweepResult
+    """
+    from .capture import collect_spectra
+    from .models import make_lm
+    from .scaling import fit_table
+    from .training import TrainConfig, train
+
+    if len(set(widths)) < 3:
+        raise ValueError(f"widths={list(widths)}: a power-law fit needs at least 3 distinct "
+                         "widths.")
+    base_cfg = train_config or TrainConfig()
+    overrides = dict(model_overrides or {})
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    eval_set = val_blocks[:eval_blocks]
+    runs = [(n, w, s) for n in norms for w in widths for s in seeds]
+    rows: list[dict] = []
+    bar = tqdm(runs, disable=not progress, desc="width sweep", unit="model", dynamic_ncols=True)
+    for norm, width, seed in bar:
+        bar.set_postfix(run=_run_key(norm, width, seed))
+        path = out / f"{_run_key(norm, width, seed)}.json" if out is not None else None
+        if path is not None and path.exists():
+            rows.extend(json.loads(path.read_text())["rows"])
+            continue
+        model = make_lm(preset, seed=seed, norm=norm, d_ff=int(width), **overrides)
+        cfg = TrainConfig(**{**asdict(base_cfg), "seed": seed})
+        run = train(model, train_blocks, val_blocks, cfg, progress=False)
+        val_loss = float(run.history.query("split == 'val'")["loss"].iloc[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RankDeficientWarning)
+            spectra = collect_spectra(model, [eval_set], points=(point,), progress=False)
+        new = [{"norm": norm, "width": int(width), "seed": int(seed), "layer": int(r.layer),
+                "point": r.point, "metric": r.metric, "value": float(r.value),
+                "val_loss": val_loss}
+               for r in spectra.metrics().itertuples(index=False) if r.metric in SWEEP_METRICS]
+        rows.extend(new)
+        if path is not None:
+            path.write_text(json.dumps({"rows": new, "train_config": asdict(cfg),
+                                        "n_tokens": spectra.metadata["n_tokens"]}))
+    table = pd.DataFrame(rows)
+    per_model = (table.groupby(["norm", "width", "seed", "point", "metric"], as_index=False)
+                 ["value"].median())
+    fits = fit_table(per_model[per_model["metric"].isin(fit_metrics)], x="width", y="value",
+                     by=("norm", "point", "metric"))
+    return WidthSweepResult(table, fits)
+
+
+__all__ = ["SWEEP_METRICS", "WidthSweepResult", "width_sweep"]

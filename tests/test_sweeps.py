@@ -1,0 +1,34 @@
+"""width_sweep: one model per width, final spectra, fits, and resume from out_dir."""
+
+from __future__ import annotations
+
+import torch
+
+from nerve_interp.scaling import fit_power_law
+from nerve_interp.sweeps import width_sweep
+from nerve_interp.training import TrainConfig
+
+
+def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
+    cfg = TrainConfig(steps=6, batch_size=8, warmup=1, eval_every=6)
+    kw = dict(norms=("pre",), preset="tiny", model_overrides={"vocab_size": 64},
+              train_config=cfg, eval_blocks=32, out_dir=tmp_path, progress=False)
+    res = width_sweep([32, 64, 128], blocks, blocks[:32], **kw)
+    t = res.table
+    assert sorted(t["width"].unique()) == [32, 64, 128] and set(t["layer"]) == {0, 1}
+    assert len(list(tmp_path.glob("*.json"))) == 3
+    fit = res.fits.set_index("metric").loc["soft_rank"]
+    per_width = (t[t["metric"] == "soft_rank"].groupby("width")["value"].median())
+    ref = fit_power_law(per_width.index.to_numpy(), per_width.to_numpy())
+    assert fit["beta"] == ref.beta and fit["n"] == 3
+    # resume: nothing is retrained, the same table comes back
+    import nerve_interp.training
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr(nerve_interp.training, "train", no_training)
+    again = width_sweep([32, 64, 128], blocks, blocks[:32], **kw)
+    assert again.table.equals(t)
