@@ -131,9 +131,12 @@ def _hf_callback_base() -> type:
 
 
 class HFSpectralCallback(_hf_callback_base()):
-    """``transformers.Trainer`` callback wrapping a :class:`SpectralTracker`.
+    """``transformers.Trainer`` callback wrapping a :class:`SpectralTracker`::
 
-    >>> # trainer = Trainer(..., callbacks=[HFSpectralCallback(tracker)])  # doctest: +SKIP
+        tracker = SpectralTracker([val_batch], every=100)
+        Trainer(model=model, args=args, train_dataset=ds,
+                callbacks=[HFSpectralCallback(tracker)]).train()
+        tracker.frame
     """
 
     def __init__(self, tracker: SpectralTracker):
