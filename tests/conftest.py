@@ -62,8 +62,9 @@ def random_batch(batch=4, seq=24, seed=0):
 def raw_hook_points(model: torch.nn.Module, batches, family: str, select=None) -> dict:
     """Per (layer, point): fp64 [N, D] activations of real tokens, read with raw torch hooks.
 
-    ``select``: optional boolean masks (one per batch) of the tokens to keep; default the
-    attention masks.
+    ``family``: "gated" (LLaMA-style and TinyLM gated), "bert", "opt", "mixer" (channel MLP)
+    or anything else for a plain ``mlp.act``. ``select``: optional boolean masks (one per
+    batch) of the tokens to keep; default the attention masks.
     """
     store: dict = {}
     handles = []
@@ -89,15 +90,20 @@ def raw_hook_points(model: torch.nn.Module, batches, family: str, select=None) -
             ]
         else:
             act = {"bert": lambda b: b.intermediate.intermediate_act_fn,
-                   "opt": lambda b: b.activation_fn}.get(family, lambda b: b.mlp.act)(blk)
+                   "opt": lambda b: b.activation_fn,
+                   "mixer": lambda b: b.ffn.act}.get(family, lambda b: b.mlp.act)(blk)
             handles.append(act.register_forward_hook(
                 lambda m, a, o, i=i: (put(i, "pre", a[0]), put(i, "post", o), None)[-1]))
     masks = []
     try:
         with torch.no_grad():
             for b in batches:
-                model(**b)
-                masks.append(b["attention_mask"].bool())
+                if isinstance(b, torch.Tensor):  # float inputs (Mixer): every row is data
+                    model(b)
+                    masks.append(None)
+                else:
+                    model(**b)
+                    masks.append(b["attention_mask"].bool())
     finally:
         for h in handles:
             h.remove()
@@ -106,7 +112,8 @@ def raw_hook_points(model: torch.nn.Module, batches, family: str, select=None) -
     out = {}
     for key, ts in store.items():
         # OPT flattens [batch, seq, d] to [batch*seq, d] before its FFN
-        out[key] = torch.cat([t[m] if t.ndim == 3 else t[m.reshape(-1)]
+        out[key] = torch.cat([t.reshape(-1, t.shape[-1]) if m is None
+                              else t[m] if t.ndim == 3 else t[m.reshape(-1)]
                               for t, m in zip(ts, masks, strict=True)]).double().numpy()
     return out
 

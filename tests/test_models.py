@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import raw_hook_points, ref_eigenvalues
 
 import nerve_interp as ni
 from nerve_interp.models import (
@@ -108,50 +109,6 @@ def lm_batches(n=3, seed=0):
     return out
 
 
-def raw_points(model, batches, kind):
-    """Per (layer, point): fp64 [N, D] activations of real rows, read with raw torch hooks."""
-    store, handles = {}, []
-
-    def put(layer, point, t):
-        store.setdefault((layer, point), []).append(t.detach())
-
-    for i, blk in enumerate(model.layers):
-        if kind == "gated":
-            mlp = blk.mlp
-            handles += [
-                mlp.act_fn.register_forward_hook(
-                    lambda m, a, o, i=i: (put(i, "pre", a[0]), put(i, "act", o), None)[-1]),
-                mlp.up_proj.register_forward_hook(
-                    lambda m, a, o, i=i: (put(i, "up", o), None)[-1]),
-                mlp.down_proj.register_forward_pre_hook(
-                    lambda m, a, i=i: (put(i, "post", a[0]), None)[-1]),
-            ]
-        else:
-            act = blk.ffn.act if kind == "mixer" else blk.mlp.act
-            handles.append(act.register_forward_hook(
-                lambda m, a, o, i=i: (put(i, "pre", a[0]), put(i, "post", o), None)[-1]))
-    masks = []
-    try:
-        with torch.no_grad():
-            for b in batches:
-                if isinstance(b, torch.Tensor):
-                    model(b)
-                    masks.append(None)
-                else:
-                    model(**b)
-                    masks.append(b["attention_mask"].bool())
-    finally:
-        for h in handles:
-            h.remove()
-    return {key: torch.cat([t.reshape(-1, t.shape[-1]) if m is None else t[m]
-                            for t, m in zip(ts, masks, strict=True)]).double().numpy()
-            for key, ts in store.items()}
-
-
-def ref_eigenvalues(x):
-    return np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1].clip(0)
-
-
 def check_against_reference(res, ref):
     for (layer, point), x in ref.items():
         got, want = res.eigenvalues(layer, point), ref_eigenvalues(x)
@@ -170,7 +127,7 @@ def test_lm_sites_and_spectra_match_raw_hooks(activation, kind):
     batches = lm_batches()
     points = ("pre", "act", "up", "post") if kind == "gated" else ("pre", "post")
     res = ni.collect_spectra(model, batches, points=points, progress=False)
-    ref = raw_points(model, batches, kind)
+    ref = raw_hook_points(model, batches, kind)
     assert len(ref) == 3 * len(points)
     assert res.metadata["n_tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
     assert res.metadata["model"] == model.nerve_interp_info["name"]
@@ -186,7 +143,7 @@ def test_mixer_sites_and_spectra_match_raw_hooks():
     images, _ = load_digits_tensors("test")
     batches = [images[:40], images[40:80]]
     res = ni.collect_spectra(mixer, batches, progress=False)  # float tensors: every row is data
-    ref = raw_points(mixer, batches, "mixer")
+    ref = raw_hook_points(mixer, batches, "mixer")
     assert ref[(0, "pre")].shape == (80 * 16, 40)  # 16 patches per image, channel MLP width
     assert res.metadata["n_tokens"] == 80 * 16
     check_against_reference(res, ref)
