@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check nerve_interp tests benchmarks notebooks
+	$(BIN)/ruff check nerve_interp tests benchmarks notebooks tutorials
 
 clean:
 	rm -rf $(VENV) .pytest_cache nerve_interp_demo

@@ -1,5 +1,5 @@
-"""Paper-reproduction notebooks run top to bottom with the small preset (their assertions
-check the claims), and are committed without outputs."""
+"""Tutorials and paper-reproduction notebooks run top to bottom (the notebooks with their
+small preset; their assertions check the claims) and are committed without outputs."""
 
 from __future__ import annotations
 
@@ -8,24 +8,30 @@ from pathlib import Path
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 
 
 def test_notebooks_exist_and_are_stripped():
-    assert len(NOTEBOOKS) >= 3
-    for path in NOTEBOOKS:
+    assert len(NOTEBOOKS) >= 3 and len(TUTORIALS) >= 2
+    for path in NOTEBOOKS + TUTORIALS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, path.name
-        tags = [c.metadata.get("tags", []) for c in nb.cells]
-        assert any("parameters" in t for t in tags), f"{path.name}: no parameters cell"
+        if path in NOTEBOOKS:
+            tags = [c.metadata.get("tags", []) for c in nb.cells]
+            assert any("parameters" in t for t in tags), f"{path.name}: no parameters cell"
+        else:  # a tutorial says what it teaches and ends with exercises
+            assert "You will learn" in nb.cells[0].source, path.name
+            assert "Exercises" in nb.cells[-1].source, path.name
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS + TUTORIALS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path):
     import papermill
 
-    papermill.execute_notebook(str(path), str(tmp_path / path.name),
-                               parameters={"preset": "small"}, cwd=str(tmp_path),
-                               kernel_name="python3", progress_bar=False)
+    params = {"preset": "small"} if path in NOTEBOOKS else {}
+    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=params,
+                               cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
