@@ -28,10 +28,12 @@ def test_notebooks_exist_and_are_stripped():
             assert "Exercises" in nb.cells[-1].source, path.name
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS + TUTORIALS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path):
+    """Paper notebooks, small preset. (Tutorials are executed by the docs build:
+    tests/test_docs.py.)"""
     import papermill
 
-    params = {"preset": "small"} if path in NOTEBOOKS else {}
-    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=params,
-                               cwd=str(tmp_path), kernel_name="python3", progress_bar=False)
+    papermill.execute_notebook(str(path), str(tmp_path / path.name),
+                               parameters={"preset": "small"}, cwd=str(tmp_path),
+                               kernel_name="python3", progress_bar=False)
