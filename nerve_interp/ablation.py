@@ -32,6 +32,7 @@ from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
 from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, select_sites
 
+#: Effect metrics in ``AblationResult.table`` for causal LMs and for encoders.
 LM_METRICS = ("delta_loss", "kl", "top1_agreement")
 ENCODER_METRICS = ("cosine", "embedding_cosine")
 
@@ -226,14 +227,13 @@ class AblationResult:
         self.table = table
         self.metadata = metadata
 
-    def summary(self, thresholds: Sequence[float] = (0.9, 0.99), spectra: Any = None
-                ) -> pd.DataFrame:
+    def summary(self, thresholds: Sequence[float] = (0.9, 0.99)) -> pd.DataFrame:
         """Per layer: the smallest kept top-k that recovers 90% / 99% of clean loss.
 
         ``recovered(k) = 1 − delta_loss(keep top k) / delta_loss(mean ablation)``, with mean
         ablation = keep 0 = remove all (both are in a sweep). Next to it the spectrum's
-        ``participation_ratio`` and ``soft_rank`` (from ``spectra``, or the metadata) — the
-        test of whether the capacity the spectrum shows is used.
+        ``participation_ratio`` and ``soft_rank`` (kept in the metadata) — the test of
+        whether the capacity the spectrum shows is used.
         """
         t = self.table
         rows = []
@@ -582,5 +582,5 @@ def ablation_sweep(
     return run_ablations(model, spectra, batches, ablations, tokenizer=tokenizer, **kwargs)
 
 
-__all__ = ["Ablation", "AblationResult", "HeldOutWarning", "ablate", "ablation_sweep",
-           "default_ks", "run_ablations"]
+__all__ = ["ENCODER_METRICS", "LM_METRICS", "Ablation", "AblationResult", "HeldOutWarning",
+           "ablate", "ablation_sweep", "default_ks", "run_ablations"]
