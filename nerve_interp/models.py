@@ -84,8 +84,20 @@ def _activation_module(name: str) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------ configs
+class _HFAliases:
+    """Hugging Face config names for the fields generic code reads (both configs)."""
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+
 @dataclass
-class LMConfig:
+class LMConfig(_HFAliases):
     """Architecture of a :class:`TinyLM`; validated at construction.
 
     Parameters
@@ -243,14 +255,6 @@ class LMConfig:
     is_decoder = True
 
     @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
     def intermediate_size(self) -> int:
         return int(self.d_ff)
 
@@ -265,7 +269,7 @@ class LMConfig:
 
 
 @dataclass
-class MixerConfig:
+class MixerConfig(_HFAliases):
     """Architecture of an :class:`MLPMixer`; validated at construction.
 
     Parameters
@@ -335,14 +339,6 @@ class MixerConfig:
     def patch_dim(self) -> int:
         """Values per patch: ``channels * patch_size**2``."""
         return self.channels * self.patch_size ** 2
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields plus ``model_type``."""
