@@ -11,7 +11,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from ._io import atomic_path
 from .covariance import CovarianceAccumulator
 from .errors import (
     CaptureError,
@@ -197,12 +197,9 @@ def _save_checkpoint(path: Path, accs: dict, state: dict) -> None:
         if acc.n_samples_seen_:
             for k, v in acc.state_dict().items():
                 tensors[f"{site_name(layer, point)}.{k}"] = v.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "nerve_interp.capture_checkpoint",
-                                      "state": json.dumps(state)})
-    os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "nerve_interp.capture_checkpoint",
+                                          "state": json.dumps(state)})
 
 
 def _load_checkpoint(path: Path, accs: dict, fingerprint: str) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 
 from . import __version__
 from . import metrics as _metrics
+from ._io import atomic_path
 from .errors import ResultsFileError, SiteError
 from .sites import parse_site, site_name
 from .spectrum import Spectrum
@@ -203,11 +203,8 @@ class SpectraResult:
                   "nerve_interp_version": __version__,
                   "metadata": json.dumps(self.metadata, default=str),
                   "sites": json.dumps(per_site)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=header)
         return path
 
     @classmethod

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._io import atomic_path
 from .errors import ResultsFileError
 
 OPTIMIZERS = ("adamw", "sgd", "muon", "lion")
@@ -285,14 +285,6 @@ def accuracy(model: torch.nn.Module, data: tuple, *, batch_size: int = 256) -> f
     return correct / _n(data)
 
 
-def _save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def train(
     model: torch.nn.Module,
     train_blocks: torch.Tensor,
@@ -394,11 +386,12 @@ def train(
             bar.set_postfix(loss=f"{state.train_loss:.3f}")
             if ckpt is not None and (state.step % cfg.checkpoint_every == 0
                                      or state.step == cfg.steps):
-                _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                             "step": state.step, "history": state.history,
-                             "config": asdict(cfg) | {"betas": list(cfg.betas)},
-                             "callbacks": [cb.state_dict() for cb in callbacks]})
+                with atomic_path(ckpt) as tmp:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                "step": state.step, "history": state.history,
+                                "config": asdict(cfg) | {"betas": list(cfg.betas)},
+                                "callbacks": [cb.state_dict() for cb in callbacks]}, tmp)
     finally:
         bar.close()
     for cb in callbacks:
