@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
@@ -81,6 +82,15 @@ def _activation_module(name: str) -> nn.Module:
     """The activation module of a (plain or gated) activation name."""
     return {"gelu": nn.GELU, "geglu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU,
             "swiglu": nn.SiLU}[name]()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Initialise under ``seed`` without touching the global RNG (no-op for None)."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 # ------------------------------------------------------------------------------ configs
@@ -617,9 +627,7 @@ class TinyLM(nn.Module):
             raise TypeError(f"config must be an LMConfig; got {type(config).__name__}.")
         super().__init__()
         self.config = config
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _seeded(seed):
             self._build(config)
         self.nerve_interp_info = {"name": name or f"TinyLM-{config.model_type}",
                                   "source": "nerve_interp.models (random init)"}
@@ -871,9 +879,7 @@ class MLPMixer(nn.Module):
             raise TypeError(f"config must be a MixerConfig; got {type(config).__name__}.")
         super().__init__()
         self.config = config
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _seeded(seed):
             self.patch_embed = nn.Linear(config.patch_dim, config.d_model)
             self.layers = nn.ModuleList(MixerBlock(config) for _ in range(config.n_layers))
             self.norm = (_norm(config.norm_type, config.d_model, True)

@@ -150,18 +150,24 @@ def test_mixer_sites_and_spectra_match_raw_hooks():
 
 
 # ------------------------------------------------------------------ training sanity
+def _fit(model, x, labels, *, optimizer=torch.optim.AdamW, steps=15, lr=3e-3):
+    """Losses of ``steps`` optimizer steps on one repeated batch."""
+    opt = optimizer(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(x, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_lm_loss_decreases_on_repeated_batch():
     for act in ("gelu", "swiglu"):
         model = small_lm(activation=act, pos="rope").train()
         x = ids(4, 16)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(15):
-            loss = model(x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = _fit(model, x, x)
         assert losses[-1] < losses[0] - 0.5, (act, losses)
 
 
@@ -178,14 +184,7 @@ def test_mixer_loss_decreases_and_digits_split():
 
     mixer = MLPMixer(MixerConfig(d_model=32, n_layers=2, channel_mlp_dim=64), seed=0).train()
     xb, yb = x[:128], y[:128]
-    opt = torch.optim.Adam(mixer.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = mixer(xb, labels=yb).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(mixer, xb, yb, optimizer=torch.optim.Adam)
     assert losses[-1] < losses[0] - 0.5, losses
     # flat and [B, 8, 8] inputs are the same images
     mixer.eval()
