@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .capture import iter_batches, model_label, token_hash
 from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
-from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, select_sites
+from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, resolve_layer, select_sites
 
 #: Effect metrics in ``AblationResult.table`` for causal LMs and for encoders.
 LM_METRICS = ("delta_loss", "kl", "top1_agreement")
@@ -516,7 +516,7 @@ def ablate(
     """
     n = len(find_ffn_sites(as_nnsight(model)))
     idx = [layers] if isinstance(layers, int) else list(layers)
-    resolved = tuple(sorted({(int(i) % n) if -n <= int(i) < n else int(i) for i in idx}))
+    resolved = tuple(sorted({resolve_layer(int(i), n) for i in idx}))
     if (k is None) == (energy is None):
         raise ValueError("pass exactly one of k= (subspace size) and energy= (share of variance).")
     if energy is not None:
