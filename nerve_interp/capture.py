@@ -8,8 +8,8 @@ activations' own device, and ``tracer.stop()`` ends the forward after the last p
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,17 +20,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._io import atomic_path
+from . import checkpoint as _ckpt
+from . import distributed as _dist
 from .covariance import CovarianceAccumulator
 from .errors import (
     CaptureError,
     NegativeEigenvalueWarning,
     NerveInterpError,
     RankDeficientWarning,
-    ResultsFileError,
     SiteError,
 )
-from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites, site_name
+from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites
 from .spectrum import NEGATIVE_WARN_TOL, spectrum_from_covariance
 
 
@@ -110,7 +110,11 @@ def iter_batches(
 
 def _hash_batch(h: Any, batch: dict) -> None:
     ids = batch.get("input_ids")
-    if ids is None:
+    if ids is None:  # non-token inputs: their raw values, in key order
+        for key in sorted(batch):
+            for v in batch[key] if isinstance(batch[key], tuple) else (batch[key],):
+                if isinstance(v, torch.Tensor):
+                    h.update(key.encode() + v.detach().cpu().contiguous().numpy().tobytes())
         return
     mask = batch.get("attention_mask")
     for j, row in enumerate(ids):
@@ -183,56 +187,6 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-# ------------------------------------------------------------------ checkpoint
-def _fingerprint(meta: dict, sites: Sequence[FFNSite], points: Sequence[str]) -> str:
-    return json.dumps({"model": meta["model"], "model_class": meta["model_class"],
-                       "sites": [s.paths[p] for s in sites for p in points]}, sort_keys=True)
-
-
-def _save_checkpoint(path: Path, accs: dict, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for (layer, point), acc in accs.items():
-        if acc.n_samples_seen_:
-            for k, v in acc.state_dict().items():
-                tensors[f"{site_name(layer, point)}.{k}"] = v.contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "nerve_interp.capture_checkpoint",
-                                          "state": json.dumps(state)})
-
-
-def _load_checkpoint(path: Path, accs: dict, fingerprint: str) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "nerve_interp.capture_checkpoint":
-                raise ResultsFileError(f"{path} is not a nerve_interp capture checkpoint.")
-            state = json.loads(meta["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except ResultsFileError:
-        raise
-    except Exception as err:
-        raise ResultsFileError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is corrupt. "
-            "Delete it to start the capture afresh."
-        ) from None
-    if state.get("fingerprint") != fingerprint:
-        raise ResultsFileError(
-            f"checkpoint {path} belongs to another model or other sites "
-            f"({json.loads(state.get('fingerprint', '{}')).get('model')!r}); delete it or pass "
-            "another checkpoint path."
-        )
-    for (layer, point), acc in accs.items():
-        prefix = site_name(layer, point)
-        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        if sub:
-            acc.load_state_dict(sub)
-    return state
-
-
 # ------------------------------------------------------------------ capture
 def collect_spectra(
     model: Any,
@@ -252,6 +206,8 @@ def collect_spectra(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
     data_label: str = "",
+    distributed: bool | None = None,
+    remote: Any = None,
 ):
     """Eigenspectra of FFN activations before and after the nonlinearity, layer by layer.
 
@@ -288,11 +244,32 @@ def collect_spectra(
     progress : bool, default True
         Show a tqdm progress bar (tokens).
     checkpoint : path, optional
-        Save the running statistics there every ``checkpoint_every`` batches and resume
-        from it when it exists (the same batches must be passed again; the ones already
-        counted are skipped).
+        Save the running statistics there every ``checkpoint_every`` batches (atomically:
+        a run killed at any moment leaves the previous or the new checkpoint) and resume
+        from it when it exists: pass the same batches again; the ones already counted are
+        hashed, not run, and a resume on other data, another model, other sites or other
+        options (``points``, ``max_tokens``, ``skip_first``, ``gram_dtype``) is refused
+        (see :mod:`nerve_interp.checkpoint`). A resumed run gives the same eigenvalues as an
+        uninterrupted one, bit for bit on the same machine. Under ``torch.distributed`` each
+        rank writes ``<stem>.rank<r>-of-<w><suffix>``.
+    checkpoint_every : int, default 20
+        Batches (of this process) between checkpoints.
     data_label : str
         What the text was (kept in the metadata, e.g. ``"python-docs/train"``).
+    distributed : bool or None
+        Data-parallel capture over ``torch.distributed`` processes (launch with ``torchrun``):
+        batch ``i`` is run by rank ``i % world_size``, the statistics are merged exactly
+        (:func:`nerve_interp.distributed.all_reduce_accumulators`) and every rank returns the
+        same result. ``None`` (default): when a process group of more than one process is
+        initialised. ``max_tokens`` stays the *global* budget: rank ``r`` keeps the first
+        ``max_tokens // world_size`` (+1 for ``r < max_tokens % world_size``) tokens of its
+        shard, so a binding budget selects other tokens than a single process would.
+    remote : bool, "local" or None
+        Run each trace through nnsight's remote machinery (``model.trace(..., remote=remote)``):
+        ``True`` sends it to NDIF (needs an ``nnsight.TransformersModel`` of a model NDIF hosts
+        and an API key), ``"local"`` serialises it exactly as for NDIF and runs it here. Only
+        per-batch ``(count, mean, centred scatter)`` come back; they are merged here with the
+        exact Chan update (:mod:`nerve_interp.remote`).
 
     Returns
     -------
@@ -326,32 +303,50 @@ def collect_spectra(
         raise ValueError(f"skip_first == {skip_first}, must be >= 0 (tokens per sequence).")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
+    rank, world_size = _dist.world(distributed)
+    budget = _dist.rank_budget(max_tokens, rank, world_size)  # this rank's share
+    trace_batch = _trace_batch
+    if remote is not None:
+        from .remote import check_remote_wrapper, remote_trace_batch
+
+        check_remote_wrapper(wrapper, remote)
+        trace_batch = functools.partial(remote_trace_batch, remote=remote, gram_dtype=gram_dtype)
     accs = {(s.layer, p): CovarianceAccumulator(s.name(p), gram_dtype=gram_dtype)
             for s in chosen for p in order}
     reads = [(accs[(s.layer, p)], s.paths[p]) for s in chosen for p in order]
     meta = _model_metadata(root, chosen, len(all_sites))
-    fingerprint = _fingerprint(meta, chosen, order)
+    manifest = _ckpt.capture_manifest(meta, chosen, order, max_tokens=max_tokens,
+                                      skip_first=skip_first, gram_dtype=gram_dtype,
+                                      rank=rank, world_size=world_size)
 
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    done_batches, n_tokens, n_batches = 0, 0, 0
+    ckpt = (_ckpt.shard_path(Path(checkpoint), rank, world_size)
+            if checkpoint is not None else None)
+    done_batches, n_tokens, position = 0, 0, None
     if ckpt is not None and ckpt.exists():
-        state = _load_checkpoint(ckpt, accs, fingerprint)
-        done_batches, n_tokens = int(state["batches"]), int(state["tokens"])
+        position = _ckpt.load_checkpoint(ckpt, accs, manifest)
+        done_batches, n_tokens = int(position["batches"]), int(position["tokens"])
+    n_batches, n_local, n_seen = done_batches, 0, 0
 
-    device = next(root.parameters()).device
+    device = _input_device(root)
     data_hash = hashlib.sha1()
-    bar = tqdm(total=max_tokens, initial=n_tokens, unit="tok", disable=not progress,
+    bar = tqdm(total=budget, initial=n_tokens, unit="tok", disable=not progress or rank > 0,
                desc=f"spectra {meta['model']}", dynamic_ncols=True)
     try:
         for i, batch in enumerate(iter_batches(batches, tokenizer, batch_size=batch_size,
                                                max_length=max_length)):
-            if max_tokens is not None and n_tokens >= max_tokens:
+            n_seen = i + 1
+            if i < done_batches:  # counted before the checkpoint: only check it is the same
+                _hash_batch(data_hash, batch)
+                if i == done_batches - 1:
+                    _ckpt.check_data_prefix(ckpt, position, data_hash.hexdigest(), i + 1)
+                continue
+            if budget is not None and n_tokens >= budget:
                 break
             n_batches = i + 1
             _hash_batch(data_hash, batch)
-            if i < done_batches:
-                continue  # counted before the checkpoint
-            remaining = None if max_tokens is None else max_tokens - n_tokens
+            if i % world_size != rank:
+                continue  # another rank's shard
+            remaining = None if budget is None else budget - n_tokens
             ids = batch.get("input_ids")
             idx = mask_shape = None
             if ids is not None:
@@ -365,27 +360,35 @@ def collect_spectra(
                 idx, mask_shape = keep.reshape(-1).nonzero().squeeze(1).to(device), keep.shape
             inputs = {k: _to(v, device) for k, v in batch.items()}
             try:
-                n_keep = _trace_batch(wrapper, inputs, reads, idx, mask_shape, remaining)
+                n_keep = trace_batch(wrapper, inputs, reads, idx, mask_shape, remaining)
             except NerveInterpError as err:
                 shape = tuple(ids.shape) if ids is not None else "non-token inputs"
                 raise type(err)(
                     f"while capturing {meta['model']} (batch {i}, input {shape}):\n  {err}"
                 ) from None
             n_tokens += n_keep
+            n_local += 1
             bar.update(n_keep)
-            if ckpt is not None and (i + 1) % checkpoint_every == 0:
-                _save_checkpoint(ckpt, accs, {"batches": i + 1, "tokens": n_tokens,
-                                              "fingerprint": fingerprint})
+            if ckpt is not None and n_local % checkpoint_every == 0:
+                _ckpt.save_checkpoint(ckpt, accs, manifest, {
+                    "batches": i + 1, "tokens": n_tokens, "data_sha1": data_hash.hexdigest()})
     finally:
         bar.close()
+    if position is not None and n_seen < done_batches:  # the data ended before the checkpoint
+        _ckpt.check_data_prefix(ckpt, position, data_hash.hexdigest(), n_seen)
+    if ckpt is not None:
+        _ckpt.save_checkpoint(ckpt, accs, manifest, {
+            "batches": n_batches, "tokens": n_tokens, "data_sha1": data_hash.hexdigest()})
+    data_sha1 = data_hash.hexdigest()
+    if world_size > 1:
+        _dist.all_reduce_accumulators(list(accs.values()))
+        n_tokens = _dist.all_reduce_count(n_tokens)
+        n_batches, data_sha1 = _dist.furthest_position(n_batches, data_sha1)
     if n_tokens == 0:
         raise CaptureError(
             f"no tokens reached {meta['model']}: the data were empty or every token was padding "
             "(attention_mask all 0). Pass non-empty texts or batches with real tokens."
         )
-    if ckpt is not None:
-        _save_checkpoint(ckpt, accs, {"batches": n_batches, "tokens": n_tokens,
-                                      "fingerprint": fingerprint})
     spectra = {}
     for key, acc in accs.items():
         if acc.n_samples_seen_ < 2:
@@ -405,7 +408,8 @@ def collect_spectra(
         "skip_first": skip_first,
         "gram_dtype": str(gram_dtype).replace("torch.", ""),
         "data": data_label,
-        "data_sha1": data_hash.hexdigest(),
+        "data_sha1": data_sha1,
+        "world_size": world_size,
         "points": list(order),
         "layers": [s.layer for s in chosen],
         "site_paths": {s.name(p): s.paths[p] for s in chosen for p in order},
@@ -435,6 +439,16 @@ def _warn_once(spectra: list, neg_tol: float = NEGATIVE_WARN_TOL) -> None:
             f"{worst.min_eigenvalue:.3e}, λ_1 = {worst.eigenvalues[0]:.3e}); clipped to 0. "
             "This is more than round-off: report it with the model and dtype.",
             NegativeEigenvalueWarning, stacklevel=3)
+
+
+def _input_device(root: torch.nn.Module) -> torch.device:
+    """Where inputs go: the first parameter's device (the embedding's under a ``device_map``,
+    whose hooks move activations on from there); CPU for a lazily loaded (meta) model."""
+    try:
+        device = next(root.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def _to(value: Any, device: torch.device) -> Any:

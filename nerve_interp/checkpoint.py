@@ -1,0 +1,280 @@
+"""Capture checkpoints: accumulator state plus a manifest that says what it is a state *of*.
+
+A checkpoint is one safetensors file, written atomically (temporary file + ``os.replace``,
+see :func:`nerve_interp._io.atomic_path`), so a run killed at any instant (even with
+``SIGKILL``) leaves either the previous checkpoint or the new one, never half a file. It holds
+
+* per point, the float64 state of its :class:`~nerve_interp.covariance.CovarianceAccumulator`
+  (``n``, ``mean``, ``scatter``), bit for bit;
+* a JSON **manifest** of everything that must match for a resume to give the statistics of an
+  uninterrupted run: the model (name and class), the sites (point name → nnsight path), the
+  capture options that change the statistics (``points``, ``max_tokens``, ``skip_first``,
+  ``gram_dtype``) and the data shard (``rank`` of ``world_size`` for multi-process runs);
+* the **data position**: batches and tokens consumed and the SHA-1 of the consumed batches
+  (real token ids, or the raw bytes of non-token inputs), so that resuming on other data
+  is refused rather than silently mixing two corpora;
+* the nerve_interp version and file-format version that wrote it.
+
+Layout of the JSON kept in the safetensors metadata under ``"state"``::
+
+    {"format_version": 2, "nerve_interp": "0.1.0", "written": "...",
+     "manifest": {"model": ..., "model_class": ..., "sites": {...}, "options": {...},
+                  "shard": {"rank": 0, "world_size": 1}},
+     "position": {"batches": 12, "tokens": 3456, "data_sha1": "..."}}
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._io import atomic_path
+from .errors import ResultsFileError
+from .sites import FFNSite, site_name
+
+FORMAT = "nerve_interp.capture_checkpoint"
+FORMAT_VERSION = 2
+
+
+def capture_manifest(
+    meta: Mapping[str, Any],
+    sites: Sequence[FFNSite],
+    points: Sequence[str],
+    *,
+    max_tokens: int | None,
+    skip_first: int,
+    gram_dtype: torch.dtype,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes from it.
+
+    Parameters
+    ----------
+    meta : mapping
+        The capture's model metadata (needs ``"model"`` and ``"model_class"``).
+    sites, points : sequences
+        The captured sites and points, in capture order.
+    max_tokens, skip_first, gram_dtype
+        The capture options that change the statistics.
+    rank, world_size : int
+        The data shard of this process (``0`` of ``1`` without ``torch.distributed``).
+
+    Returns
+    -------
+    dict
+        JSON-serialisable: ``model``, ``model_class``, ``sites`` (site name → nnsight path),
+        ``options`` and ``shard``.
+    """
+    return {
+        "model": str(meta["model"]),
+        "model_class": str(meta["model_class"]),
+        "sites": {site_name(s.layer, p): s.paths[p] for s in sites for p in points},
+        "options": {"points": list(points), "max_tokens": max_tokens,
+                    "skip_first": int(skip_first),
+                    "gram_dtype": str(gram_dtype).replace("torch.", "")},
+        "shard": {"rank": int(rank), "world_size": int(world_size)},
+    }
+
+
+def shard_path(path: Path, rank: int, world_size: int) -> Path:
+    """The checkpoint file of one process: ``path`` itself for a single process, else
+    ``<stem>.rank<r>-of-<w><suffix>`` next to it (each rank keeps its own statistics)."""
+    if world_size <= 1:
+        return path
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
+                    manifest: Mapping[str, Any], position: Mapping[str, Any]) -> Path:
+    """Write the accumulators, manifest and data position to ``path`` atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination (a ``.ckpt`` safetensors file); its folder is created if needed.
+    accs : mapping (layer, point) → CovarianceAccumulator
+        Accumulators that have seen no token yet are stored as absent.
+    manifest : mapping
+        From :func:`capture_manifest`.
+    position : mapping
+        ``batches`` (batches consumed, int), ``tokens`` (real tokens counted, int) and
+        ``data_sha1`` (hex digest of the consumed batches).
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for (layer, point), acc in accs.items():
+        if acc.n_samples_seen_:
+            for k, v in acc.state_dict().items():
+                tensors[f"{site_name(layer, point)}.{k}"] = v.contiguous()
+    state = {"format_version": FORMAT_VERSION, "nerve_interp": __version__,
+             "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+             "manifest": dict(manifest), "position": dict(position)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "state": json.dumps(state)})
+    return path
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ResultsFileError(
+                    f"{path} is not a nerve_interp capture checkpoint (its format is "
+                    f"{meta.get('format')!r}); pass another checkpoint path."
+                )
+            state = json.loads(meta["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except ResultsFileError:
+        raise
+    except Exception as err:  # safetensors and json raise many types on damaged files
+        raise ResultsFileError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is corrupt or "
+            "truncated. Delete it to start the capture afresh."
+        ) from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ResultsFileError(
+            f"checkpoint {path} has format version {state.get('format_version')!r}; this "
+            f"nerve_interp ({__version__}) reads version {FORMAT_VERSION}. Delete it and run "
+            "the capture again."
+        )
+    return state, tensors
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest and data position of a checkpoint, without loading its tensors' values.
+
+    Returns
+    -------
+    dict
+        ``{"format_version", "nerve_interp", "written", "manifest", "position"}``.
+
+    Raises
+    ------
+    ResultsFileError
+        The file is not a capture checkpoint, or is corrupt / truncated.
+    """
+    return _read(Path(path))[0]
+
+
+def _diff(want: Any, got: Any, prefix: str = "") -> list[str]:
+    if isinstance(want, dict) and isinstance(got, dict):
+        out = []
+        for k in sorted(set(want) | set(got)):
+            out += _diff(want.get(k), got.get(k), f"{prefix}{k}.")
+        return out
+    return [] if want == got else [f"{prefix[:-1]}: checkpoint {got!r}, this run {want!r}"]
+
+
+def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
+                    manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Restore accumulators from ``path`` after checking it belongs to this run.
+
+    Parameters
+    ----------
+    path : path-like
+        A file written by :func:`save_checkpoint`.
+    accs : mapping (layer, point) → CovarianceAccumulator
+        Empty accumulators of this run; filled in place.
+    manifest : mapping
+        This run's :func:`capture_manifest`; every entry must equal the checkpoint's.
+
+    Returns
+    -------
+    dict
+        The data position: ``batches``, ``tokens``, ``data_sha1``. The caller must check
+        that the first ``batches`` batches it is given hash to ``data_sha1``
+        (:func:`check_data_prefix`).
+
+    Raises
+    ------
+    ResultsFileError
+        Corrupt or truncated file, another format version, another model, other sites,
+        other capture options or another data shard (the message lists every difference),
+        or accumulator states that disagree with the recorded token count.
+    """
+    path = Path(path)
+    state, tensors = _read(path)
+    diffs = _diff(json.loads(json.dumps(dict(manifest))), state.get("manifest", {}))
+    if diffs:
+        what = ("another model" if any(d.startswith("model") for d in diffs)
+                else "other sites" if any(d.startswith("sites") for d in diffs)
+                else "other capture options" if any(d.startswith("options") for d in diffs)
+                else "another data shard")
+        raise ResultsFileError(
+            f"checkpoint {path} belongs to {what}:\n  " + "\n  ".join(diffs)
+            + "\nDelete it, pass another checkpoint path, or call with the settings it was "
+            "written with."
+        )
+    if state.get("nerve_interp") != __version__:
+        warnings.warn(
+            f"checkpoint {path} was written by nerve_interp {state.get('nerve_interp')}, this is "
+            f"{__version__}; resuming (the file format is the same).", UserWarning, stacklevel=3)
+    position = state["position"]
+    tokens = int(position["tokens"])
+    for (layer, point), acc in accs.items():
+        prefix = site_name(layer, point)
+        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        n = int(sub["n"]) if "n" in sub else 0
+        # no point can hold more rows than the run counted tokens
+        if n > tokens or (tokens and not tensors):
+            raise ResultsFileError(
+                f"checkpoint {path} is inconsistent: {prefix} holds {n} tokens but the run "
+                f"consumed {tokens}. It is corrupt; delete it to start afresh."
+            )
+        if sub:
+            acc.load_state_dict(sub)
+    return position
+
+
+def check_data_prefix(path: str | os.PathLike, position: Mapping[str, Any], digest: str,
+                      n_batches: int) -> None:
+    """Refuse to resume when the batches before the checkpoint are not the ones it counted.
+
+    Parameters
+    ----------
+    path : path-like
+        The checkpoint (for the message).
+    position : mapping
+        Its data position (from :func:`load_checkpoint`).
+    digest : str
+        SHA-1 hex digest of the first ``n_batches`` batches of this run.
+    n_batches : int
+        How many batches this run has hashed so far (fewer than ``position["batches"]`` when
+        the data ran out before reaching the checkpoint).
+    """
+    want = int(position["batches"])
+    if n_batches < want:
+        raise ResultsFileError(
+            f"checkpoint {path} consumed {want} batches but this run's data have only "
+            f"{n_batches}; resume with the same batches (same texts, batch_size, max_length) "
+            "or delete the checkpoint."
+        )
+    if digest != position["data_sha1"]:
+        raise ResultsFileError(
+            f"checkpoint {path} was written on other data: the first {want} batches of this "
+            f"run hash to {digest[:12]}…, the checkpoint's to {str(position['data_sha1'])[:12]}…. "
+            "Resume with the same batches (same texts, order, batch_size, max_length) or "
+            "delete the checkpoint."
+        )
+
+
+__all__ = ["capture_manifest", "check_data_prefix", "load_checkpoint", "read_checkpoint_state",
+           "save_checkpoint", "shard_path"]

@@ -1,0 +1,169 @@
+r"""Data-parallel capture with ``torch.distributed``: shard the batches, merge exactly.
+
+Launched with ``torchrun --nproc_per_node N`` (one process per GPU, or several CPU processes
+with the gloo backend), every process reads the same batches but feeds only its shard to the
+model: batch ``i`` goes to rank ``i % world_size``. Each rank accumulates ``(n_r, μ_r, M2_r)``
+locally; :func:`all_reduce_accumulators` then merges them with three all-reduces per point,
+the ``k``-way form of Chan et al.'s parallel update::
+
+    n   = Σ_r n_r
+    μ   = Σ_r n_r μ_r / n                                  (all-reduce of n·μ)
+    M2  = Σ_r [ M2_r + n_r (μ_r − μ)(μ_r − μ)ᵀ ]           (fp64 all-reduce)
+
+This equals a single process's result up to float64 round-off (sums are order-free up to
+round-off), and every rank ends with the same state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .covariance import CovarianceAccumulator
+from .errors import CaptureError
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def world(distributed: bool | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process for a capture.
+
+    Parameters
+    ----------
+    distributed : bool or None
+        ``None`` (default): data-parallel when ``torch.distributed`` is initialised with more
+        than one process, single-process otherwise. ``True``: require an initialised process
+        group. ``False``: capture everything in this process even under ``torchrun``.
+
+    Raises
+    ------
+    CaptureError
+        ``distributed=True`` but no process group is initialised.
+    """
+    dist = _dist()
+    active = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = active and dist.get_world_size() > 1
+    elif distributed and not active:
+        raise CaptureError(
+            "distributed=True but torch.distributed is not initialised. Launch with "
+            "`torchrun --nproc_per_node N your_script.py` and call "
+            "torch.distributed.init_process_group('gloo')  (CPU) or ('nccl') (GPUs) before "
+            "collect_spectra, or leave distributed=None."
+        )
+    if not distributed:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_budget(max_tokens: int | None, rank: int, world_size: int) -> int | None:
+    """This rank's share of a global token budget.
+
+    ``max_tokens // world_size``, plus one for the first ``max_tokens % world_size`` ranks,
+    so the shares add up to ``max_tokens``. Each rank keeps the first tokens of *its*
+    shard, so when the budget binds, the token set differs from a single process's (which
+    keeps the first ``max_tokens`` tokens of the data); without a binding budget it is the same.
+    """
+    if max_tokens is None:
+        return None
+    return max_tokens // world_size + (1 if rank < max_tokens % world_size else 0)
+
+
+def _comm_device(group: Any) -> torch.device:
+    """NCCL moves CUDA tensors only; gloo and the others take CPU tensors."""
+    dist = _dist()
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_count(n: int, group: Any = None) -> int:
+    """Sum of an integer over all ranks (e.g. tokens captured)."""
+    dist = _dist()
+    t = torch.tensor([n], dtype=torch.int64, device=_comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return int(t.item())
+
+
+def furthest_position(n_batches: int, data_sha1: str, group: Any = None) -> tuple[int, str]:
+    """The data position of the rank that read furthest: ``(batches, hash of those batches)``.
+
+    Without a binding token budget every rank reads every batch and all agree; with one,
+    ranks stop at different batches and the result records the furthest.
+    """
+    dist = _dist()
+    got: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(got, (int(n_batches), str(data_sha1)), group=group)
+    return max(got)
+
+
+def all_reduce_accumulators(accs: Sequence[CovarianceAccumulator], group: Any = None) -> None:
+    """Merge every rank's accumulators into the global statistics, in place, on every rank.
+
+    Parameters
+    ----------
+    accs : sequence of CovarianceAccumulator
+        The same points in the same order on every rank (a rank whose shard held no token
+        passes empty accumulators). After the call each holds the statistics of the rows of
+        all ranks, identical on every rank, on its own device (the communication device for
+        a rank that saw no rows).
+    group : torch.distributed.ProcessGroup, optional
+        Default: the world.
+
+    Raises
+    ------
+    CaptureError
+        Ranks saw rows of different widths D for one point.
+
+    Notes
+    -----
+    Three collectives per point plus two for all points: counts (sum), widths (max and min),
+    ``n_r μ_r`` (sum, float64, D) and ``M2_r + n_r δ_r δ_rᵀ`` (sum, float64, D×D).
+    """
+    dist = _dist()
+    dev = _comm_device(group)
+    k = len(accs)
+    if k == 0:
+        return
+    counts = torch.tensor([a.n_samples_seen_ for a in accs], dtype=torch.int64, device=dev)
+    dims = torch.tensor([a.dim or 0 for a in accs], dtype=torch.int64, device=dev)
+    big = torch.iinfo(torch.int64).max
+    widths = torch.cat([dims, -torch.where(dims > 0, dims, torch.full_like(dims, big))])
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=group)
+    d_max, d_min = widths[:k].tolist(), (-widths[k:]).tolist()
+    for j, acc in enumerate(accs):
+        n, d = int(counts[j]), int(d_max[j])
+        if n == 0:
+            continue
+        if d_min[j] != d:
+            raise CaptureError(
+                f"{acc.name}: ranks saw rows of width {d_min[j]} and {d}; every rank must "
+                "capture the same sites of the same model."
+            )
+        n_r = acc.n_samples_seen_
+        home = acc.mean_.device if n_r else dev
+        if n_r:
+            mean_r = acc.mean_.to(dev, torch.float64)
+            m2 = acc.scatter_.to(dev, torch.float64, copy=True)
+        else:
+            mean_r = torch.zeros(d, dtype=torch.float64, device=dev)
+            m2 = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        total = mean_r * n_r
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        mean = total / n
+        if n_r:
+            delta = mean_r - mean
+            m2.addr_(delta, delta, alpha=float(n_r))
+        dist.all_reduce(m2, op=dist.ReduceOp.SUM, group=group)
+        acc.load_state_dict({"n": n, "mean": mean, "scatter": m2}).to(home)
+
+
+__all__ = ["all_reduce_accumulators", "all_reduce_count", "furthest_position", "rank_budget",
+           "world"]
