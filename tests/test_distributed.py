@@ -1,0 +1,123 @@
+"""Data-parallel capture under torchrun (gloo, 2 CPU processes) equals a single process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nerve_interp as ni
+from nerve_interp.checkpoint import read_checkpoint_state
+from nerve_interp.distributed import rank_budget, world
+from nerve_interp.errors import CaptureError
+from nerve_interp.models import make_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import numpy as np, torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    import nerve_interp as ni
+    from nerve_interp.models import make_lm
+
+    out = Path(sys.argv[1])
+    rank = dist.get_rank()
+    model = make_lm("tiny", vocab_size=256, activation="swiglu")
+    data = torch.load(out / "data.pt")
+    runs = {
+        "all": ni.collect_spectra(model, data, points=("pre", "act", "up", "post"),
+                                  progress=False, checkpoint=out / "run.ckpt",
+                                  checkpoint_every=1),
+        "one": ni.collect_spectra(model, data[:1], progress=False),  # rank 1 gets no batch
+        "budget": ni.collect_spectra(model, data, progress=False, max_tokens=301),
+    }
+    arrays = {}
+    for name, res in runs.items():
+        arrays[f"{name}/n_tokens"] = res.metadata["n_tokens"]
+        arrays[f"{name}/n_batches"] = res.metadata["n_batches"]
+        arrays[f"{name}/world_size"] = res.metadata["world_size"]
+        for layer in res.layers:
+            for point in res.points:
+                arrays[f"{name}/{layer}.{point}"] = res.eigenvalues(layer, point)
+        arrays[f"{name}/sha"] = np.frombuffer(res.metadata["data_sha1"].encode(), np.uint8)
+    np.savez(out / f"rank{rank}.npz", **arrays)
+    dist.destroy_process_group()
+""")
+
+
+def make_data(n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for i in range(n):
+        ids = torch.randint(0, 256, (3, 20), generator=g)
+        mask = torch.ones_like(ids)
+        mask[i % 3, 12 + i:] = 0  # some padding in every batch
+        data.append({"input_ids": ids, "attention_mask": mask})
+    return data
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    data = make_data()
+    torch.save(data, tmp_path / "data.pt")
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "worker.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    assert sorted(r0.files) == sorted(r1.files)
+    for key in r0.files:  # every rank ends with the same result, bit for bit
+        assert np.array_equal(r0[key], r1[key]), key
+
+    model = make_lm("tiny", vocab_size=256, activation="swiglu")
+    single = {
+        "all": ni.collect_spectra(model, data, points=("pre", "act", "up", "post"),
+                                  progress=False),
+        "one": ni.collect_spectra(model, data[:1], progress=False),
+    }
+    worst = 0.0
+    for name, res in single.items():
+        assert int(r0[f"{name}/n_tokens"]) == res.metadata["n_tokens"]
+        assert int(r0[f"{name}/n_batches"]) == res.metadata["n_batches"]
+        assert int(r0[f"{name}/world_size"]) == 2
+        assert bytes(r0[f"{name}/sha"]).decode() == res.metadata["data_sha1"]
+        for layer in res.layers:
+            for point in res.points:
+                want, got = res.eigenvalues(layer, point), r0[f"{name}/{layer}.{point}"]
+                worst = max(worst, float(np.max(np.abs(got - want)) / want[0]))
+    print(f"2-process gloo vs 1 process: max |Δλ|/λ_1 = {worst:.2e}")
+    assert worst <= 1e-12, worst
+    # the global budget is split over the ranks (151 + 150 tokens)
+    assert int(r0["budget/n_tokens"]) == 301
+    # one checkpoint per rank, each with its own shard's position
+    for rank in (0, 1):
+        state = read_checkpoint_state(tmp_path / f"run.rank{rank}-of-2.ckpt")
+        assert state["manifest"]["shard"] == {"rank": rank, "world_size": 2}
+        assert state["position"]["batches"] == len(data)
+    assert not (tmp_path / "run.ckpt").exists()
+
+
+def test_rank_budgets_add_up():
+    for total in (2, 301, 1000, 7):
+        for w in (1, 2, 3, 8):
+            shares = [rank_budget(total, r, w) for r in range(w)]
+            assert sum(shares) == total and max(shares) - min(shares) <= 1
+    assert rank_budget(None, 0, 2) is None
+
+
+def test_distributed_true_without_process_group():
+    assert world(None) == (0, 1) and world(False) == (0, 1)
+    with pytest.raises(CaptureError, match="torchrun --nproc_per_node"):
+        ni.collect_spectra(make_lm("tiny", vocab_size=256), [torch.randint(0, 256, (2, 8))],
+                           progress=False, distributed=True)
