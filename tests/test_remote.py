@@ -1,0 +1,60 @@
+"""Capture through nnsight's remote path, simulated here with remote="local" (the block is
+serialised as for NDIF and run with nerve_interp hidden), equals the local capture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_tiny, random_batch
+
+import nerve_interp as ni
+from nerve_interp.errors import CaptureError
+
+
+@pytest.fixture
+def local_backend_calls(monkeypatch):
+    """Count the traces that really went through nnsight's remote serialisation."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    calls = []
+    original = LocalSimulationBackend.__call__
+
+    def counting(self, tracer):
+        calls.append(type(self).__name__)
+        return original(self, tracer)
+
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("gpt2", {}),
+    ("llama", dict(points=("pre", "act", "up", "post"), max_tokens=150, skip_first=1)),
+])
+def test_remote_local_equals_local_capture(name, kw, tiny_tokenizer, local_backend_calls):
+    from nnsight import TransformersModel
+
+    batches = [random_batch(seed=s) for s in range(3)]
+    for b in batches:  # right padding only (see test_nnsight_transformers_model_wrapper)
+        b["attention_mask"][3] = 1
+    model = TransformersModel(make_tiny(name), tokenizer=tiny_tokenizer)
+    local = ni.collect_spectra(model, batches, progress=False, **kw)
+    assert local_backend_calls == []
+    remote = ni.collect_spectra(model, batches, progress=False, remote="local", **kw)
+    # one request per batch run (the token budget of the llama case ends after 2 batches)
+    assert local_backend_calls == ["LocalSimulationBackend"] * remote.metadata["n_batches"]
+    assert remote.metadata["n_batches"] == (2 if "max_tokens" in kw else 3)
+    assert remote.metadata["n_tokens"] == local.metadata["n_tokens"]
+    for layer in local.layers:
+        for point in local.points:
+            want, got = local.eigenvalues(layer, point), remote.eigenvalues(layer, point)
+            assert np.max(np.abs(got - want)) <= 1e-10 * want[0]
+            np.testing.assert_allclose(remote.spectrum(layer, point).mean,
+                                       local.spectrum(layer, point).mean, rtol=0, atol=1e-12)
+
+
+def test_remote_needs_a_remotable_wrapper():
+    with pytest.raises(CaptureError, match="TransformersModel"):
+        ni.collect_spectra(make_tiny("gpt2"), [random_batch()], progress=False, remote="local")
+    with pytest.raises(CaptureError, match="remote=1"):
+        ni.collect_spectra(make_tiny("gpt2"), [random_batch()], progress=False, remote=1)
