@@ -485,10 +485,10 @@ def _select_rows(x: torch.Tensor, idx: torch.Tensor | None, mask_shape: tuple | 
         rows = x.reshape(-1, x.shape[-1])
         return rows if remaining is None else rows[:remaining]
     if tuple(x.shape[:2]) == tuple(mask_shape):
-        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx.to(x.device))
     n = mask_shape[0] * mask_shape[1]
     if x.ndim == 2 and x.shape[0] == n:  # flattened [batch*seq, D] (OPT)
-        return x.index_select(0, idx)
+        return x.index_select(0, idx.to(x.device))
     raise CaptureError(
         f"{name}: activations of shape {tuple(x.shape)} cannot be aligned with the attention "
         f"mask {tuple(mask_shape)}; pass sites whose points are [batch, seq, D]."

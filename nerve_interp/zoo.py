@@ -291,7 +291,8 @@ def _is_causal_lm(config: Any) -> bool:
     )
 
 
-def _load_other(name: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any]]:
+def _load_other(name: str, dtype: torch.dtype,
+                device_map: str | dict | None = None) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
@@ -320,10 +321,23 @@ def _load_other(name: str, dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any]
             f"cannot load {name!r}: {where} ({_one_line(exc)}).\n{_short_names_hint()}"
         ) from exc
     model_class = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-    model = model_class.from_pretrained(target, dtype=dtype)
+    extra = {} if device_map is None else {"device_map": device_map}
+    model = model_class.from_pretrained(target, dtype=dtype, **extra)
     tokenizer = AutoTokenizer.from_pretrained(target)
     note = f"Loaded with {model_class.__name__} ({type(model).__name__})."
     return model, tokenizer, {"source": source, "note": note}
+
+
+def _dispatch(model: Any, device_map: str | dict[str, Any]) -> Any:
+    """Spread an in-memory model over devices with accelerate (as from_pretrained would)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(
+            model, no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+    model = dispatch_model(model, device_map=device_map)
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 # --------------------------------------------------------------------------- public API
@@ -335,6 +349,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """Load a model and its tokenizer, offline for the built-in short names.
 
@@ -357,6 +372,14 @@ def load_model(
         later loads read that folder in about a second.
     device : str or torch.device, optional
         Where to put the model. Default ``"cpu"``.
+    device_map : str or dict, optional
+        Spread a model too large for one device over several, with accelerate:
+        ``"auto"`` (fill the GPUs, then CPU), ``"balanced"``, or a dict
+        ``{module path: device}`` (e.g. ``{"model.layers.0": 0, ..., "lm_head": 1}``). Hub
+        ids and local folders are loaded straight onto those devices
+        (``from_pretrained(..., device_map=...)``); the built-in short names are loaded on
+        the CPU and then dispatched. Exclusive with ``device``. ``collect_spectra`` works
+        unchanged: each point's statistics stay on the device its activations live on.
 
     Returns
     -------
@@ -391,6 +414,11 @@ def load_model(
         raise NerveInterpError(
             f"name must be a non-empty str, got {name!r}.\n{_short_names_hint()}"
         )
+    if device_map is not None and device is not None:
+        raise NerveInterpError(
+            f"load_model({name!r}) got device={device!r} and device_map={device_map!r}; pass "
+            "one: device for one device, device_map to spread the model over several."
+        )
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = _ALIASES.get(name.strip().lower())
     if key == "smollm2-135m":
@@ -398,7 +426,7 @@ def load_model(
     elif key == "minilm":
         model, tokenizer, info = _load_minilm(dtype)
     else:
-        model, tokenizer, info = _load_other(name, dtype)
+        model, tokenizer, info = _load_other(name, dtype, device_map)
 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -406,7 +434,11 @@ def load_model(
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
 
-    model = model.to(device=torch.device(device if device is not None else "cpu"), dtype=dtype)
+    if device_map is None:
+        model = model.to(device=torch.device(device if device is not None else "cpu"),
+                         dtype=dtype)
+    elif getattr(model, "hf_device_map", None) is None:  # a short name, loaded on the CPU
+        model = _dispatch(model, device_map)
     model.eval()
     model.nerve_interp_info = {"name": key or name, **info}
     return model, tokenizer
