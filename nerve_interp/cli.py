@@ -3,6 +3,11 @@
     nerve-interp demo                        # SmolLM2-135M, offline, < 3 minutes on 2 cores
     nerve-interp spectra --model gpt2 --text notes.txt --max-tokens 50000 --out results/gpt2
     nerve-interp models                      # the offline models and whether they are installed
+
+Data-parallel over several processes (GPUs, or CPU processes with gloo); every process runs
+its share of the batches, rank 0 prints and writes::
+
+    torchrun --nproc_per_node 2 -m nerve_interp.cli spectra --model gpt2 --out results/gpt2
 """
 
 from __future__ import annotations
@@ -79,42 +84,53 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          skip_first: int,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
          out: Path, device: str | None, checkpoint: bool) -> None:
-    from . import capture, zoo
+    from . import capture, distributed, zoo
 
+    rank, world_size, local_rank = distributed.init_from_env()
+    # under torchrun every process captures its share; rank 0 alone prints and writes
+    echo = typer.echo if rank == 0 else (lambda *args, **kwargs: None)
+    if world_size > 1:
+        import torch
+
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+        echo(f"torchrun: {world_size} processes, batch i runs on rank i % {world_size}")
     t0 = time.perf_counter()
     model, tokenizer = zoo.load_model(model_name, device=device)
     t_load = time.perf_counter() - t0
     info = getattr(model, "nerve_interp_info", {})
-    typer.echo(f"model   {info.get('name', model_name)} ({type(model).__name__}), "
-               f"loaded in {t_load:.1f} s")
+    echo(f"model   {info.get('name', model_name)} ({type(model).__name__}), "
+         f"loaded in {t_load:.1f} s")
     if info.get("note"):
-        typer.echo(f"note    {info['note']}")
-    typer.echo(f"text    {data_label}: {len(texts)} documents")
+        echo(f"note    {info['note']}")
+    echo(f"text    {data_label}: {len(texts)} documents")
     t1 = time.perf_counter()
     result = capture.collect_spectra(
         model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
         max_tokens=max_tokens, skip_first=skip_first, batch_size=batch_size,
-        max_length=max_length,
+        max_length=max_length, progress=rank == 0,
         data_label=data_label, checkpoint=out / "capture.ckpt" if checkpoint else None)
     t_cap = time.perf_counter() - t1
     meta = result.metadata
-    typer.echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
-               f"{len(result.points)} points in {t_cap:.1f} s")
+    echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
+         f"{len(result.points)} points in {t_cap:.1f} s")
     reinj = result.reinjection() if {"pre", "post"} <= set(result.points) else None
     if reinj is not None:
-        typer.echo("\nPer layer, pre -> post (PR = participation ratio = hard rank; "
-                   "soft = soft rank = exp(spectral entropy)):")
-        typer.echo(format_table(reinj))
+        echo("\nPer layer, pre -> post (PR = participation ratio = hard rank; "
+             "soft = soft rank = exp(spectral entropy)):")
+        echo(format_table(reinj))
         mean = reinj.mean(numeric_only=True)
-        typer.echo(f"\nmean over layers: PR gain {mean['pr_gain']:.2f}×, "
-                   f"soft-rank gain {mean['soft_rank_gain']:.2f}×, "
-                   f"ΔSE {mean['delta_spectral_entropy']:+.3f} nats, "
-                   f"ΔEEE {mean['delta_eee']:+.3f}, JS {mean['js_divergence']:.4f}")
+        echo(f"\nmean over layers: PR gain {mean['pr_gain']:.2f}×, "
+             f"soft-rank gain {mean['soft_rank_gain']:.2f}×, "
+             f"ΔSE {mean['delta_spectral_entropy']:+.3f} nats, "
+             f"ΔEEE {mean['delta_eee']:+.3f}, JS {mean['js_divergence']:.4f}")
+    if rank > 0:
+        return
     paths = write_outputs(result, out)
-    typer.echo("\nwrote")
+    echo("\nwrote")
     for key, path in paths.items():
-        typer.echo(f"  {key:<19}{path}")
-    typer.echo(f"total {time.perf_counter() - t0:.1f} s")
+        echo(f"  {key:<19}{path}")
+    echo(f"total {time.perf_counter() - t0:.1f} s")
 
 
 @app.command()
@@ -264,6 +280,10 @@ def version() -> None:
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # python -m nerve_interp.cli (e.g. under torchrun)
+    main()
 
 
 __all__ = ["app", "format_table", "write_outputs"]

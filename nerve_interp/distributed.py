@@ -62,6 +62,34 @@ def world(distributed: bool | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def init_from_env() -> tuple[int, int, int]:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1 set in the environment) the
+    default process group is initialised once: ``nccl`` when CUDA GPUs are present (and GPU
+    ``LOCAL_RANK`` is selected), ``gloo`` otherwise. Without torchrun nothing happens.
+
+    Returns
+    -------
+    (rank, world_size, local_rank) : tuple of int
+        ``(0, 1, 0)`` outside torchrun.
+    """
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, 0
+    dist = _dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
 def rank_budget(max_tokens: int | None, rank: int, world_size: int) -> int | None:
     """This rank's share of a global token budget.
 
@@ -165,5 +193,5 @@ def all_reduce_accumulators(accs: Sequence[CovarianceAccumulator], group: Any = 
         acc.load_state_dict({"n": n, "mean": mean, "scatter": m2}).to(home)
 
 
-__all__ = ["all_reduce_accumulators", "all_reduce_count", "furthest_position", "rank_budget",
-           "world"]
+__all__ = ["all_reduce_accumulators", "all_reduce_count", "furthest_position", "init_from_env",
+           "rank_budget", "world"]

@@ -121,3 +121,37 @@ def test_distributed_true_without_process_group():
     with pytest.raises(CaptureError, match="torchrun --nproc_per_node"):
         ni.collect_spectra(make_lm("tiny", vocab_size=256), [torch.randint(0, 256, (2, 8))],
                            progress=False, distributed=True)
+
+
+def test_cli_under_torchrun(tmp_path, tiny_tokenizer):
+    """`torchrun --nproc_per_node 2 -m nerve_interp.cli spectra ...` writes one result, the
+    single-process one."""
+    from conftest import make_tiny
+
+    folder = tmp_path / "tiny-gpt2"
+    make_tiny("gpt2").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j * 3) % 90 + 2}" for j in range(20 + i))
+                                for i in range(30)))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "nerve_interp.cli", "spectra", "--model", str(folder), "--text", str(text),
+         "--out", str(out), "--batch-size", "4"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("torchrun: 2 processes") == 1  # rank 0 alone prints
+    got = ni.SpectraResult.load(out / "spectra.safetensors")
+    model, tok = ni.load_model(str(folder))
+    want = ni.collect_spectra(model, ni.read_texts(text), tokenizer=tok, batch_size=4,
+                              progress=False)
+    assert got.metadata["n_tokens"] == want.metadata["n_tokens"]
+    assert got.metadata["world_size"] == 2
+    for layer in want.layers:
+        for point in want.points:
+            a, b = got.eigenvalues(layer, point), want.eigenvalues(layer, point)
+            assert np.max(np.abs(a - b)) <= 1e-12 * b[0]
+    assert sorted(p.name for p in out.glob("*.ckpt")) == ["capture.rank0-of-2.ckpt",
+                                                           "capture.rank1-of-2.ckpt"]
