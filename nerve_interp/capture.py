@@ -410,6 +410,7 @@ def collect_spectra(
         "data": data_label,
         "data_sha1": data_sha1,
         "world_size": world_size,
+        "remote": remote,
         "points": list(order),
         "layers": [s.layer for s in chosen],
         "site_paths": {s.name(p): s.paths[p] for s in chosen for p in order},

@@ -61,12 +61,20 @@ def capture_manifest(
     ----------
     meta : mapping
         The capture's model metadata (needs ``"model"`` and ``"model_class"``).
-    sites, points : sequences
-        The captured sites and points, in capture order.
-    max_tokens, skip_first, gram_dtype
-        The capture options that change the statistics.
-    rank, world_size : int
-        The data shard of this process (``0`` of ``1`` without ``torch.distributed``).
+    sites : sequence of FFNSite
+        The captured sites, in capture order.
+    points : sequence of str
+        The captured points, in capture order.
+    max_tokens : int or None
+        Token budget of the run (for a multi-process run, the global budget).
+    skip_first : int
+        Leading tokens left out of every sequence.
+    gram_dtype : torch.dtype
+        Precision of the per-batch scatter matrices.
+    rank : int, default 0
+        This process's rank (``0`` without ``torch.distributed``).
+    world_size : int, default 1
+        Number of processes sharing the data.
 
     Returns
     -------

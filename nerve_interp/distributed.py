@@ -71,8 +71,8 @@ def init_from_env() -> tuple[int, int, int]:
 
     Returns
     -------
-    (rank, world_size, local_rank) : tuple of int
-        ``(0, 1, 0)`` outside torchrun.
+    tuple of int
+        ``(rank, world_size, local_rank)``; ``(0, 1, 0)`` outside torchrun.
     """
     import os
 

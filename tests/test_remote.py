@@ -58,3 +58,25 @@ def test_remote_needs_a_remotable_wrapper():
         ni.collect_spectra(make_tiny("gpt2"), [random_batch()], progress=False, remote="local")
     with pytest.raises(CaptureError, match="remote=1"):
         ni.collect_spectra(make_tiny("gpt2"), [random_batch()], progress=False, remote=1)
+
+
+def test_lazy_meta_model_as_on_ndif(tmp_path, tiny_tokenizer, local_backend_calls):
+    """As with NDIF: a TransformersModel of a folder stays on the meta device here (sites are
+    found on it); the weights are only loaded where the serialised trace runs."""
+    import nnsight
+
+    folder = tmp_path / "tiny-llama"
+    make_tiny("llama").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    batches = [random_batch(seed=s) for s in range(2)]
+    for b in batches:
+        b["attention_mask"][3] = 1
+    lazy = nnsight.TransformersModel(str(folder), task="text-generation", tokenizer=str(folder))
+    assert next(lazy._module.parameters()).device.type == "meta"
+    got = ni.collect_spectra(lazy, batches, progress=False, remote="local")
+    assert len(local_backend_calls) == 2 and got.metadata["remote"] == "local"
+    want = ni.collect_spectra(make_tiny("llama"), batches, progress=False)
+    for layer in want.layers:
+        for point in want.points:
+            a, b = got.eigenvalues(layer, point), want.eigenvalues(layer, point)
+            assert np.max(np.abs(a - b)) <= 1e-10 * b[0]
