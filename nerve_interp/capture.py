@@ -301,6 +301,8 @@ def collect_spectra(
     order = [p for p in POINTS if p in points]
     if skip_first < 0:
         raise ValueError(f"skip_first == {skip_first}, must be >= 0 (tokens per sequence).")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every == {checkpoint_every}, must be >= 1 (batches).")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
     rank, world_size = _dist.world(distributed)

@@ -131,6 +131,12 @@ def test_other_sites_or_options_are_refused(run_ckpt, change, match):
         ni.collect_spectra(model, batches, progress=False, checkpoint=ckpt, **kw)
 
 
+def test_checkpoint_every_must_be_positive(run_ckpt):
+    model, batches, ckpt = run_ckpt
+    with pytest.raises(ValueError, match="checkpoint_every == 0"):
+        ni.collect_spectra(model, batches, progress=False, checkpoint=ckpt, checkpoint_every=0)
+
+
 def test_other_model_is_refused(run_ckpt):
     _, batches, ckpt = run_ckpt
     with pytest.raises(ResultsFileError, match="another model"):
