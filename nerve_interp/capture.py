@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._io import atomic_path
-from .covariance import CovarianceAccumulator
+from .covariance import CovarianceAccumulator, resolve_precision
 from .errors import (
     CaptureError,
     NegativeEigenvalueWarning,
@@ -247,7 +247,8 @@ def collect_spectra(
     batch_size: int = 8,
     max_length: int = 256,
     eigenvectors: bool = False,
-    gram_dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype | None = None,
+    precision: str = "auto",
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
@@ -282,9 +283,14 @@ def collect_spectra(
         (the default); ``skip_first=1`` shows the spectrum of the other tokens.
     eigenvectors : bool, default False
         Keep eigenvectors (8·D² bytes per point) for subspace ablations.
-    gram_dtype : torch.dtype, default torch.float64
-        Precision of each batch's centred scatter matrix (float32 is ~1.7× faster on CPU).
-        Statistics are merged and eigendecomposed in float64 either way.
+    gram_dtype : torch.float64 or torch.float32, optional
+        Older synonym of ``precision`` (``"fp64"`` / ``"fp32"``).
+    precision : {"auto", "fp64", "fp32", "bf16-split"}, default "auto"
+        How each batch's centred scatter matrix is formed (see
+        :mod:`nerve_interp.covariance`): ``"auto"`` is ``"fp64"`` when the model is on a CPU
+        and ``"bf16-split"`` (bf16 tensor cores, fp32-level accuracy) on CUDA; ``"fp32"`` is
+        ~1.7× faster than fp64 on CPU. Statistics are merged and eigendecomposed in float64
+        either way; ``metadata["precision"]`` records the mode used.
     progress : bool, default True
         Show a tqdm progress bar (tokens).
     checkpoint : path, optional
@@ -326,7 +332,9 @@ def collect_spectra(
         raise ValueError(f"skip_first == {skip_first}, must be >= 0 (tokens per sequence).")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
-    accs = {(s.layer, p): CovarianceAccumulator(s.name(p), gram_dtype=gram_dtype)
+    device = next(root.parameters()).device
+    precision = resolve_precision(precision, device, gram_dtype=gram_dtype)
+    accs = {(s.layer, p): CovarianceAccumulator(s.name(p), precision=precision)
             for s in chosen for p in order}
     reads = [(accs[(s.layer, p)], s.paths[p]) for s in chosen for p in order]
     meta = _model_metadata(root, chosen, len(all_sites))
@@ -338,7 +346,6 @@ def collect_spectra(
         state = _load_checkpoint(ckpt, accs, fingerprint)
         done_batches, n_tokens = int(state["batches"]), int(state["tokens"])
 
-    device = next(root.parameters()).device
     data_hash = hashlib.sha1()
     bar = tqdm(total=max_tokens, initial=n_tokens, unit="tok", disable=not progress,
                desc=f"spectra {meta['model']}", dynamic_ncols=True)
@@ -395,15 +402,16 @@ def collect_spectra(
             name=acc.name, warn=False,
         )
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
-    # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 Gram
+    # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
     _warn_once(list(spectra.values()),
-               NEGATIVE_WARN_TOL if gram_dtype == torch.float64 else 64 * 2.0**-23)
+               NEGATIVE_WARN_TOL if precision == "fp64" else 64 * 2.0**-23)
     meta.update({
         "n_tokens": n_tokens,
         "n_batches": n_batches,
         "max_tokens": max_tokens,
         "skip_first": skip_first,
-        "gram_dtype": str(gram_dtype).replace("torch.", ""),
+        "gram_dtype": str(accs[next(iter(accs))].gram_dtype).replace("torch.", ""),
+        "precision": precision,
         "data": data_label,
         "data_sha1": data_hash.hexdigest(),
         "points": list(order),
