@@ -249,6 +249,7 @@ def collect_spectra(
     eigenvectors: bool = False,
     gram_dtype: torch.dtype | None = None,
     precision: str = "auto",
+    memory_budget: int | float | str | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
@@ -291,6 +292,13 @@ def collect_spectra(
         and ``"bf16-split"`` (bf16 tensor cores, fp32-level accuracy) on CUDA; ``"fp32"`` is
         ~1.7× faster than fp64 on CPU. Statistics are merged and eigendecomposed in float64
         either way; ``metadata["precision"]`` records the mode used.
+    memory_budget : bytes, "auto" or None, default None
+        Plan device memory first (:func:`nerve_interp.planner.plan_capture`, widths read in a
+        one-row probe trace): when the statistics of every point do not fit, the points are
+        split into passes over the same data (``batches`` must then be re-iterable, e.g. a
+        list) and the spectra merged; a point that alone does not fit raises
+        ``MemoryPlanError``. ``"auto"``: 90% of free CUDA memory, or half the available RAM
+        on CPU. None: no planning.
     progress : bool, default True
         Show a tqdm progress bar (tokens).
     checkpoint : path, optional
@@ -313,6 +321,7 @@ def collect_spectra(
     SiteError
         A layer out of range, or a point the FFN does not have.
     """
+    call = dict(locals())  # the arguments, for a multi-pass plan
     from .results import SpectraResult
 
     wrapper = as_nnsight(model)
@@ -334,6 +343,11 @@ def collect_spectra(
         raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
     device = next(root.parameters()).device
     precision = resolve_precision(precision, device, gram_dtype=gram_dtype)
+    if memory_budget is not None:
+        batches, plan = _plan(wrapper, batches, chosen, order, precision, call)
+        if plan.n_passes > 1:
+            return _collect_in_passes(plan, {**call, "model": wrapper, "sites": all_sites},
+                                      batches)
     accs = {(s.layer, p): CovarianceAccumulator(s.name(p), precision=precision)
             for s in chosen for p in order}
     reads = [(accs[(s.layer, p)], s.paths[p]) for s in chosen for p in order]
@@ -420,6 +434,85 @@ def collect_spectra(
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     })
+    return SpectraResult(spectra, meta)
+
+
+def _plan(wrapper: Any, batches: Any, chosen: Sequence[FFNSite], order: Sequence[str],
+          precision: str, call: dict) -> tuple[Any, Any]:
+    """Probe every point's width on one row of the first batch, then plan the passes.
+
+    Returns ``batches`` (with the first item put back if it was an iterator) and the plan.
+    """
+    import itertools
+
+    from .planner import plan_capture
+
+    if iter(batches) is batches:  # an iterator: peek, then put the first item back
+        try:
+            first_raw = next(batches)
+        except StopIteration:
+            raise CaptureError("no batches: the iterator passed as batches is empty.") from None
+        batches = itertools.chain([first_raw], batches)
+        first = _as_batch(first_raw, 0)
+    else:
+        first = next(iter_batches(batches, call["tokenizer"], batch_size=call["batch_size"],
+                                  max_length=call["max_length"]), None)
+        if first is None:
+            raise CaptureError("no batches: batches is empty.")
+    device = next(wrapper._module.parameters()).device
+    probe = {k: (v[:1, :8] if k in ("input_ids", "attention_mask") else v)
+             for k, v in first.items()}
+    if "_args" in probe:
+        probe["_args"] = tuple(a[:1] for a in probe["_args"])
+    kwargs = {k: _to(v, device) for k, v in probe.items()}
+    args = kwargs.pop("_args", ())
+    reads = [(s.layer, p, s.paths[p]) for s in chosen for p in order]
+    dims: dict = {}
+    with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
+        for layer, point, path in reads:
+            dims[(layer, point)] = int(wrapper.get(path).shape[-1])
+        tracer.stop()
+    ids = first.get("input_ids")
+    rows = int(ids.numel()) if ids is not None else int(
+        next(v for v in first.get("_args", first.values()) if isinstance(v, torch.Tensor))
+        .shape[:-1].numel())
+    p = next(wrapper._module.parameters())
+    plan = plan_capture(dims, budget=call["memory_budget"], device=device, precision=precision,
+                        tokens_per_batch=rows, activation_bytes=p.element_size(),
+                        eigenvectors=call["eigenvectors"])
+    return batches, plan
+
+
+def _collect_in_passes(plan: Any, call: dict, batches: Any):
+    """Run collect_spectra once per pass of ``plan`` over the same data; merge the spectra."""
+    from .results import SpectraResult
+
+    if isinstance(batches, Iterator):
+        raise CaptureError(
+            f"the memory plan needs {plan.n_passes} passes over the data, but batches is an "
+            "iterator (e.g. a generator) that can be read only once. Pass a list (list(...) "
+            "of the batches), fewer layers, or a larger memory_budget.\n" + plan.summary())
+    if call["checkpoint"] is not None:
+        raise ValueError("checkpoint= cannot be combined with a multi-pass memory plan yet; "
+                         "capture fewer layers per call, each with its own checkpoint.")
+    spectra, metas = {}, []
+    for layers, points in zip(plan.pass_layers, plan.pass_points, strict=True):
+        res = collect_spectra(**{**call, "batches": batches, "layers": list(layers),
+                                 "points": points, "memory_budget": None})
+        spectra.update(res.items())
+        metas.append(res.metadata)
+    for key in ("n_tokens", "data_sha1"):
+        if len({m[key] for m in metas}) != 1:
+            raise CaptureError(
+                f"the {plan.n_passes} passes over the data saw different tokens ({key}: "
+                f"{[m[key] for m in metas]}); batches must yield the same data every time "
+                "they are iterated.")
+    meta = dict(metas[0])
+    meta["layers"] = sorted({lay for m in metas for lay in m["layers"]})
+    meta["points"] = [p for p in POINTS if any(p in m["points"] for m in metas)]
+    meta["site_paths"] = {k: v for m in metas for k, v in m["site_paths"].items()}
+    meta["passes"] = [[f"layers.{lay}.ffn.{p}" for lay, p in ps] for ps in plan.passes]
+    meta["memory_plan"] = plan.summary()
     return SpectraResult(spectra, meta)
 
 
