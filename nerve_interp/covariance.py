@@ -36,7 +36,7 @@ Precision of the per-batch scatter (``precision=``)
     CPU the same products are computed from the exactly-widened float32 values). The exact
     residual ``Σ(hi + lo)`` corrects for the shift in float64. The default on CUDA. Dropping
     ``loᵀlo`` is *not* an option: on heavy-tailed data it costs ~100× in tail accuracy
-    (``benchmarks/accumulation_accuracy.py``).
+    (``benchmarks/bench.py``, part b).
 ``"auto"`` (default)
     ``"bf16-split"`` for CUDA tensors, ``"fp64"`` otherwise, decided on the first batch.
 
