@@ -210,7 +210,9 @@ def _gram_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if dev == "cuda" and _MM_OUT_DTYPE.get(dev, True):
         try:
             return torch.mm(a.T, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without out_dtype
             _MM_OUT_DTYPE[dev] = False
     return a.float().T @ b.float()
 

@@ -275,3 +275,10 @@ def test_bf16_split_on_cuda_matches_cpu_reference():
         mm.fp32_precision = before
     k = x.shape[1] // 10
     assert eig_rel_err(acc.covariance_.cpu().numpy(), x)[-k:].max() <= 1e-3
+    # the tensor-core products equal the CPU emulation up to fp32 summation order
+    from nerve_interp.covariance import bf16_split, bf16_split_scatter
+
+    hi, lo = bf16_split(x[:1024].float() - x[:1024].double().mean(0).bfloat16().float())
+    cpu = bf16_split_scatter(hi, lo).double()
+    gpu = bf16_split_scatter(hi.cuda(), lo.cuda()).double().cpu()
+    assert float((gpu - cpu).abs().max() / cpu.abs().max()) <= 1e-5
