@@ -183,7 +183,7 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
 
         m, tok = load_model("smollm2-135m")
         ref, _ = load_model("smollm2-135m")
-        texts = load_corpus("python-docs")[:8]
+        texts = load_corpus("python-docs")[:4]
         batches = list(tokenize_batches(texts, tok, batch_size=4, max_length=96))
         cases.append(throughput_case("SmolLM2-135M (cpu, fp32 weights)", m, ref, batches,
                                      cpu_prec, min(args.reps, 2)))
@@ -386,6 +386,37 @@ def bench_eigh(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------ (d) memory vs N
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _rss_reset_peak() -> int:
+    """Current RSS in bytes, after resetting the peak (VmHWM) where Linux allows it.
+
+    ``ru_maxrss`` cannot serve: Linux keeps it across fork + exec, so a child inherits the
+    parent's peak.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    rss = _status_kb("VmRSS")
+    return rss * 1024 if rss is not None else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    hwm = _status_kb("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child_memory(n_tokens: int, device: str, quick: bool) -> dict:
     """Run in a fresh process: peak memory of one capture of n_tokens above the baseline."""
     from nerve_interp.models import make_lm
@@ -404,13 +435,30 @@ def _child_memory(n_tokens: int, device: str, quick: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _rss_reset_peak()
     res = collect_spectra(model, batches, progress=False, max_tokens=n_tokens)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss()
+    # sensitivity check of the measurement: keeping every row of layer 0's pre (what the
+    # accumulators avoid) must show up as growth ∝ N
+    kept: list[torch.Tensor] = []
+    mod_path, io = module_and_io(find_ffn_sites(as_nnsight(model))[0].path("pre"))
+    hook = model.get_submodule(mod_path).register_forward_hook(
+        lambda m, a, o: kept.append((a[0] if io == "input" else o).detach().clone()))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_keep = torch.cuda.memory_allocated(dev)
+    else:
+        base_keep = _rss_reset_peak()
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    hook.remove()
+    peak_keep = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
     return {"N": res.metadata["n_tokens"], "peak_above_baseline_bytes": max(0, peak - base),
+            "keep_rows_reference_bytes": max(0, peak_keep - base_keep),
             "baseline_bytes": base, "D": int(res.spectrum(0, "pre").dim),
             "points": len(list(res.items()))}
 
@@ -433,10 +481,10 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
             if proc.returncode or not line:
                 raise RuntimeError(f"memory child for N={n} failed:\n{proc.stderr[-2000:]}")
             rows.append(json.loads(line[0][7:]))
-        out.append({"device": device, "how": "ru_maxrss of a fresh process (peak RSS) above "
-                    "its peak after loading and one warm-up capture" if device == "cpu" else
-                    "torch.cuda.max_memory_allocated above memory_allocated after warm-up",
-                    "rows": rows})
+        how = ("peak RSS (VmHWM, reset after loading and one warm-up capture) of a fresh "
+               "process, above its RSS then" if device == "cpu" else
+               "torch.cuda.max_memory_allocated above memory_allocated after warm-up")
+        out.append({"device": device, "how": how, "rows": rows})
     return out
 
 
@@ -446,7 +494,8 @@ def _fmt(x: float) -> str:
 
 
 def print_report(res: dict) -> None:
-    print(f"\nnerve_interp benchmarks ({res['host']}); load avg {res['load_avg']}")
+    print(f"\nnerve_interp benchmarks ({res['host']}); load avg at start {res['load_avg']}; "
+          f"seconds per part {res.get('part_s')}")
     for case in res.get("throughput", []):
         print(f"\n[a] {case['case']}: {case['sites']} points, D {case['D']}, {case['tokens']} "
               f"tokens in {case['batches']} batches, {case['reps']} reps")
@@ -475,7 +524,8 @@ def print_report(res: dict) -> None:
         for r in m["rows"]:
             print(f"  N={r['N']:>7}: +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB above "
                   f"a baseline of {r['baseline_bytes'] / 1e6:.0f} MB ({r['points']} points of "
-                  f"D={r['D']})")
+                  f"D={r['D']}); reference, keeping one point's rows instead: "
+                  f"+{r['keep_rows_reference_bytes'] / 1e6:.1f} MB")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -495,14 +545,14 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg": round(os.getloadavg()[0], 2), "quick": args.quick,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    if "throughput" in parts:
-        res["throughput"] = bench_throughput(args)
-    if "accuracy" in parts:
-        res["accuracy"] = bench_accuracy(args)
-    if "eigh" in parts:
-        res["eigh"] = bench_eigh(args)
-    if "memory" in parts:
-        res["memory"] = bench_memory(args)
+    run = {"throughput": bench_throughput, "accuracy": bench_accuracy, "eigh": bench_eigh,
+           "memory": bench_memory}
+    res["part_s"] = {}
+    for part in (p for p in PARTS if p in parts):
+        t_part = time.perf_counter()
+        print(f"running part {part} ...", flush=True)
+        res[part] = run[part](args)
+        res["part_s"][part] = round(time.perf_counter() - t_part, 1)
     res["runtime_s"] = round(time.perf_counter() - t0, 1)
     print_report(res)
     out = Path(args.out) if args.out else RESULTS / (
