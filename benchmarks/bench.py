@@ -144,7 +144,7 @@ def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Modu
             times[name].append(time.perf_counter() - t0)
     rows = []
     for name, ts in times.items():
-        row = {"variant": name, "median_s": statistics.median(ts),
+        row = {"variant": name, "times_s": ts, "median_s": statistics.median(ts),
                "tokens_per_s": n_tok / statistics.median(ts),
                "x_plain": _median_ratio(ts, times["plain"])}
         if name.startswith("nnsight"):
