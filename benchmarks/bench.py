@@ -46,16 +46,19 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from capture_throughput import module_and_io, plain_forward, raw_hook_capture, stub_eigh  # noqa: E402
+from capture_throughput import module_and_io, plain_forward, raw_hook_capture  # noqa: E402
 
 import nerve_interp  # noqa: E402
+import nerve_interp.capture as capture_mod  # noqa: E402
 from nerve_interp.capture import collect_spectra  # noqa: E402
 from nerve_interp.covariance import (  # noqa: E402
     CovarianceAccumulator,
@@ -64,7 +67,7 @@ from nerve_interp.covariance import (  # noqa: E402
     full_precision_matmul,
 )
 from nerve_interp.sites import as_nnsight, find_ffn_sites  # noqa: E402
-from nerve_interp.spectrum import spectrum_from_covariance  # noqa: E402
+from nerve_interp.spectrum import Spectrum, spectrum_from_covariance  # noqa: E402
 
 PARTS = ("throughput", "accuracy", "eigh", "memory")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,6 +114,23 @@ def _random_batches(n_batches: int, batch: int, seq: int, vocab: int, device: An
 
 
 # ------------------------------------------------------------------ (a) throughput
+@contextmanager
+def discard_eigh():
+    """Skip collect_spectra's eigendecomposition; the covariance it was handed is dropped.
+
+    (``capture_throughput.stub_eigh`` keeps every covariance for its correctness check;
+    with 60 points of D = 1536 the fresh pages that needs cost seconds, which the raw-hook
+    variant, dropping each covariance at once, does not pay.)
+    """
+    def fake(covariance, mean, n_samples, *, eigenvectors=False, name="spectrum", warn=True):
+        d = int(covariance.shape[0])
+        return Spectrum(eigenvalues=np.zeros(d), mean=np.zeros(d), n_samples=int(n_samples),
+                        name=name)
+
+    with mock.patch.object(capture_mod, "spectrum_from_covariance", fake):
+        yield
+
+
 def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Module,
                     batches: list[dict], precisions: list[str], reps: int) -> dict:
     """Time plain / nnsight / raw-hook capture side by side on the same batches."""
@@ -121,7 +141,7 @@ def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Modu
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
 
     def nn(prec: str) -> None:
-        with stub_eigh({}):
+        with discard_eigh():
             collect_spectra(wrapper, batches, points=("pre", "post"), progress=False,
                             precision=prec)
 
@@ -397,11 +417,20 @@ def _status_kb(field: str) -> int | None:
 
 
 def _rss_reset_peak() -> int:
-    """Current RSS in bytes, after resetting the peak (VmHWM) where Linux allows it.
+    """Current RSS in bytes, after returning freed heap to the OS and resetting the peak.
 
-    ``ru_maxrss`` cannot serve: Linux keeps it across fork + exec, so a child inherits the
-    parent's peak.
+    ``malloc_trim`` first, so later allocations need fresh pages rather than reusing freed
+    ones unseen; then VmHWM is reset where Linux allows it. ``ru_maxrss`` cannot serve:
+    Linux keeps it across fork + exec, so a child inherits the parent's peak.
     """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     except OSError:
@@ -423,7 +452,7 @@ def _child_memory(n_tokens: int, device: str, quick: bool) -> dict:
 
     warnings.filterwarnings("ignore")
     dev = torch.device(device)
-    kw = dict(n_layers=2, d_model=64) if quick else {}
+    kw = dict(n_layers=2, d_model=64)
     model = make_lm("small", seed=0, **kw).eval().to(dev)
     seq = 32 if quick else 128
     bs = 4 if quick else 8
@@ -457,6 +486,7 @@ def _child_memory(n_tokens: int, device: str, quick: bool) -> dict:
             model(**b)
     hook.remove()
     peak_keep = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
+    kept.clear()
     return {"N": res.metadata["n_tokens"], "peak_above_baseline_bytes": max(0, peak - base),
             "keep_rows_reference_bytes": max(0, peak_keep - base_keep),
             "baseline_bytes": base, "D": int(res.spectrum(0, "pre").dim),
@@ -467,19 +497,25 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
     ns = args.memory_tokens or ((256, 1024) if args.quick else (2048, 8192, 32768))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     root = str(Path(nerve_interp.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           # a fixed mmap threshold: large blocks come from mmap and go back on free, so
+           # RSS follows live memory (glibc's dynamic threshold keeps freed blocks in the heap)
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = []
     for device in devices:
-        rows = []
-        for n in ns:
+        procs = []
+        for n in ns:  # one fresh process per N, run side by side (each measures only itself)
             code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                     f"import bench; print('RESULT', json.dumps(bench._child_memory({n}, "
                     f"{device!r}, {args.quick})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                  env=env, timeout=600)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            procs.append((n, subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+        rows = []
+        for n, proc in procs:
+            stdout, stderr = proc.communicate(timeout=900)
+            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
-                raise RuntimeError(f"memory child for N={n} failed:\n{proc.stderr[-2000:]}")
+                raise RuntimeError(f"memory child for N={n} failed:\n{stderr[-2000:]}")
             rows.append(json.loads(line[0][7:]))
         how = ("peak RSS (VmHWM, reset after loading and one warm-up capture) of a fresh "
                "process, above its RSS then" if device == "cpu" else
@@ -525,7 +561,8 @@ def print_report(res: dict) -> None:
             print(f"  N={r['N']:>7}: +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB above "
                   f"a baseline of {r['baseline_bytes'] / 1e6:.0f} MB ({r['points']} points of "
                   f"D={r['D']}); reference, keeping one point's rows instead: "
-                  f"+{r['keep_rows_reference_bytes'] / 1e6:.1f} MB")
+                  f"+{r['keep_rows_reference_bytes'] / 1e6:.1f} MB "
+                  f"(N·D·4 = {r['N'] * r['D'] * 4 / 1e6:.1f} MB)")
 
 
 def main(argv: list[str] | None = None) -> dict:
