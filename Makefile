@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test docs lint clean
+.PHONY: setup demo test docs lint clean bench
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache nerve_interp_demo
+
+# Benchmarks (CPU: ~3 min on 2 cores; GPU parts run when CUDA is present). Table + JSON in
+# benchmarks/results/. `make bench BENCH_ARGS=--quick` for a smoke run.
+bench: setup
+	PYTHONPATH=. $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)

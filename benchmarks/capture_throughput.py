@@ -136,14 +136,16 @@ class _StopForward(Exception):
 
 
 def raw_hook_capture(model: torch.nn.Module, batches: list[dict], reads: list[tuple],
-                     gram_dtype: torch.dtype) -> dict[str, CovarianceAccumulator]:
+                     gram_dtype: torch.dtype | None = None, *, precision: str = "auto"
+                     ) -> dict[str, CovarianceAccumulator]:
     """The raw-hook equivalent of collect_spectra's accumulation pass.
 
     ``reads`` is ``[(name, module_path, io, point)]`` in forward order. Pre points are read in
     a forward hook (``input[0]`` or ``output``), an ``.input`` post point in a forward
-    pre-hook (``input[0]``).
+    pre-hook (``input[0]``). ``gram_dtype`` / ``precision``: the accumulation mode.
     """
-    accs = {name: CovarianceAccumulator(name, gram_dtype=gram_dtype) for name, *_ in reads}
+    accs = {name: CovarianceAccumulator(name, gram_dtype=gram_dtype, precision=precision)
+            for name, *_ in reads}
     state: dict[str, Any] = {}
     last = reads[-1][0]
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import checkpoint as _ckpt
 from . import distributed as _dist
-from .covariance import CovarianceAccumulator
+from .covariance import CovarianceAccumulator, gram_dtype_of, resolve_precision
 from .errors import (
     CaptureError,
     NegativeEigenvalueWarning,
@@ -201,7 +201,9 @@ def collect_spectra(
     batch_size: int = 8,
     max_length: int = 256,
     eigenvectors: bool = False,
-    gram_dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype | None = None,
+    precision: str = "auto",
+    memory_budget: int | float | str | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
@@ -238,9 +240,21 @@ def collect_spectra(
         (the default); ``skip_first=1`` shows the spectrum of the other tokens.
     eigenvectors : bool, default False
         Keep eigenvectors (8·D² bytes per point) for subspace ablations.
-    gram_dtype : torch.dtype, default torch.float64
-        Precision of each batch's centred scatter matrix (float32 is ~1.7× faster on CPU).
-        Statistics are merged and eigendecomposed in float64 either way.
+    gram_dtype : torch.float64 or torch.float32, optional
+        Older synonym of ``precision`` (``"fp64"`` / ``"fp32"``).
+    precision : {"auto", "fp64", "fp32", "bf16-split"}, default "auto"
+        How each batch's centred scatter matrix is formed (see
+        :mod:`nerve_interp.covariance`): ``"auto"`` is ``"fp64"`` when the model is on a CPU
+        and ``"bf16-split"`` (bf16 tensor cores, fp32-level accuracy) on CUDA; ``"fp32"`` is
+        ~1.7× faster than fp64 on CPU. Statistics are merged and eigendecomposed in float64
+        either way; ``metadata["precision"]`` records the mode used.
+    memory_budget : bytes, "auto" or None, default None
+        Plan device memory first (:func:`nerve_interp.planner.plan_capture`, widths read in a
+        one-row probe trace): when the statistics of every point do not fit, the points are
+        split into passes over the same data (``batches`` must then be re-iterable, e.g. a
+        list) and the spectra merged; a point that alone does not fit raises
+        ``MemoryPlanError``. ``"auto"``: 90% of free CUDA memory, or half the available RAM
+        on CPU. None: no planning.
     progress : bool, default True
         Show a tqdm progress bar (tokens).
     checkpoint : path, optional
@@ -248,7 +262,7 @@ def collect_spectra(
         a run killed at any moment leaves the previous or the new checkpoint) and resume
         from it when it exists: pass the same batches again; the ones already counted are
         hashed, not run, and a resume on other data, another model, other sites or other
-        options (``points``, ``max_tokens``, ``skip_first``, ``gram_dtype``) is refused
+        options (``points``, ``max_tokens``, ``skip_first``, ``precision``) is refused
         (see :mod:`nerve_interp.checkpoint`). A resumed run gives the same eigenvalues as an
         uninterrupted one, bit for bit on the same machine. Under ``torch.distributed`` each
         rank writes ``<stem>.rank<r>-of-<w><suffix>``.
@@ -284,6 +298,7 @@ def collect_spectra(
     SiteError
         A layer out of range, or a point the FFN does not have.
     """
+    call = dict(locals())  # the arguments, for a multi-pass plan
     from .results import SpectraResult
 
     wrapper = as_nnsight(model)
@@ -307,18 +322,32 @@ def collect_spectra(
         raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
     rank, world_size = _dist.world(distributed)
     budget = _dist.rank_budget(max_tokens, rank, world_size)  # this rank's share
+    device = _input_device(root)
+    precision = resolve_precision(precision, device, gram_dtype=gram_dtype)
+    if memory_budget is not None:
+        batches, plan = _plan(wrapper, batches, chosen, order, precision, call)
+        if plan.n_passes > 1:
+            return _collect_in_passes(plan, {**call, "model": wrapper, "sites": all_sites},
+                                      batches)
     trace_batch = _trace_batch
     if remote is not None:
         from .remote import check_remote_wrapper, remote_trace_batch
 
         check_remote_wrapper(wrapper, remote)
-        trace_batch = functools.partial(remote_trace_batch, remote=remote, gram_dtype=gram_dtype)
-    accs = {(s.layer, p): CovarianceAccumulator(s.name(p), gram_dtype=gram_dtype)
+        if precision == "bf16-split":
+            raise ValueError(
+                "precision='bf16-split' is not available with remote=...: the per-batch "
+                "statistics are formed on the server with plain torch ops. Use precision='fp64' "
+                "(default off CUDA) or 'fp32'."
+            )
+        trace_batch = functools.partial(remote_trace_batch, remote=remote,
+                                        gram_dtype=gram_dtype_of(precision))
+    accs = {(s.layer, p): CovarianceAccumulator(s.name(p), precision=precision)
             for s in chosen for p in order}
     reads = [(accs[(s.layer, p)], s.paths[p]) for s in chosen for p in order]
     meta = _model_metadata(root, chosen, len(all_sites))
     manifest = _ckpt.capture_manifest(meta, chosen, order, max_tokens=max_tokens,
-                                      skip_first=skip_first, gram_dtype=gram_dtype,
+                                      skip_first=skip_first, precision=precision,
                                       rank=rank, world_size=world_size)
 
     ckpt = (_ckpt.shard_path(Path(checkpoint), rank, world_size)
@@ -329,7 +358,6 @@ def collect_spectra(
         done_batches, n_tokens = int(position["batches"]), int(position["tokens"])
     n_batches, n_local, n_seen = done_batches, 0, 0
 
-    device = _input_device(root)
     data_hash = hashlib.sha1()
     bar = tqdm(total=budget, initial=n_tokens, unit="tok", disable=not progress or rank > 0,
                desc=f"spectra {meta['model']}", dynamic_ncols=True)
@@ -400,15 +428,16 @@ def collect_spectra(
             name=acc.name, warn=False,
         )
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
-    # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 Gram
+    # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
     _warn_once(list(spectra.values()),
-               NEGATIVE_WARN_TOL if gram_dtype == torch.float64 else 64 * 2.0**-23)
+               NEGATIVE_WARN_TOL if precision == "fp64" else 64 * 2.0**-23)
     meta.update({
         "n_tokens": n_tokens,
         "n_batches": n_batches,
         "max_tokens": max_tokens,
         "skip_first": skip_first,
-        "gram_dtype": str(gram_dtype).replace("torch.", ""),
+        "gram_dtype": str(accs[next(iter(accs))].gram_dtype).replace("torch.", ""),
+        "precision": precision,
         "data": data_label,
         "data_sha1": data_sha1,
         "world_size": world_size,
@@ -419,6 +448,85 @@ def collect_spectra(
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     })
+    return SpectraResult(spectra, meta)
+
+
+def _plan(wrapper: Any, batches: Any, chosen: Sequence[FFNSite], order: Sequence[str],
+          precision: str, call: dict) -> tuple[Any, Any]:
+    """Probe every point's width on one row of the first batch, then plan the passes.
+
+    Returns ``batches`` (with the first item put back if it was an iterator) and the plan.
+    """
+    import itertools
+
+    from .planner import plan_capture
+
+    if iter(batches) is batches:  # an iterator: peek, then put the first item back
+        try:
+            first_raw = next(batches)
+        except StopIteration:
+            raise CaptureError("no batches: the iterator passed as batches is empty.") from None
+        batches = itertools.chain([first_raw], batches)
+        first = _as_batch(first_raw, 0)
+    else:
+        first = next(iter_batches(batches, call["tokenizer"], batch_size=call["batch_size"],
+                                  max_length=call["max_length"]), None)
+        if first is None:
+            raise CaptureError("no batches: batches is empty.")
+    device = next(wrapper._module.parameters()).device
+    probe = {k: (v[:1, :8] if k in ("input_ids", "attention_mask") else v)
+             for k, v in first.items()}
+    if "_args" in probe:
+        probe["_args"] = tuple(a[:1] for a in probe["_args"])
+    kwargs = {k: _to(v, device) for k, v in probe.items()}
+    args = kwargs.pop("_args", ())
+    reads = [(s.layer, p, s.paths[p]) for s in chosen for p in order]
+    dims: dict = {}
+    with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
+        for layer, point, path in reads:
+            dims[(layer, point)] = int(wrapper.get(path).shape[-1])
+        tracer.stop()
+    ids = first.get("input_ids")
+    rows = int(ids.numel()) if ids is not None else int(
+        next(v for v in first.get("_args", first.values()) if isinstance(v, torch.Tensor))
+        .shape[:-1].numel())
+    p = next(wrapper._module.parameters())
+    plan = plan_capture(dims, budget=call["memory_budget"], device=device, precision=precision,
+                        tokens_per_batch=rows, activation_bytes=p.element_size(),
+                        eigenvectors=call["eigenvectors"])
+    return batches, plan
+
+
+def _collect_in_passes(plan: Any, call: dict, batches: Any):
+    """Run collect_spectra once per pass of ``plan`` over the same data; merge the spectra."""
+    from .results import SpectraResult
+
+    if isinstance(batches, Iterator):
+        raise CaptureError(
+            f"the memory plan needs {plan.n_passes} passes over the data, but batches is an "
+            "iterator (e.g. a generator) that can be read only once. Pass a list (list(...) "
+            "of the batches), fewer layers, or a larger memory_budget.\n" + plan.summary())
+    if call["checkpoint"] is not None:
+        raise ValueError("checkpoint= cannot be combined with a multi-pass memory plan yet; "
+                         "capture fewer layers per call, each with its own checkpoint.")
+    spectra, metas = {}, []
+    for layers, points in zip(plan.pass_layers, plan.pass_points, strict=True):
+        res = collect_spectra(**{**call, "batches": batches, "layers": list(layers),
+                                 "points": points, "memory_budget": None})
+        spectra.update(res.items())
+        metas.append(res.metadata)
+    for key in ("n_tokens", "data_sha1"):
+        if len({m[key] for m in metas}) != 1:
+            raise CaptureError(
+                f"the {plan.n_passes} passes over the data saw different tokens ({key}: "
+                f"{[m[key] for m in metas]}); batches must yield the same data every time "
+                "they are iterated.")
+    meta = dict(metas[0])
+    meta["layers"] = sorted({lay for m in metas for lay in m["layers"]})
+    meta["points"] = [p for p in POINTS if any(p in m["points"] for m in metas)]
+    meta["site_paths"] = {k: v for m in metas for k, v in m["site_paths"].items()}
+    meta["passes"] = [[f"layers.{lay}.ffn.{p}" for lay, p in ps] for ps in plan.passes]
+    meta["memory_plan"] = plan.summary()
     return SpectraResult(spectra, meta)
 
 

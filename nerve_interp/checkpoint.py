@@ -9,7 +9,7 @@ see :func:`nerve_interp._io.atomic_path`), so a run killed at any instant (even 
 * a JSON **manifest** of everything that must match for a resume to give the statistics of an
   uninterrupted run: the model (name and class), the sites (point name → nnsight path), the
   capture options that change the statistics (``points``, ``max_tokens``, ``skip_first``,
-  ``gram_dtype``) and the data shard (``rank`` of ``world_size`` for multi-process runs);
+  ``precision``) and the data shard (``rank`` of ``world_size`` for multi-process runs);
 * the **data position**: batches and tokens consumed and the SHA-1 of the consumed batches
   (real token ids, or the raw bytes of non-token inputs), so that resuming on other data
   is refused rather than silently mixing two corpora;
@@ -51,7 +51,7 @@ def capture_manifest(
     *,
     max_tokens: int | None,
     skip_first: int,
-    gram_dtype: torch.dtype,
+    precision: str,
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, Any]:
@@ -69,8 +69,9 @@ def capture_manifest(
         Token budget of the run (for a multi-process run, the global budget).
     skip_first : int
         Leading tokens left out of every sequence.
-    gram_dtype : torch.dtype
-        Precision of the per-batch scatter matrices.
+    precision : str
+        Concrete accumulation mode of the per-batch scatter matrices (``"fp64"``, ``"fp32"``,
+        ``"bf16-split"``).
     rank : int, default 0
         This process's rank (``0`` without ``torch.distributed``).
     world_size : int, default 1
@@ -88,7 +89,7 @@ def capture_manifest(
         "sites": {site_name(s.layer, p): s.paths[p] for s in sites for p in points},
         "options": {"points": list(points), "max_tokens": max_tokens,
                     "skip_first": int(skip_first),
-                    "gram_dtype": str(gram_dtype).replace("torch.", "")},
+                    "precision": str(precision)},
         "shard": {"rank": int(rank), "world_size": int(world_size)},
     }
 

@@ -2,9 +2,9 @@ r"""Streaming, mergeable covariance of activations: count, mean, centred second 
 
 The state of a :class:`CovarianceAccumulator` is ``(n, μ, M2)`` in **float64**, with
 ``M2 = Σ_n (x_n − μ)(x_n − μ)ᵀ``, so that ``Σ = M2 / (n − 1)`` (centred, unbiased, as
-[NerVE] Eq. 1). Each batch is first centred on its own mean (a per-batch shift), its
-scatter matrix is formed in ``gram_dtype`` (float64 by default), and it is folded into the
-state with the exact parallel update of Chan, Golub & LeVeque (1979)::
+[NerVE] Eq. 1). Each batch is first centred on a per-batch shift, its scatter matrix is
+formed in the accumulator's ``precision`` (below), and it is folded into the state with the
+exact parallel update of Chan, Golub & LeVeque (1979)::
 
     n   = n_a + n_b
     δ   = μ_b − μ_a
@@ -13,18 +13,261 @@ state with the exact parallel update of Chan, Golub & LeVeque (1979)::
 
 The same update merges two accumulators (other processes, other data shards), so results do
 not depend on how the data were split or in which order they were merged (up to float64
-round-off). Never form an *uncentred* Gram matrix in low precision: with a mean offset the
-cancellation in ``E[xxᵀ] − μμᵀ`` destroys the tail of the spectrum (DESIGN.md).
+round-off).
+
+Precision of the per-batch scatter (``precision=``)
+---------------------------------------------------
+``"fp64"``
+    Centre on the exact batch mean, Gram product in float64. Exact to float64 round-off; the
+    default on CPU.
+``"fp32"``
+    Centre on the batch mean rounded to float32, Gram product in float32 (TF32 forbidden while
+    it runs). About 1.7× faster than fp64 on CPU, much more on GPUs.
+``"bf16-split"``
+    Centre on the batch mean rounded to **bfloat16** (so the shift ``s`` is itself a bf16
+    number), form ``d = x − s`` in float32 and split it as ``d = hi + lo`` with ``hi =
+    bf16(d)`` and ``lo = bf16(d − hi)``. For bf16 activations ``d`` is exact and so is the
+    split whenever ``d`` needs at most 16 significant bits; otherwise ``hi + lo`` keeps 16 of
+    them (relative error ≤ 2⁻¹⁷ per value). The scatter is then ::
+
+        dᵀd = hiᵀhi + (hiᵀlo + (hiᵀlo)ᵀ) + loᵀlo
+
+    three bf16 matrix products with float32 accumulation (bf16 tensor cores on a GPU; on a
+    CPU the same products are computed from the exactly-widened float32 values). The exact
+    residual ``Σ(hi + lo)`` corrects for the shift in float64. The default on CUDA. Dropping
+    ``loᵀlo`` is *not* an option: on heavy-tailed data it costs ~100× in tail accuracy
+    (``benchmarks/bench.py``, part b).
+``"auto"`` (default)
+    ``"bf16-split"`` for CUDA tensors, ``"fp64"`` otherwise, decided on the first batch.
+
+A 16-bit Gram matrix (``"bf16"``, ``"fp16"``) and TF32 (``"tf32"``) are refused: with a mean
+offset the cancellation in ``E[xxᵀ] − μμᵀ`` destroys the tail of the spectrum (DESIGN.md:
+on an H100, 1271 of 3072 eigenvalues came out negative with bf16; TF32's tail error was
+~6000× fp32's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import CaptureError, NotFittedError, ResultsFileError
+
+PRECISIONS = ("fp64", "fp32", "bf16-split")
+"""Accumulation modes of :class:`CovarianceAccumulator` (plus ``"auto"``)."""
+
+_REFUSED = {
+    "bf16": "a bfloat16 Gram matrix keeps 8 significant bits",
+    "bfloat16": "a bfloat16 Gram matrix keeps 8 significant bits",
+    "fp16": "a float16 Gram matrix keeps 11 significant bits and overflows at 65504",
+    "float16": "a float16 Gram matrix keeps 11 significant bits and overflows at 65504",
+    "half": "a float16 Gram matrix keeps 11 significant bits and overflows at 65504",
+    "tf32": "TF32 matmuls round their inputs to 11 significant bits (tail eigenvalue error "
+            "~6000x fp32's on an H100)",
+}
+_GRAM_DTYPE_PRECISION = {torch.float64: "fp64", torch.float32: "fp32"}
+_PRECISION_GRAM_DTYPE = {"fp64": torch.float64, "fp32": torch.float32,
+                         "bf16-split": torch.float32}
+_BF16 = torch.bfloat16
+
+
+def default_precision(device: torch.device | str) -> str:
+    """The accumulation mode ``"auto"`` picks on ``device``.
+
+    ``"bf16-split"`` on CUDA (bf16 tensor cores, fp32-level accuracy), ``"fp64"`` elsewhere.
+
+    Examples
+    --------
+    >>> default_precision("cpu"), default_precision("cuda:0")
+    ('fp64', 'bf16-split')
+    """
+    return "bf16-split" if torch.device(device).type == "cuda" else "fp64"
+
+
+def check_precision(precision: str = "auto", gram_dtype: torch.dtype | None = None,
+                    *, name: str = "activations") -> str:
+    """Validate an accumulation mode (``gram_dtype`` is its older synonym).
+
+    Parameters
+    ----------
+    precision : {"auto", "fp64", "fp32", "bf16-split"}
+        See the module docstring.
+    gram_dtype : torch.float64 or torch.float32, optional
+        Older spelling: ``torch.float64`` means ``"fp64"``, ``torch.float32`` ``"fp32"``.
+    name : str
+        Used in error messages.
+
+    Returns
+    -------
+    str
+        One of ``"auto"``, ``"fp64"``, ``"fp32"``, ``"bf16-split"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown mode, a refused 16-bit / TF32 mode, or ``precision`` and ``gram_dtype``
+        that disagree.
+    """
+    if gram_dtype is not None:
+        if gram_dtype not in _GRAM_DTYPE_PRECISION:
+            raise ValueError(
+                f"gram_dtype={gram_dtype} for {name}: use torch.float64 (exact) or torch.float32 "
+                "(faster, still centred), or precision='bf16-split' for bf16 tensor cores. "
+                "16-bit Gram matrices lose the spectrum's tail."
+            )
+        from_dtype = _GRAM_DTYPE_PRECISION[gram_dtype]
+        if precision not in ("auto", from_dtype):
+            raise ValueError(
+                f"precision={precision!r} and gram_dtype={gram_dtype} for {name} disagree; "
+                "pass only precision= (gram_dtype is its older synonym)."
+            )
+        return from_dtype
+    if not isinstance(precision, str):
+        raise TypeError(f"precision for {name} must be a str; got {type(precision).__name__} "
+                        f"{precision!r}. Choose one of {('auto', *PRECISIONS)}.")
+    key = precision.lower()
+    if key in _REFUSED:
+        raise ValueError(
+            f"precision={precision!r} for {name} is refused: {_REFUSED[key]}, and 16-bit Gram "
+            "matrices lose the spectrum's tail (H100, mean offset 0.5: 1271 of 3072 eigenvalues "
+            "negative with bf16). Use 'bf16-split' (bf16 tensor cores, fp32-level accuracy), "
+            "'fp32' or 'fp64'."
+        )
+    if key != "auto" and key not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} for {name}; choose one of "
+                         f"{('auto', *PRECISIONS)}.")
+    return key
+
+
+def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu", *,
+                      gram_dtype: torch.dtype | None = None) -> str:
+    """The concrete mode (``"fp64"``, ``"fp32"`` or ``"bf16-split"``) used on ``device``.
+
+    Examples
+    --------
+    >>> resolve_precision("auto", "cpu"), resolve_precision(gram_dtype=torch.float32)
+    ('fp64', 'fp32')
+    """
+    p = check_precision(precision, gram_dtype)
+    return default_precision(device) if p == "auto" else p
+
+
+def gram_dtype_of(precision: str) -> torch.dtype:
+    """Dtype of the per-batch scatter matrix a concrete mode forms (its accumulation type)."""
+    return _PRECISION_GRAM_DTYPE[precision]
+
+
+# ------------------------------------------------------------------ matmul guard
+_FP32_BACKENDS = ("cuda", "mkldnn")
+
+
+@contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """Forbid TF32 / bf16-decomposed float32 matmuls and reduced-precision bf16 reductions.
+
+    Sets ``torch.backends.{cuda,mkldnn}.matmul.fp32_precision = "ieee"`` (the legacy
+    ``allow_tf32`` flag on torches without it) and
+    ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False`` for the
+    duration, then restores what the user had. Only float32 Gram products run inside it: the
+    model's own matmuls (between ``.output`` reads of an nnsight trace) are unaffected.
+    """
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for backend in _FP32_BACKENDS:
+            mm = getattr(getattr(torch.backends, backend, None), "matmul", None)
+            if mm is not None and hasattr(mm, "fp32_precision"):
+                saved.append((mm, "fp32_precision", mm.fp32_precision))
+                mm.fp32_precision = "ieee"
+        cuda_mm = torch.backends.cuda.matmul
+        if not hasattr(cuda_mm, "fp32_precision"):  # torch < 2.9
+            saved.append((cuda_mm, "allow_tf32", cuda_mm.allow_tf32))
+            cuda_mm.allow_tf32 = False
+        saved.append((cuda_mm, "allow_bf16_reduced_precision_reduction",
+                      cuda_mm.allow_bf16_reduced_precision_reduction))
+        cuda_mm.allow_bf16_reduced_precision_reduction = False
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+# ------------------------------------------------------------------ bf16 split
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _gram_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀ b`` of two bf16 ``[N, D]`` tensors with float32 accumulation and output.
+
+    CUDA: one bf16 tensor-core GEMM with ``out_dtype=torch.float32`` where torch has it.
+    Elsewhere (and as the fallback): widen to float32 (exact) and multiply in float32, which
+    is the same arithmetic (a product of two bf16 numbers is exact in float32).
+    """
+    dev = a.device.type
+    if dev == "cuda" and _MM_OUT_DTYPE.get(dev, True):
+        try:
+            return torch.mm(a.T, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without out_dtype
+            _MM_OUT_DTYPE[dev] = False
+    return a.float().T @ b.float()
+
+
+def bf16_split(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split float32 values into ``hi + lo``, both bfloat16.
+
+    Parameters
+    ----------
+    d : torch.Tensor of shape (N, D), float32
+        Centred activations.
+
+    Returns
+    -------
+    hi, lo : torch.Tensor of shape (N, D), bfloat16
+        ``hi = bf16(d)``, ``lo = bf16(d − hi)``; ``hi + lo == d`` exactly when ``d`` has at
+        most 16 significant bits (true for differences of nearby bf16 numbers).
+
+    Examples
+    --------
+    >>> d = torch.tensor([[1.0 + 2.0**-10, -3.0]])
+    >>> hi, lo = bf16_split(d)
+    >>> (hi.float() + lo.float() - d).abs().max().item()
+    0.0
+    """
+    hi = d.to(_BF16)
+    lo = (d - hi.float()).to(_BF16)
+    return hi, lo
+
+
+def bf16_split_scatter(hi: torch.Tensor, lo: torch.Tensor, *,
+                       include_lo_lo: bool = True) -> torch.Tensor:
+    """``(hi + lo)ᵀ(hi + lo)`` from three bf16 products with float32 accumulation.
+
+    ``hiᵀhi + (hiᵀlo + (hiᵀlo)ᵀ) + loᵀlo``; the cross term is formed once and added with
+    its transpose (the product is symmetric). Small terms are summed first.
+
+    Parameters
+    ----------
+    hi, lo : torch.Tensor of shape (N, D), bfloat16
+        From :func:`bf16_split`.
+    include_lo_lo : bool, default True
+        ``False`` drops ``loᵀlo`` (for benchmarks and tests only: it is ~100× worse in the
+        tail on heavy-tailed data).
+
+    Returns
+    -------
+    torch.Tensor of shape (D, D), float32
+    """
+    cross = _gram_fp32(hi, lo)
+    out = _gram_fp32(lo, lo) if include_lo_lo else torch.zeros_like(cross)
+    out += cross
+    out += cross.T
+    out += _gram_fp32(hi, hi)
+    return out
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -40,13 +283,20 @@ class CovarianceAccumulator:
     ----------
     name : str, optional
         What the statistics are of (e.g. ``"layers.3.ffn.pre"``); used in error messages.
-    gram_dtype : torch.dtype, default torch.float64
-        Precision of each batch's centred scatter matrix ``(x − x̄)ᵀ(x − x̄)``. ``float32``
-        is about 1.7× faster on CPU (more on GPUs) and still centred; never use a 16-bit
-        type. The running state is float64 either way.
+    precision : {"auto", "fp64", "fp32", "bf16-split"}, default "auto"
+        How each batch's centred scatter matrix is formed (module docstring): ``"auto"`` is
+        ``"fp64"`` on CPU and ``"bf16-split"`` on CUDA, decided on the first batch. The
+        running state is float64 in every mode. ``"bf16"``, ``"fp16"`` and ``"tf32"`` are
+        refused with an explanation.
+    gram_dtype : torch.float64 or torch.float32, optional
+        Older synonym of ``precision`` (``"fp64"`` / ``"fp32"``).
 
     Attributes
     ----------
+    precision : str
+        The mode asked for (``"auto"`` until resolved in ``precision_``).
+    precision_ : str or None
+        The mode in use, once the first batch has fixed it (None before, if ``"auto"``).
     n_samples_seen_ : int
         Number of rows (tokens) folded in so far.
     mean_ : torch.Tensor of shape (D,), float64
@@ -62,25 +312,32 @@ class CovarianceAccumulator:
     >>> acc = CovarianceAccumulator(name="demo")
     >>> x = torch.randn(100, 8, dtype=torch.float64) + 1e3
     >>> _ = acc.update(x[:30]).update(x[30:])
-    >>> acc.covariance_.shape
-    torch.Size([8, 8])
+    >>> acc.covariance_.shape, acc.precision_
+    (torch.Size([8, 8]), 'fp64')
     >>> bool(torch.allclose(acc.covariance_, torch.cov(x.T)))
     True
     """
 
-    def __init__(self, name: str = "activations", *, gram_dtype: torch.dtype = torch.float64):
-        if gram_dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"gram_dtype={gram_dtype} for {name}: use torch.float64 (exact) or torch.float32 "
-                "(faster, still centred). 16-bit Gram matrices lose the spectrum's tail."
-            )
+    def __init__(self, name: str = "activations", *, precision: str = "auto",
+                 gram_dtype: torch.dtype | None = None):
         self.name = name
-        self.gram_dtype = gram_dtype
+        self.precision = check_precision(precision, gram_dtype, name=name)
+        self._resolved: str | None = None if self.precision == "auto" else self.precision
         self._n = 0
         self._mean: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
+    @property
+    def precision_(self) -> str | None:
+        """The concrete accumulation mode, or None while ``"auto"`` awaits its first batch."""
+        return self._resolved
+
+    @property
+    def gram_dtype(self) -> torch.dtype | None:
+        """Accumulation dtype of the per-batch scatter (float32 for ``"bf16-split"``)."""
+        return None if self._resolved is None else _PRECISION_GRAM_DTYPE[self._resolved]
+
     @property
     def dim(self) -> int | None:
         """Width D of the rows, or None before the first batch."""
@@ -118,22 +375,29 @@ class CovarianceAccumulator:
         return self._m2 / (self._n - 1)
 
     # ---------------------------------------------------------------- updates
-    def _combine(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        if self._n == 0:
-            self._n, self._mean, self._m2 = n_b, mean_b.clone(), m2_b.clone()
-            return
-        if mean_b.shape != self._mean.shape:
+    def _fold(self, n_b: int, mean_b: torch.Tensor,
+              add_scatter: Callable[[torch.Tensor], None]) -> None:
+        """Chan's update, in place: ``add_scatter(M2)`` adds the batch's own ``M2_b``.
+
+        Adding ``M2_b`` straight into the float64 state saves a D×D float64 temporary
+        (1.6 GB at D = 14336) per update.
+        """
+        if self._mean is None:
+            d = int(mean_b.shape[0])
+            self._mean = torch.zeros(d, dtype=torch.float64, device=mean_b.device)
+            self._m2 = torch.zeros(d, d, dtype=torch.float64, device=mean_b.device)
+        elif mean_b.shape != self._mean.shape:
             raise CaptureError(
                 f"{self.name}: got rows of width {mean_b.shape[0]} after rows of width "
                 f"{self._mean.shape[0]}; every batch of one point must have the same D."
             )
         mean_b = mean_b.to(self._mean.device)
-        m2_b = m2_b.to(self._m2.device)
         n_a, n = self._n, self._n + n_b
         delta = mean_b - self._mean
+        add_scatter(self._m2)
+        if n_a:
+            self._m2.addr_(delta, delta, alpha=n_a * n_b / n)
         self._mean += delta * (n_b / n)
-        self._m2 += m2_b
-        self._m2.addr_(delta, delta, alpha=n_a * n_b / n)
         self._n = n
 
     def update(self, x: Any) -> CovarianceAccumulator:
@@ -143,8 +407,9 @@ class CovarianceAccumulator:
         ----------
         x : torch.Tensor or array-like of shape (N, D)
             Activations of one point, tokens as rows (padding already removed). Any float
-            dtype and device; it is centred on its own mean and its scatter matrix is
-            formed in ``gram_dtype`` on the same device. ``N = 0`` is a no-op.
+            dtype and device; it is centred on (a rounding of) its own mean and its scatter
+            matrix is formed in the accumulator's precision on the same device. ``N = 0`` is
+            a no-op.
 
         Returns
         -------
@@ -166,24 +431,43 @@ class CovarianceAccumulator:
                 f"{self.name}: {bad} of {n_b} tokens have NaN/inf activations. Check the "
                 "model's dtype (fp16 overflows easily; load in float32 or bfloat16) and inputs."
             )
-        mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # exact mean, whatever gram_dtype
-        xc = x.to(self.gram_dtype) - mean_b.to(self.gram_dtype)
-        resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0; exact correction for the rounding
-        m2_b = (xc.T @ xc).to(torch.float64)
-        m2_b.addr_(resid, resid, alpha=-1.0 / n_b)
-        self._combine(n_b, mean_b, m2_b)
+        if self._resolved is None:
+            self._resolved = default_precision(x.device)
+        mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # exact mean, whatever the mode
+        if self._resolved == "bf16-split":
+            with full_precision_matmul():
+                hi, lo = bf16_split(x.float() - mean_b.to(_BF16).float())
+                gram = bf16_split_scatter(hi, lo)
+            resid = hi.sum(dim=0, dtype=torch.float64) + lo.sum(dim=0, dtype=torch.float64)
+            del hi, lo
+        else:
+            dtype = _PRECISION_GRAM_DTYPE[self._resolved]
+            xc = x.to(dtype) - mean_b.to(dtype)
+            with full_precision_matmul():
+                gram = xc.T @ xc
+            resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0: exact correction for rounding
+            del xc
+
+        def add_scatter(m2: torch.Tensor) -> None:
+            m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
+            m2.addr_(resid.to(m2.device), resid.to(m2.device), alpha=-1.0 / n_b)
+
+        self._fold(n_b, mean_b, add_scatter)
         return self
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Fold another accumulator's statistics into this one (exact, in float64).
 
-        ``a.merge(b)`` equals an accumulator that saw ``a``'s rows and then ``b``'s.
-        Returns ``self``; ``other`` is not modified.
+        ``a.merge(b)`` equals an accumulator that saw ``a``'s rows and then ``b``'s, whatever
+        precision each used. Returns ``self``; ``other`` is not modified.
         """
         if not isinstance(other, CovarianceAccumulator):
             raise TypeError(f"merge() takes a CovarianceAccumulator; got {type(other).__name__}.")
         if other._n:
-            self._combine(other._n, other._mean, other._m2)
+            if self._resolved is None:
+                self._resolved = other._resolved
+            self._fold(other._n, other._mean,
+                       lambda m2: m2.add_(other._m2.to(m2.device)))
         return self
 
     # ----------------------------------------------------------- persistence
@@ -223,7 +507,18 @@ class CovarianceAccumulator:
         return self
 
     def __repr__(self) -> str:
-        return f"CovarianceAccumulator({self.name!r}, n={self._n}, D={self.dim})"
+        return (f"CovarianceAccumulator({self.name!r}, n={self._n}, D={self.dim}, "
+                f"precision={self._resolved or self.precision!r})")
 
 
-__all__ = ["CovarianceAccumulator"]
+__all__ = [
+    "PRECISIONS",
+    "CovarianceAccumulator",
+    "bf16_split",
+    "bf16_split_scatter",
+    "check_precision",
+    "default_precision",
+    "full_precision_matmul",
+    "gram_dtype_of",
+    "resolve_precision",
+]

@@ -27,6 +27,10 @@ class CaptureError(NerveInterpError, RuntimeError):
     """The data or the activations cannot produce a spectrum (no tokens, NaN/inf, ...)."""
 
 
+class MemoryPlanError(NerveInterpError, MemoryError):
+    """The statistics of even one point do not fit the memory budget of a capture."""
+
+
 class NotFittedError(NerveInterpError, AttributeError):
     """A statistic was read before any data reached the accumulator."""
 
@@ -45,6 +49,7 @@ class NegativeEigenvalueWarning(UserWarning):
 
 __all__ = [
     "CaptureError",
+    "MemoryPlanError",
     "NegativeEigenvalueWarning",
     "NerveInterpError",
     "NotFittedError",

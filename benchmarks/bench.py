@@ -1,0 +1,604 @@
+"""nerve_interp benchmark suite: capture throughput, accumulation accuracy, eigh cost, memory.
+
+Run::
+
+    make bench                                  # full CPU run, ~3 min on 2 cores
+    python benchmarks/bench.py --quick          # CI-size smoke run, seconds
+    python benchmarks/bench.py --parts accuracy,eigh --out my.json
+
+Every number is measured in this one run, side by side; ratios are taken within a
+repetition (variants interleaved round-robin) and the median over repetitions is reported.
+On a shared machine timings are noisy (±15% between runs on 2 cores), so read differences
+below ~10% as noise. A table is printed and everything is written as JSON to
+``benchmarks/results/bench-<time>.json`` (or ``--out``).
+
+Parts
+-----
+throughput
+    Plain forward vs ``collect_spectra`` (nnsight) vs raw torch hooks, same batches, same
+    accumulator, per accumulation precision; tokens/s and ratios to the plain forward.
+    CPU: TinyLM ``small`` (random init, random tokens) and SmolLM2-135M (python-docs text).
+    CUDA, when present: GPT-2-small-shaped and LLaMA-130M-shaped TinyLMs in bf16, random
+    init, random tokens (skipped cleanly without CUDA).
+accuracy
+    Each accumulation mode, and the unsafe references (uncentred fp32, uncentred bf16,
+    TF32 on CUDA only, bf16-split without lo'lo) against numpy float64 on heavy-tailed
+    bf16-valued data with a mean offset: median / top-decile / tail-decile relative
+    eigenvalue error (worst in the decile), negative eigenvalues, and time per update
+    relative to fp32.
+eigh
+    ``spectrum_from_covariance`` (float64 eigvalsh on the host) time vs D.
+memory
+    Peak memory of a capture vs token count (fresh subprocess per N on CPU, ``ru_maxrss``
+    above the model's own footprint; ``torch.cuda.max_memory_allocated`` on CUDA): the
+    statistics are D×D, so it should be flat in N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from capture_throughput import module_and_io, plain_forward, raw_hook_capture  # noqa: E402
+
+import nerve_interp  # noqa: E402
+import nerve_interp.capture as capture_mod  # noqa: E402
+from nerve_interp.capture import collect_spectra  # noqa: E402
+from nerve_interp.covariance import (  # noqa: E402
+    CovarianceAccumulator,
+    bf16_split,
+    bf16_split_scatter,
+    full_precision_matmul,
+)
+from nerve_interp.sites import as_nnsight, find_ffn_sites  # noqa: E402
+from nerve_interp.spectrum import Spectrum, spectrum_from_covariance  # noqa: E402
+
+PARTS = ("throughput", "accuracy", "eigh", "memory")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-size run (tiny sizes, 1 rep)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--no-smollm", action="store_true", help="skip SmolLM2-135M (throughput)")
+    p.add_argument("--memory-tokens", type=lambda t: tuple(int(v) for v in t.split(",")),
+                   default=None, help="token counts N of the memory part, e.g. 2048,8192")
+    args = p.parse_args(argv)
+    bad = set(args.parts.split(",")) - set(PARTS)
+    if bad:
+        p.error(f"unknown part(s) {sorted(bad)}; choose from {PARTS}")
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def _random_batches(n_batches: int, batch: int, seq: int, vocab: int, device: Any,
+                    seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids.to(device),
+                    "attention_mask": torch.ones_like(ids).to(device)})
+    return out
+
+
+# ------------------------------------------------------------------ (a) throughput
+@contextmanager
+def discard_eigh():
+    """Skip collect_spectra's eigendecomposition; the covariance it was handed is dropped.
+
+    (``capture_throughput.stub_eigh`` keeps every covariance for its correctness check;
+    with 60 points of D = 1536 the fresh pages that needs cost seconds, which the raw-hook
+    variant, dropping each covariance at once, does not pay.)
+    """
+    def fake(covariance, mean, n_samples, *, eigenvectors=False, name="spectrum", warn=True):
+        d = int(covariance.shape[0])
+        return Spectrum(eigenvalues=np.zeros(d), mean=np.zeros(d), n_samples=int(n_samples),
+                        name=name)
+
+    with mock.patch.object(capture_mod, "spectrum_from_covariance", fake):
+        yield
+
+
+def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Module,
+                    batches: list[dict], precisions: list[str], reps: int) -> dict:
+    """Time plain / nnsight / raw-hook capture side by side on the same batches."""
+    device = next(model.parameters()).device
+    wrapper = as_nnsight(model)
+    sites = find_ffn_sites(wrapper)
+    reads = [(s.name(p), *module_and_io(s.path(p)), p) for s in sites for p in ("pre", "post")]
+    n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def nn(prec: str) -> None:
+        with discard_eigh():
+            collect_spectra(wrapper, batches, points=("pre", "post"), progress=False,
+                            precision=prec)
+
+    variants: dict[str, Any] = {"plain": lambda: plain_forward(ref_model, batches)}
+    for prec in precisions:
+        variants[f"nnsight {prec}"] = lambda p=prec: nn(p)
+        variants[f"raw {prec}"] = lambda p=prec: raw_hook_capture(ref_model, batches, reads,
+                                                                  precision=p)
+    for fn in variants.values():  # warm-up, untimed
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(reps):
+        names = list(variants)
+        names = names[r % len(names):] + names[:r % len(names)]
+        for name in names:
+            _sync(device)
+            t0 = time.perf_counter()
+            variants[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, ts in times.items():
+        row = {"variant": name, "times_s": ts, "median_s": statistics.median(ts),
+               "tokens_per_s": n_tok / statistics.median(ts),
+               "x_plain": _median_ratio(ts, times["plain"])}
+        if name.startswith("nnsight"):
+            row["nnsight_over_raw"] = _median_ratio(ts, times["raw " + name.split()[1]])
+        rows.append(row)
+    p0 = next(model.parameters())
+    return {"case": label, "device": str(device), "dtype": str(p0.dtype).replace("torch.", ""),
+            "sites": len(reads), "D": sorted({int(s) for s in _dims(wrapper, sites, batches)}),
+            "tokens": n_tok, "batches": len(batches), "reps": reps, "rows": rows}
+
+
+def _dims(wrapper: Any, sites: list, batches: list[dict]) -> list[int]:
+    dims: list[int] = []
+    b = {k: v[:1, :4] for k, v in batches[0].items()}
+    with torch.no_grad(), wrapper.trace(**b) as tracer:
+        for s in sites:
+            for p in ("pre", "post"):
+                dims.append(int(wrapper.get(s.path(p)).shape[-1]))
+        tracer.stop()
+    return dims
+
+
+def bench_throughput(args: argparse.Namespace) -> list[dict]:
+    from nerve_interp.models import make_lm
+
+    cases = []
+    cpu_prec = ["fp64", "fp32"]
+    small = dict(n_layers=2, d_model=64) if args.quick else {}
+    m, ref = (make_lm("small", seed=0, **small).eval() for _ in range(2))
+    nb, bs, seq = (1, 2, 32) if args.quick else (4, 8, 128)
+    cases.append(throughput_case("TinyLM small (cpu, fp32 weights)", m, ref,
+                                 _random_batches(nb, bs, seq, 256, "cpu"), cpu_prec, args.reps))
+    if not args.no_smollm and not args.quick:
+        from nerve_interp.data import load_corpus, tokenize_batches
+        from nerve_interp.zoo import load_model
+
+        m, tok = load_model("smollm2-135m")
+        ref, _ = load_model("smollm2-135m")
+        texts = load_corpus("python-docs")[:4]
+        batches = list(tokenize_batches(texts, tok, batch_size=4, max_length=96))
+        cases.append(throughput_case("SmolLM2-135M (cpu, fp32 weights)", m, ref, batches,
+                                     cpu_prec, min(args.reps, 2)))
+        del m, ref
+    cases.extend(bench_throughput_gpu(args))
+    return cases
+
+
+def bench_throughput_gpu(args: argparse.Namespace, device: str = "cuda",
+                         presets: tuple[str, ...] = ("gpt2-small", "llama-130m"),
+                         shape: tuple[int, int, int] | None = None,
+                         overrides: dict | None = None) -> list[dict]:
+    """GPT-2-small- and LLaMA-shaped random-init bf16 models; [] without CUDA.
+
+    ``device``/``shape``/``overrides`` let the fast test run this code path on a CPU.
+    """
+    from nerve_interp.models import make_lm
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print("GPU throughput cases skipped: no CUDA device.")
+        return []
+    nb, bs, seq = shape or ((2, 4, 256) if args.quick else (4, 16, 1024))
+    out = []
+    for preset in presets:
+        m, ref = (make_lm(preset, seed=0, **(overrides or {})).eval().to(device, torch.bfloat16)
+                  for _ in range(2))
+        vocab = m.config.vocab_size
+        prec = ["fp64", "fp32", "bf16-split"]
+        out.append(throughput_case(f"{preset} random init ({device}, bf16 weights)", m, ref,
+                                   _random_batches(nb, bs, seq, vocab, device), prec,
+                                   args.reps))
+        del m, ref
+    return out
+
+
+# ------------------------------------------------------------------ (b) accuracy
+def heavy_tailed_bf16(n: int, d: int, decades: float = 5.0, offset: float = 0.5,
+                      seed: int = 0) -> torch.Tensor:
+    """bf16-valued rows: t(4) tails, eigenvalues over ``decades`` decades, mean ``offset``."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    lam = np.logspace(0, -decades, d)
+    z = rng.standard_t(df=4, size=(n, d)) / np.sqrt(2.0)
+    return torch.from_numpy((z * np.sqrt(lam)) @ q.T + offset).to(torch.bfloat16)
+
+
+class _Uncentred:
+    """Reference only: G = Σ xᵀx per batch in ``dtype`` (fp64 across batches), exact mean."""
+
+    def __init__(self, dtype: torch.dtype, tf32: bool = False):
+        self.dtype, self.tf32, self.g, self.s, self.n = dtype, tf32, None, None, 0
+
+    def update(self, x: torch.Tensor) -> _Uncentred:
+        xx = x.to(self.dtype)
+        g = (xx.T @ xx).double()
+        self.g = g if self.g is None else self.g + g
+        s = x.sum(0, dtype=torch.float64)
+        self.s = s if self.s is None else self.s + s
+        self.n += x.shape[0]
+        return self
+
+    @property
+    def covariance_(self) -> torch.Tensor:
+        mu = self.s / self.n
+        return (self.g - self.n * torch.outer(mu, mu)) / (self.n - 1)
+
+
+class _CentredTF32:
+    """Reference only (CUDA): fp32 centred update with TF32 explicitly allowed."""
+
+    def __init__(self):
+        self.acc = CovarianceAccumulator("tf32", precision="fp64")
+
+    def update(self, x: torch.Tensor) -> _CentredTF32:
+        mm = torch.backends.cuda.matmul
+        old = mm.fp32_precision
+        mm.fp32_precision = "tf32"
+        try:
+            mean = x.sum(0, dtype=torch.float64) / x.shape[0]
+            xc = x.float() - mean.float()
+            g = xc.T @ xc
+            r = xc.sum(0, dtype=torch.float64)
+        finally:
+            mm.fp32_precision = old
+        self.acc._fold(x.shape[0], mean,
+                       lambda m2: (m2.add_(g), m2.addr_(r, r, alpha=-1.0 / x.shape[0])))
+        return self
+
+    @property
+    def covariance_(self) -> torch.Tensor:
+        return self.acc.covariance_
+
+
+class _SplitNoLoLo:
+    """Reference only: bf16-split without the lo'lo product."""
+
+    def __init__(self):
+        self.acc = CovarianceAccumulator("nolo", precision="fp64")
+
+    def update(self, x: torch.Tensor) -> _SplitNoLoLo:
+        n = x.shape[0]
+        mean = x.sum(0, dtype=torch.float64) / n
+        with full_precision_matmul():
+            hi, lo = bf16_split(x.float() - mean.to(torch.bfloat16).float())
+            g = bf16_split_scatter(hi, lo, include_lo_lo=False)
+        r = hi.sum(0, dtype=torch.float64) + lo.sum(0, dtype=torch.float64)
+        self.acc._fold(n, mean, lambda m2: (m2.add_(g), m2.addr_(r, r, alpha=-1.0 / n)))
+        return self
+
+    @property
+    def covariance_(self) -> torch.Tensor:
+        return self.acc.covariance_
+
+
+def _modes(device: torch.device) -> dict[str, Any]:
+    modes: dict[str, Any] = {
+        "fp64": lambda: CovarianceAccumulator("fp64", precision="fp64"),
+        "fp32": lambda: CovarianceAccumulator("fp32", precision="fp32"),
+        "bf16-split": lambda: CovarianceAccumulator("split", precision="bf16-split"),
+        "UNSAFE split without lo'lo": _SplitNoLoLo,
+        "UNSAFE uncentred fp32": lambda: _Uncentred(torch.float32),
+        "UNSAFE uncentred bf16": lambda: _Uncentred(torch.bfloat16),
+    }
+    if device.type == "cuda":
+        modes["UNSAFE fp32 with TF32"] = _CentredTF32
+    return modes
+
+
+def accuracy_case(device: torch.device, n: int, d: int, chunk: int, reps: int) -> dict:
+    x = heavy_tailed_bf16(n, d)
+    ref = np.linalg.eigvalsh(np.cov(x.double().numpy(), rowvar=False))[::-1]
+    k = max(1, d // 10)
+    xd = x.to(device)
+    batches = list(xd.split(chunk))
+    modes = _modes(device)
+    rows = {}
+    for name, make in modes.items():
+        acc = make()
+        for b in batches:
+            acc.update(b)
+        ev = np.linalg.eigvalsh(acc.covariance_.double().cpu().numpy())[::-1]
+        rel = np.abs(ev - ref) / ref
+        rows[name] = {"mode": name, "median_rel_err": float(np.median(rel)),
+                      "top_decile_rel_err": float(rel[:k].max()),
+                      "tail_decile_rel_err": float(rel[-k:].max()),
+                      "n_negative": int((ev < 0).sum())}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    one = batches[0]
+    for make in modes.values():  # warm-up
+        make().update(one)
+    for r in range(reps):
+        names = list(modes)
+        names = names[r % len(names):] + names[:r % len(names)]
+        for name in names:
+            acc = modes[name]()
+            _sync(device)
+            t0 = time.perf_counter()
+            acc.update(one)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    for name in modes:
+        rows[name]["update_s"] = statistics.median(times[name])
+        rows[name]["time_vs_fp32"] = _median_ratio(times[name], times["fp32"])
+    return {"device": str(device), "N": n, "D": d, "rows_per_update": chunk,
+            "data": "t(4) rows, eigenvalues over 5 decades, mean offset 0.5, bf16 values; "
+                    "reference numpy float64 cov of the same bf16 values",
+            "rows": list(rows.values())}
+
+
+def bench_accuracy(args: argparse.Namespace) -> list[dict]:
+    n, d, chunk = (2048, 64, 512) if args.quick else (16384, 1024, 2048)
+    out = [accuracy_case(torch.device("cpu"), n, d, chunk, args.reps)]
+    if torch.cuda.is_available():
+        n, d, chunk = (4096, 256, 1024) if args.quick else (65536, 3072, 16384)
+        out.append(accuracy_case(torch.device("cuda"), n, d, chunk, args.reps))
+    else:
+        print("GPU accuracy case skipped: no CUDA device.")
+    return out
+
+
+# ------------------------------------------------------------------ (c) eigh vs D
+def bench_eigh(args: argparse.Namespace) -> dict:
+    dims = (32, 64, 128) if args.quick else (256, 512, 1024, 2048, 4096)
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in dims:
+        a = rng.standard_normal((d, d + 8))
+        cov = torch.from_numpy(a @ a.T / (d + 8))
+        ts = []
+        for _ in range(1 if d >= 2048 else args.reps):
+            t0 = time.perf_counter()
+            spectrum_from_covariance(cov, np.zeros(d), 10 * d, warn=False)
+            ts.append(time.perf_counter() - t0)
+        rows.append({"D": d, "eigvalsh_s": statistics.median(ts)})
+    x = np.log([r["D"] for r in rows])
+    y = np.log([r["eigvalsh_s"] for r in rows])
+    slope = float(np.polyfit(x[-3:], y[-3:], 1)[0])
+    return {"rows": rows, "loglog_slope_last3": slope,
+            "note": "float64 eigvalsh on the host, once per point per capture"}
+
+
+# ------------------------------------------------------------------ (d) memory vs N
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _rss_reset_peak() -> int:
+    """Current RSS in bytes, after returning freed heap to the OS and resetting the peak.
+
+    ``malloc_trim`` first, so later allocations need fresh pages rather than reusing freed
+    ones unseen; then VmHWM is reset where Linux allows it. ``ru_maxrss`` cannot serve:
+    Linux keeps it across fork + exec, so a child inherits the parent's peak.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    rss = _status_kb("VmRSS")
+    return rss * 1024 if rss is not None else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    hwm = _status_kb("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child_memory(n_tokens: int, device: str, quick: bool) -> dict:
+    """Run in a fresh process: peak memory of one capture of n_tokens above the baseline."""
+    from nerve_interp.models import make_lm
+
+    warnings.filterwarnings("ignore")
+    dev = torch.device(device)
+    kw = dict(n_layers=2, d_model=64)
+    model = make_lm("small", seed=0, **kw).eval().to(dev)
+    seq = 32 if quick else 128
+    bs = 4 if quick else 8
+    n_b = -(-n_tokens // (bs * seq))
+    batches = _random_batches(n_b, bs, seq, 256, dev)
+    collect_spectra(model, batches[:1], progress=False)  # warm-up: allocator, nnsight
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        base = _rss_reset_peak()
+    res = collect_spectra(model, batches, progress=False, max_tokens=n_tokens)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak = _peak_rss()
+    # sensitivity check of the measurement: keeping every row of layer 0's pre (what the
+    # accumulators avoid) must show up as growth ∝ N
+    kept: list[torch.Tensor] = []
+    mod_path, io = module_and_io(find_ffn_sites(as_nnsight(model))[0].path("pre"))
+    hook = model.get_submodule(mod_path).register_forward_hook(
+        lambda m, a, o: kept.append((a[0] if io == "input" else o).detach().clone()))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_keep = torch.cuda.memory_allocated(dev)
+    else:
+        base_keep = _rss_reset_peak()
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    hook.remove()
+    peak_keep = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss()
+    kept.clear()
+    return {"N": res.metadata["n_tokens"], "peak_above_baseline_bytes": max(0, peak - base),
+            "keep_rows_reference_bytes": max(0, peak_keep - base_keep),
+            "baseline_bytes": base, "D": int(res.spectrum(0, "pre").dim),
+            "points": len(list(res.items()))}
+
+
+def bench_memory(args: argparse.Namespace) -> list[dict]:
+    ns = args.memory_tokens or ((256, 1024) if args.quick else (2048, 8192, 32768))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    root = str(Path(nerve_interp.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           # a fixed mmap threshold: large blocks come from mmap and go back on free, so
+           # RSS follows live memory (glibc's dynamic threshold keeps freed blocks in the heap)
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    out = []
+    for device in devices:
+        procs = []
+        for n in ns:  # one fresh process per N, run side by side (each measures only itself)
+            code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"import bench; print('RESULT', json.dumps(bench._child_memory({n}, "
+                    f"{device!r}, {args.quick})))")
+            procs.append((n, subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+        rows = []
+        for n, proc in procs:
+            stdout, stderr = proc.communicate(timeout=900)
+            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise RuntimeError(f"memory child for N={n} failed:\n{stderr[-2000:]}")
+            rows.append(json.loads(line[0][7:]))
+        how = ("peak RSS (VmHWM, reset after loading and one warm-up capture) of a fresh "
+               "process, above its RSS then" if device == "cpu" else
+               "torch.cuda.max_memory_allocated above memory_allocated after warm-up")
+        out.append({"device": device, "how": how, "rows": rows})
+    return out
+
+
+# ------------------------------------------------------------------ report
+def _fmt(x: float) -> str:
+    return f"{x:.2e}" if (x and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
+
+
+def print_report(res: dict) -> None:
+    print(f"\nnerve_interp benchmarks ({res['host']}); load avg at start {res['load_avg']}; "
+          f"seconds per part {res.get('part_s')}")
+    for case in res.get("throughput", []):
+        print(f"\n[a] {case['case']}: {case['sites']} points, D {case['D']}, {case['tokens']} "
+              f"tokens in {case['batches']} batches, {case['reps']} reps")
+        print(f"  {'variant':<20}{'median s':>10}{'tokens/s':>12}{'x plain':>9}"
+              f"{'nnsight/raw':>13}")
+        for r in case["rows"]:
+            nr = f"{r['nnsight_over_raw']:.3f}" if "nnsight_over_raw" in r else ""
+            print(f"  {r['variant']:<20}{r['median_s']:>10.3f}{r['tokens_per_s']:>12,.0f}"
+                  f"{r['x_plain']:>9.2f}{nr:>13}")
+    for case in res.get("accuracy", []):
+        print(f"\n[b] accumulation accuracy on {case['device']}: N={case['N']}, D={case['D']}, "
+              f"{case['rows_per_update']} rows per update ({case['data']})")
+        print(f"  {'mode':<28}{'median':>10}{'top 10%':>10}{'tail 10%':>10}{'neg':>6}"
+              f"{'update s':>10}{'x fp32':>8}")
+        for r in case["rows"]:
+            print(f"  {r['mode']:<28}{_fmt(r['median_rel_err']):>10}"
+                  f"{_fmt(r['top_decile_rel_err']):>10}{_fmt(r['tail_decile_rel_err']):>10}"
+                  f"{r['n_negative']:>6}{r['update_s']:>10.4f}{r['time_vs_fp32']:>8.2f}")
+    if "eigh" in res:
+        e = res["eigh"]
+        print(f"\n[c] eigh (spectrum_from_covariance, fp64 eigvalsh) vs D; log-log slope of the "
+              f"last 3: {e['loglog_slope_last3']:.2f}")
+        print("  " + "  ".join(f"D={r['D']}: {r['eigvalsh_s']:.3f}s" for r in e["rows"]))
+    for m in res.get("memory", []):
+        print(f"\n[d] peak memory of collect_spectra vs N on {m['device']} ({m['how']})")
+        for r in m["rows"]:
+            print(f"  N={r['N']:>7}: +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB above "
+                  f"a baseline of {r['baseline_bytes'] / 1e6:.0f} MB ({r['points']} points of "
+                  f"D={r['D']}); reference, keeping one point's rows instead: "
+                  f"+{r['keep_rows_reference_bytes'] / 1e6:.1f} MB "
+                  f"(N·D·4 = {r['N'] * r['D'] * 4 / 1e6:.1f} MB)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*rank-deficient.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    parts = args.parts.split(",")
+    if os.getloadavg()[0] >= 0.8 and torch.get_num_threads() >= (os.cpu_count() or 1):
+        print("WARNING: the machine is busy and torch uses every core; OpenMP then waits on "
+              "descheduled threads and timings swing wildly. Rerun idle or with --threads 1.")
+    res: dict[str, Any] = {
+        "host": f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                f"{os.cpu_count()} CPUs, cuda {torch.cuda.is_available()}",
+        "load_avg": round(os.getloadavg()[0], 2), "quick": args.quick,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    run = {"throughput": bench_throughput, "accuracy": bench_accuracy, "eigh": bench_eigh,
+           "memory": bench_memory}
+    res["part_s"] = {}
+    for part in (p for p in PARTS if p in parts):
+        t_part = time.perf_counter()
+        print(f"running part {part} ...", flush=True)
+        res[part] = run[part](args)
+        res["part_s"][part] = round(time.perf_counter() - t_part, 1)
+    res["runtime_s"] = round(time.perf_counter() - t0, 1)
+    print_report(res)
+    out = Path(args.out) if args.out else RESULTS / (
+        "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {out}; total {res['runtime_s']} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The benchmark entry points run in quick mode on tiny sizes, so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench as module
+
+    yield module
+    sys.modules.pop("bench", None)
+
+
+def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    res = bench.main(["--quick", "--out", str(out), "--memory-tokens", "256"])
+    saved = json.loads(out.read_text())
+    assert saved["quick"] and set(saved) >= {"throughput", "accuracy", "eigh", "memory"}
+    case = res["throughput"][0]
+    assert {r["variant"] for r in case["rows"]} == {
+        "plain", "nnsight fp64", "raw fp64", "nnsight fp32", "raw fp32"}
+    acc = {r["mode"]: r for r in res["accuracy"][0]["rows"]}
+    # the table must rank the modes as the tests of covariance.py do
+    assert acc["fp64"]["tail_decile_rel_err"] < 1e-9
+    assert acc["bf16-split"]["tail_decile_rel_err"] < 1e-3
+    assert acc["UNSAFE split without lo'lo"]["tail_decile_rel_err"] > \
+        10 * acc["bf16-split"]["tail_decile_rel_err"]
+    assert res["memory"][0]["rows"][0]["N"] == 256
+    assert "[d] peak memory" in capsys.readouterr().out
+    # the GPU throughput path, run on the CPU with tiny bf16 models
+    gpu = bench.bench_throughput_gpu(
+        bench.parse_args(["--quick"]), device="cpu", shape=(1, 2, 16),
+        overrides=dict(n_layers=1, d_model=48, n_heads=4, d_ff=96, vocab_size=128,
+                       max_seq_len=64))
+    assert [c["dtype"] for c in gpu] == ["bfloat16", "bfloat16"]
+    assert {r["variant"] for r in gpu[1]["rows"]} >= {"nnsight bf16-split", "raw bf16-split"}
