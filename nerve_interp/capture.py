@@ -245,8 +245,9 @@ def collect_spectra(
     precision : {"auto", "fp64", "fp32", "bf16-split"}, default "auto"
         How each batch's centred scatter matrix is formed (see
         :mod:`nerve_interp.covariance`): ``"auto"`` is ``"fp64"`` when the model is on a CPU
-        and ``"bf16-split"`` (bf16 tensor cores, fp32-level accuracy) on CUDA; ``"fp32"`` is
-        ~1.7× faster than fp64 on CPU. Statistics are merged and eigendecomposed in float64
+        and ``"fp32"`` (TF32 forbidden) on CUDA; ``"fp32"`` is ~1.7× faster than fp64 on CPU;
+        ``"bf16-split"`` (opt-in) runs on bf16 tensor cores, with a tail accuracy that
+        depends on the covariance. Statistics are merged and eigendecomposed in float64
         either way; ``metadata["precision"]`` records the mode used.
     memory_budget : bytes, "auto" or None, default None
         Plan device memory first (:func:`nerve_interp.planner.plan_capture`, widths read in a

@@ -34,11 +34,18 @@ Precision of the per-batch scatter (``precision=``)
 
     three bf16 matrix products with float32 accumulation (bf16 tensor cores on a GPU; on a
     CPU the same products are computed from the exactly-widened float32 values). The exact
-    residual ``Σ(hi + lo)`` corrects for the shift in float64. The default on CUDA. Dropping
+    residual ``Σ(hi + lo)`` corrects for the shift in float64. Opt-in, *not* the CUDA default:
+    its accuracy depends on the covariance. With a near-diagonal covariance its tail error
+    matches fp32's, but its error grows with the rows per update: on heavy-tailed bf16 data
+    with a dense (randomly rotated) covariance over 5 decades, D=256, the worst tail-decile
+    relative eigenvalue error was 3.2e-4 at 512 rows per update and 3.1e-3–3.4e-3 at 2048
+    (CPU emulation, 3 seeds), against fp32's 1.8e-4–3.7e-4. A three-piece split did not close
+    the gap (4.5e-3–5.0e-3 at 2048), so the excess comes from the fp32-accumulated products
+    of the pieces, not from the split. Dropping
     ``loᵀlo`` is *not* an option: on heavy-tailed data it costs ~100× in tail accuracy
     (``benchmarks/bench.py``, part b).
 ``"auto"`` (default)
-    ``"bf16-split"`` for CUDA tensors, ``"fp64"`` otherwise, decided on the first batch.
+    ``"fp32"`` for CUDA tensors, ``"fp64"`` otherwise, decided on the first batch.
 
 A 16-bit Gram matrix (``"bf16"``, ``"fp16"``) and TF32 (``"tf32"``) are refused: with a mean
 offset the cancellation in ``E[xxᵀ] − μμᵀ`` destroys the tail of the spectrum (DESIGN.md:
@@ -78,14 +85,16 @@ _BF16 = torch.bfloat16
 def default_precision(device: torch.device | str) -> str:
     """The accumulation mode ``"auto"`` picks on ``device``.
 
-    ``"bf16-split"`` on CUDA (bf16 tensor cores, fp32-level accuracy), ``"fp64"`` elsewhere.
+    ``"fp32"`` on CUDA (TF32 forbidden while the product runs), ``"fp64"`` elsewhere.
+    ``"bf16-split"`` is faster on tensor cores but not the default: its tail accuracy
+    depends on the covariance (see the module docstring).
 
     Examples
     --------
     >>> default_precision("cpu"), default_precision("cuda:0")
-    ('fp64', 'bf16-split')
+    ('fp64', 'fp32')
     """
-    return "bf16-split" if torch.device(device).type == "cuda" else "fp64"
+    return "fp32" if torch.device(device).type == "cuda" else "fp64"
 
 
 def check_precision(precision: str = "auto", gram_dtype: torch.dtype | None = None,

@@ -207,10 +207,10 @@ def test_precision_auto_and_gram_dtype_synonym():
     assert acc.precision == "auto" and acc.precision_ is None
     acc.update(torch.randn(5, 3))
     assert acc.precision_ == "fp64" and acc.gram_dtype == torch.float64  # CPU default
-    assert default_precision("cuda") == "bf16-split" and default_precision("cpu") == "fp64"
+    assert default_precision("cuda") == "fp32" and default_precision("cpu") == "fp64"
     assert CovarianceAccumulator("t", gram_dtype=torch.float32).precision == "fp32"
     assert CovarianceAccumulator("t", precision="bf16-split").gram_dtype == torch.float32
-    assert resolve_precision("auto", "cuda:0") == "bf16-split"
+    assert resolve_precision("auto", "cuda:0") == "fp32"
     assert resolve_precision("fp32", "cuda:0") == "fp32"
     with pytest.raises(ValueError, match="disagree"):
         CovarianceAccumulator("t", precision="fp64", gram_dtype=torch.float32)
@@ -260,13 +260,13 @@ def test_update_forbids_tf32_and_restores_settings(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_split_on_cuda_matches_cpu_reference():
-    """On a GPU, auto = bf16-split on tensor cores, with fp32-level accuracy (TF32 is on)."""
+    """On a GPU, bf16-split on tensor cores, with fp32-level accuracy (TF32 is on)."""
     x = bf16_heavy_tailed(n=8192, d=256)
     mm = torch.backends.cuda.matmul
     before = mm.fp32_precision
     try:
         mm.fp32_precision = "tf32"  # what users often set; the accumulator must not obey
-        acc = CovarianceAccumulator("t")
+        acc = CovarianceAccumulator("t", precision="bf16-split")
         for c in x.cuda().split(1024):
             acc.update(c)
         assert acc.precision_ == "bf16-split" and acc.scatter_.is_cuda
