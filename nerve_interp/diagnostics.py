@@ -314,7 +314,7 @@ class TokenNormStats:
             meta = meta.to(rows.device)
         if self.norm_above is not None:
             if self.norm_threshold_ is None:
-                self.norm_threshold_ = float(self.norm_above * norms.median())
+                self.norm_threshold_ = float(self.norm_above * norms.quantile(0.5))
             # non-finite rows stay, so the accumulator reports them (NaN/inf error)
             keep = (norms <= self.norm_threshold_) | ~torch.isfinite(norms)
             if not bool(keep.all()):
