@@ -325,3 +325,42 @@ def test_smollm2_attention_sink_is_flagged_and_excluding_it_restores_the_spectru
     assert pr(res.without_outliers().eigenvalues(11, "post")) > 10 * pr(
         res.eigenvalues(11, "post"))
     assert not clean.diagnostics[(11, "post")].outlier_flag
+
+
+def test_ablation_and_tracking_record_the_exclusion():
+    from nerve_interp.tracking import SpectralTracker
+
+    model = make_tiny("gpt2")
+    batches = [random_batch(seed=s) for s in range(3)]
+    spectra = ni.collect_spectra(model, batches[:2], layers=[1], points=("post",),
+                                 eigenvectors=True, exclude_positions=(0,), progress=False)
+    res = ni.ablate(model, spectra, batches[2:], layers=1, k=4)
+    assert res.metadata["spectra_exclusion"]["positions"] == [0]
+    tracker = SpectralTracker(batches[:1], layers=[0], exclude_token_ids=(5,), diagnostics=True)
+    tracker.measure(model, 0)
+    assert tracker.metadata["exclusion"]["token_ids"] == [5]
+    shares = tracker.frame.query("metric == 'outlier_share'")
+    assert len(shares) == 2 and shares["value"].between(0, 1).all()
+
+
+def test_outlier_figure_from_tables():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, sites, batches, _, _ = lookup_data()
+    with pytest.warns(OutlierTokenWarning):
+        res = ni.collect_spectra(model, batches, sites=sites, progress=False,
+                                 outlier_fraction=0.03)
+    comp = res.outlier_comparison()
+    assert set(comp["tokens"]) == {"all", "without outliers"}
+    pr = comp.query("metric == 'participation_ratio' and point == 'post'").set_index("tokens")
+    assert pr.loc["without outliers", "value"] > 1.5 * pr.loc["all", "value"]
+    axes = ni.plotting.plot_outliers(comp, res.outlier_tokens(flagged_only=True))
+    assert len(axes) == 3 and axes[0].get_yscale() == "log"
+    heights = [p.get_height() for p in axes[2].patches]
+    assert heights[0] == 12 and sum(heights) == 14  # top k = 14: the 12 sinks at 0, 2 others
+    plt.close(axes[0].figure)
+    with pytest.raises(KeyError, match="lacks the column"):
+        ni.plotting.plot_outliers(res.metrics(), res.outlier_tokens())
