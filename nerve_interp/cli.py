@@ -84,7 +84,8 @@ def format_outliers(result) -> str:
         lines.append(f"  layer {layer:>3} {point:<4} share {100 * d.outlier_share:5.1f}%  "
                      f"max/median norm {d.max_median_ratio:7.0f}  PR {pr_all:8.2f} -> "
                      f"{pr_free:8.2f} without the top {d.k}  positions {where}")
-    common = [p for p, _ in positions.most_common(2)]
+    top = max(positions.values(), default=0)
+    common = [p for p, c in positions.most_common(3) if c >= top / 2]
     lines.append("  rerun without them: --exclude-positions "
                  f"{','.join(map(str, sorted(common)))} (or --exclude-norm-above 20)")
     return "\n".join(lines)

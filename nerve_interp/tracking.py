@@ -42,7 +42,7 @@ class SpectralTracker(Callback):
         Tracking favours speed; statistics are still centred and merged in float64.
     reinjection : bool, default True
         Add the pre -> post reinjection metrics.
-    exclude_positions, exclude_token_ids, exclude_norm_above
+    exclude_positions, exclude_token_ids, exclude_norm_above : optional
         Tokens left out of every measurement, as in :func:`collect_spectra` (e.g.
         ``exclude_positions=(0,)`` for attention sinks).
     diagnostics : bool, default False

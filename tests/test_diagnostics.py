@@ -364,3 +364,16 @@ def test_outlier_figure_from_tables():
     plt.close(axes[0].figure)
     with pytest.raises(KeyError, match="lacks the column"):
         ni.plotting.plot_outliers(res.metrics(), res.outlier_tokens())
+
+
+def test_cli_outlier_report_names_layers_positions_and_the_rerun_flag():
+    from nerve_interp.cli import format_outliers
+
+    model, sites, batches, _, _ = lookup_data()
+    with pytest.warns(OutlierTokenWarning):
+        res = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False,
+                                 outlier_fraction=0.03)
+    text = format_outliers(res)
+    assert "1 of 1 points dominated" in text
+    assert "layer   0 post" in text and "positions 0 (12×)" in text
+    assert "rerun without them: --exclude-positions 0 (" in text
