@@ -327,7 +327,8 @@ def collect_spectra(
         Points where that share exceeds ``outlier_threshold`` are flagged, reported in one
         ``OutlierTokenWarning``, in the ``outlier_share`` / ``outlier_flag`` columns of
         ``metrics()`` and ``reinjection()``, and get a second spectrum without those tokens
-        (``result.without_outliers()``). Costs a few % of capture time; ``False`` skips it.
+        (``result.without_outliers()``). Costs ~1% of the covariance update per batch (one
+        norm per token), plus one eigendecomposition per flagged point; ``False`` skips it.
     outlier_fraction : float in (0, 1), default 0.01
         Size of the top group: ``k = min(max_outlier_tokens, max(1, ⌈outlier_fraction·N⌉))``
         tokens by activation norm (``N`` the tokens of the spectrum). An attention sink is
