@@ -333,7 +333,7 @@ def collect_spectra(
         Size of the top group: ``k = min(max_outlier_tokens, max(1, ⌈outlier_fraction·N⌉))``
         tokens by activation norm (``N`` the tokens of the spectrum). An attention sink is
         one token per sequence (0.4% of ``N`` at 256 tokens), so 1% covers them.
-    outlier_threshold : float in (0, 1), default 0.5
+    outlier_threshold : float in (0, 1), default 0.25
         Flag a point when its top ``k`` tokens hold more than this share of the variance
         (``Σ_top ‖x_i − μ‖² / Σ_all ‖x_n − μ‖²``).
     max_outlier_tokens : int, default 256

@@ -68,7 +68,7 @@ def format_outliers(result) -> str:
         return ""
     meta = result.metadata.get("diagnostics", {})
     head = (f"outlier tokens: top {100 * meta.get('outlier_fraction', 0.01):g}% of tokens by "
-            f"activation norm holding > {100 * meta.get('outlier_threshold', 0.5):g}% of the "
+            f"activation norm holding > {100 * meta.get('outlier_threshold', 0.25):g}% of the "
             "variance")
     if not flagged:
         return f"{head}: none (no spectrum is dominated by a few tokens)."

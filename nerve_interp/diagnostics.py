@@ -21,10 +21,14 @@ The *outlier tokens* of a point are its ``k`` tokens of largest activation norm,
 ``k = min(max_outlier_tokens, max(1, ⌈outlier_fraction · N⌉))`` and ``N`` the tokens of the
 spectrum. Their **outlier share** is the share of the variance (trace of the centred
 covariance) they hold; a point is **flagged** (``outlier_flag``) when the share exceeds
-``outlier_threshold``. Defaults: the top 1 % holding more than half the variance. With a
-light-tailed (e.g. Gaussian) distribution the top 1 % hold ~2-3 % of the variance; an
-attention sink is one token per sequence, i.e. ``1/seq_len`` of ``N`` (0.4 % at 256 tokens),
-so a top group of 1 % contains every sink of sequences of 100 tokens or more. When
+``outlier_threshold``. Defaults: the top 1 % holding more than a quarter of the variance,
+25× their fair share. Measured on SmolLM2-135M (16 × 256 tokens of Python docstrings), the
+top 1 % hold 2-8 % of the ``post`` variance in 23 of 30 layers and 19-24 % in layers 10 and
+29, where leaving out position 0 changes the participation ratio by < 25 %; in layers 1,
+9, 11 and 28 (28-99 %) leaving it out raises the ratio 3-92×, and in layer 2 (66 %) the top
+tokens sit at several positions. MiniLM: at most 4 %. An attention sink is one token per
+sequence, i.e. ``1/seq_len`` of ``N`` (0.4 % at 256 tokens), so a top group of 1 % contains
+every sink of sequences of 100 tokens or more. When
 ``⌈outlier_fraction · N⌉`` exceeds ``max_outlier_tokens`` the share is that of the top
 ``max_outlier_tokens`` tokens, a lower bound of the top-fraction share
 (``TokenDiagnostics.capped`` says so).
@@ -53,7 +57,7 @@ _N_BINS = int((NORM_LOG10_MAX - NORM_LOG10_MIN) * NORM_BINS_PER_DECADE)
 TOKEN_META = ("batch", "row", "position", "token_id")
 
 DEFAULT_OUTLIER_FRACTION = 0.01
-DEFAULT_OUTLIER_THRESHOLD = 0.5
+DEFAULT_OUTLIER_THRESHOLD = 0.25
 DEFAULT_MAX_OUTLIER_TOKENS = 256
 
 
