@@ -574,9 +574,10 @@ def _finish_diagnostics(accs: dict, stats: dict, *, outlier_fraction: float,
                       outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold)
         d.top_tokens = decode_tokens(d.top_meta[:, TOKEN_META.index("token_id")], tokenizer)
         diags[key] = d
-        if d.outlier_flag and acc.n_samples_seen_ - d.k >= 2:
+        if d.outlier_flag and acc.n_samples_seen_ - d.n_outliers >= 2:
+            mask = torch.from_numpy(d.outlier_mask).to(st.top_vectors_.device)
             n_a, mean_a, m2_a = remove_rows(acc.n_samples_seen_, acc.mean_, m2,
-                                            st.top_vectors_[: d.k])
+                                            st.top_vectors_[mask])
             free[key] = spectrum_from_covariance(m2_a / (n_a - 1), mean_a, n_a,
                                                  eigenvectors=eigenvectors, name=acc.name,
                                                  warn=False)

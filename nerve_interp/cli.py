@@ -83,7 +83,8 @@ def format_outliers(result) -> str:
         pr_free = free.spectrum(layer, point).metrics()["participation_ratio"]
         lines.append(f"  layer {layer:>3} {point:<4} share {100 * d.outlier_share:5.1f}%  "
                      f"max/median norm {d.max_median_ratio:7.0f}  PR {pr_all:8.2f} -> "
-                     f"{pr_free:8.2f} without the top {d.k}  positions {where}")
+                     f"{pr_free:8.2f} without {d.n_outliers}{'+' if d.saturated else ''} tokens  "
+                     f"positions {where}")
     top = max(positions.values(), default=0)
     common = [p for p, c in positions.most_common(3) if c >= top / 2]
     lines.append("  rerun without them: --exclude-positions "

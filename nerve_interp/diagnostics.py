@@ -60,6 +60,11 @@ DEFAULT_OUTLIER_FRACTION = 0.01
 DEFAULT_OUTLIER_THRESHOLD = 0.25
 DEFAULT_MAX_OUTLIER_TOKENS = 256
 
+#: Besides the top ``k``, a kept top token counts as an outlier token when its centred squared
+#: norm exceeds this multiple of the mean token's, ``‖x − μ‖² > 20 · trace(M2) / N``
+#: (typical tokens' largest is 5-10×; SmolLM2's attention sinks are 70-250×).
+MASSIVE_TOKEN_FACTOR = 20.0
+
 
 def outlier_k(n_tokens: int, outlier_fraction: float, max_outlier_tokens: int) -> int:
     """Size of the top group: ``min(max_outlier_tokens, max(1, ⌈outlier_fraction · N⌉))``.
@@ -431,9 +436,10 @@ class TokenNormStats:
             np.zeros(d2.shape[0])
         k = min(k, token_share.size)
         share = float(token_share[:k].sum())
+        massive = (np.arange(token_share.size) < k) | (token_share > MASSIVE_TOKEN_FACTOR / n)
         hist = self.histogram_.cpu().numpy()
         return TokenDiagnostics(
-            name=self.name, n_tokens=n, k=k,
+            name=self.name, n_tokens=n, k=k, n_outliers=int(massive.sum()),
             capped=math.ceil(outlier_fraction * n - 1e-9) > k,
             outlier_fraction=float(outlier_fraction), outlier_threshold=float(outlier_threshold),
             outlier_share=share, outlier_flag=share > outlier_threshold,
@@ -451,12 +457,14 @@ class TokenDiagnostics:
 
     Norms are Euclidean norms ``‖x_n‖`` of the activation vectors (activation units).
     ``top_*`` arrays describe the ``m`` tokens of largest norm, descending; the first ``k``
-    are the *outlier tokens* whose summed ``top_share`` is ``outlier_share``.
+    are the top group whose summed ``top_share`` is ``outlier_share``; ``n_outliers`` counts
+    the *outlier tokens* (:attr:`outlier_mask`: the top ``k`` and any other massive one).
     """
 
     name: str
     n_tokens: int
     k: int
+    n_outliers: int
     capped: bool
     outlier_fraction: float
     outlier_threshold: float
@@ -472,7 +480,7 @@ class TokenDiagnostics:
     top_share: np.ndarray = field(repr=False)
     top_tokens: list[str] | None = field(default=None, repr=False)
 
-    SCALARS = ("n_tokens", "k", "capped", "outlier_fraction", "outlier_threshold",
+    SCALARS = ("n_tokens", "k", "n_outliers", "capped", "outlier_fraction", "outlier_threshold",
                "outlier_share", "outlier_flag", "max_norm", "median_norm", "p99_norm",
                "norm_threshold", "n_excluded_norm")
 
@@ -488,10 +496,25 @@ class TokenDiagnostics:
             out[key] = v.item() if isinstance(v, np.generic) else v
         return out
 
+    @property
+    def outlier_mask(self) -> np.ndarray:
+        """Which top tokens are outlier tokens: the first ``k`` (the outlier share) and any
+        other with ``‖x − μ‖² > MASSIVE_TOKEN_FACTOR · trace(M2) / N``; bool, shape (m,).
+        For a flagged point these are what :meth:`SpectraResult.without_outliers` leaves out.
+        """
+        m = self.top_share.size
+        return (np.arange(m) < self.k) | (self.top_share > MASSIVE_TOKEN_FACTOR / self.n_tokens)
+
+    @property
+    def saturated(self) -> bool:
+        """Every kept top token is an outlier token: there may be more than
+        ``max_outlier_tokens`` of them (raise it, or exclude them by position)."""
+        return self.n_outliers == self.top_share.size and self.n_outliers > self.k
+
     def positions(self, flagged_only: bool = True) -> np.ndarray:
-        """Positions of the outlier tokens (first ``k``) or of all top tokens."""
+        """Positions of the outlier tokens (:attr:`outlier_mask`) or of all top tokens."""
         pos = self.top_meta[:, TOKEN_META.index("position")]
-        return pos[: self.k] if flagged_only else pos
+        return pos[self.outlier_mask] if flagged_only else pos
 
     @classmethod
     def from_parts(cls, name: str, summary: dict, top_norms: np.ndarray, top_meta: np.ndarray,
@@ -563,17 +586,18 @@ def decode_tokens(token_ids: Sequence[int], tokenizer: Any = None) -> list[str]:
 
 def _describe(diag: TokenDiagnostics, layer: int, point: str) -> str:
     pos = diag.positions()
-    k = diag.k
     vals, cnt = np.unique(pos[pos >= 0], return_counts=True)
     order = np.argsort(-cnt)[:4]
     where = ", ".join(f"{int(vals[i])} ({int(cnt[i])}×)" for i in order) or "unknown"
-    tokens = diag.top_tokens[:k] if diag.top_tokens is not None else \
-        decode_tokens(diag.top_meta[:k, TOKEN_META.index("token_id")])
+    mask = diag.outlier_mask
+    tokens = list(np.asarray(diag.top_tokens, dtype=object)[mask]) if diag.top_tokens else \
+        decode_tokens(diag.top_meta[mask, TOKEN_META.index("token_id")])
     uniq = list(dict.fromkeys(tokens))[:5]
-    return (f"  layer {layer} {point}: top {k} of {diag.n_tokens} tokens hold "
+    more = " (at least; raise max_outlier_tokens)" if diag.saturated else ""
+    return (f"  layer {layer} {point}: top {diag.k} of {diag.n_tokens} tokens hold "
             f"{100 * diag.outlier_share:.1f}% of the variance (max norm "
-            f"{diag.max_median_ratio:.0f}× the median); positions {where}; tokens "
-            f"{', '.join(uniq)}")
+            f"{diag.max_median_ratio:.0f}× the median); {diag.n_outliers}{more} outlier "
+            f"tokens at positions {where}; tokens {', '.join(uniq)}")
 
 
 def warn_outliers(diagnostics: dict[tuple[int, str], TokenDiagnostics], model: str,

@@ -196,8 +196,10 @@ class SpectraResult:
     def without_outliers(self) -> SpectraResult:
         """The same result with every flagged point's outlier tokens left out.
 
-        A flagged point (``outlier_flag``) gets the spectrum of its tokens minus its top
-        ``k`` tokens by norm (computed exactly in the capture pass, no second forward);
+        A flagged point (``outlier_flag``) gets the spectrum of its tokens minus its outlier
+        tokens (``TokenDiagnostics.outlier_mask``: the top ``k`` by norm and any other kept
+        top token with ``‖x − μ‖²`` over 20× the mean token's; computed exactly in the
+        capture pass, no second forward);
         other points are unchanged. ``metadata["exclusion"]["outliers_removed"]`` lists
         ``{site: k}``. The result has no diagnostics of its own; to measure (and diagnose)
         without given positions or ids, capture again with ``exclude_positions=...``.
@@ -210,7 +212,7 @@ class SpectraResult:
         removed = {}
         for key, spec in self._without_outliers.items():
             spectra[key] = spec
-            removed[site_name(*key)] = self.diagnostics[key].k
+            removed[site_name(*key)] = self.diagnostics[key].n_outliers
         meta = dict(self.metadata)
         meta["exclusion"] = {**dict(meta.get("exclusion") or {}), "outliers_removed": removed}
         return SpectraResult(spectra, meta)
@@ -223,7 +225,8 @@ class SpectraResult:
         DataFrame with columns ``model, layer, point, rank`` (1 = largest norm), ``norm``,
         ``norm_ratio`` (norm / the point's median norm), ``share`` (that token's share of the
         point's variance, ``‖x − μ‖² / trace(M2)``), ``batch, row, position, token_id,
-        token`` and ``outlier`` (among the top ``k`` whose shares sum to ``outlier_share``).
+        token`` and ``outlier`` (an outlier token: among the top ``k`` whose shares sum to
+        ``outlier_share``, or massive, see ``TokenDiagnostics.outlier_mask``).
         ``flagged_only=True`` keeps only the outlier tokens of flagged points.
         """
         from .diagnostics import TOKEN_META
@@ -239,7 +242,7 @@ class SpectraResult:
                                  "share": d.top_share,
                                  **{c: d.top_meta[:, j] for j, c in enumerate(TOKEN_META)},
                                  "token": d.top_tokens or [""] * m,
-                                 "outlier": np.arange(m) < d.k})
+                                 "outlier": d.outlier_mask})
             if flagged_only:
                 part = part[part["outlier"]] if d.outlier_flag else part.iloc[:0]
             parts.append(part)

@@ -377,3 +377,25 @@ def test_cli_outlier_report_names_layers_positions_and_the_rerun_flag():
     assert "1 of 1 points dominated" in text
     assert "layer   0 post" in text and "positions 0 (12×)" in text
     assert "rerun without them: --exclude-positions 0 (" in text
+
+
+def test_massive_tokens_beyond_the_top_k_are_left_out_too():
+    """More sinks (12) than the top 1% (k = 5): the share flags the point, and every massive
+    token (‖x − μ‖² > 20× the mean token's) is an outlier token, not only the top k."""
+    model, sites, batches, table, massive = lookup_data()
+    x, ids, _ = real_rows(batches, table)
+    with pytest.warns(OutlierTokenWarning, match=r"top 5 of \d+ tokens .*; 12 outlier tokens at "
+                      r"positions 0 \(12×\)"):
+        res = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False)
+    d = res.diagnostics[(0, "post")]
+    assert d.k == 5 and d.n_outliers == 12 and d.outlier_flag and not d.saturated
+    xc2 = ((x - x.mean(0)) ** 2).sum(1)
+    want_mask = np.isin(ids, massive) | (np.argsort(np.argsort(-np.linalg.norm(x, axis=1))) < 5)
+    assert (xc2 > 20 * xc2.mean()).sum() == 12 and want_mask.sum() == 12
+    base = ref_eigenvalues(x[~want_mask])
+    got = res.without_outliers().eigenvalues(0, "post")
+    assert np.max(np.abs(got - base)) / base[0] <= 1e-10
+    with pytest.warns(OutlierTokenWarning, match=r"12\+? outlier tokens|at least"):
+        few = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False,
+                                 max_outlier_tokens=8)
+    assert few.diagnostics[(0, "post")].saturated
