@@ -561,7 +561,8 @@ def _warn_exclusion(rule: Any, excluded: dict) -> None:
 def _finish_diagnostics(accs: dict, stats: dict, *, outlier_fraction: float,
                         outlier_threshold: float, tokenizer: Any, eigenvectors: bool
                         ) -> tuple[dict, dict]:
-    """Per point: TokenDiagnostics, and for flagged points the spectrum without the top k."""
+    """Per point: TokenDiagnostics, and for flagged points the spectrum without their
+    outlier tokens (``TokenDiagnostics.outlier_mask``)."""
     from .diagnostics import decode_tokens, remove_rows
 
     diags, free = {}, {}
