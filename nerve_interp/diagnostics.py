@@ -628,7 +628,7 @@ def warn_outliers(diagnostics: dict[tuple[int, str], TokenDiagnostics], model: s
 
 __all__ = [
     "DEFAULT_MAX_OUTLIER_TOKENS", "DEFAULT_OUTLIER_FRACTION", "DEFAULT_OUTLIER_THRESHOLD",
-    "TOKEN_META", "ExclusionRule", "TokenDiagnostics", "TokenNormStats",
+    "MASSIVE_TOKEN_FACTOR", "TOKEN_META", "ExclusionRule", "TokenDiagnostics", "TokenNormStats",
     "check_outlier_parameters", "decode_tokens", "exclusion_rule", "histogram_quantile",
     "outlier_k", "remove_rows", "warn_outliers",
 ]
