@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "metrics": ("nerve_interp.metrics", None),
     "errors": ("nerve_interp.errors", None),
+    "diagnostics": ("nerve_interp.diagnostics", None),
     "CovarianceAccumulator": ("nerve_interp.covariance", "CovarianceAccumulator"),
     "Spectrum": ("nerve_interp.spectrum", "Spectrum"),
     "spectrum_from_covariance": ("nerve_interp.spectrum", "spectrum_from_covariance"),

@@ -434,6 +434,8 @@ def run_ablations(
         "eval_data": data_label, "eval_sha1": eval_hash,
         "spectra_data": spectra.metadata.get("data", ""),
         "spectra_tokens": spectra.metadata.get("n_tokens"), "held_out": held_out,
+        # which tokens the spectra (and so the eigen-subspaces) were measured on
+        "spectra_exclusion": spectra.metadata.get("exclusion"),
         "copies_per_forward": copies,
         "spectrum_metrics": {
             f"{layer}/{point}": {k: v for k, v in spectra.spectrum(layer, point).metrics().items()

@@ -22,7 +22,17 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import checkpoint as _ckpt
 from . import distributed as _dist
+from ._io import atomic_path
 from .covariance import CovarianceAccumulator, gram_dtype_of, resolve_precision
+from .diagnostics import (
+    DEFAULT_MAX_OUTLIER_TOKENS,
+    DEFAULT_OUTLIER_FRACTION,
+    DEFAULT_OUTLIER_THRESHOLD,
+    TOKEN_META,
+    TokenNormStats,
+    check_outlier_parameters,
+    exclusion_rule,
+)
 from .errors import (
     CaptureError,
     NegativeEigenvalueWarning,
@@ -30,7 +40,7 @@ from .errors import (
     RankDeficientWarning,
     SiteError,
 )
-from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites
+from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites, site_name
 from .spectrum import NEGATIVE_WARN_TOL, spectrum_from_covariance
 
 
@@ -198,6 +208,9 @@ def collect_spectra(
     sites: Sequence[FFNSite] | None = None,
     max_tokens: int | None = None,
     skip_first: int = 0,
+    exclude_positions: Iterable[int] | None = (),
+    exclude_token_ids: Iterable[int] | None = (),
+    exclude_norm_above: float | None = None,
     batch_size: int = 8,
     max_length: int = 256,
     eigenvectors: bool = False,
@@ -208,6 +221,10 @@ def collect_spectra(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
     data_label: str = "",
+    diagnostics: bool = True,
+    outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
+    outlier_threshold: float = DEFAULT_OUTLIER_THRESHOLD,
+    max_outlier_tokens: int = DEFAULT_MAX_OUTLIER_TOKENS,
     distributed: bool | None = None,
     remote: Any = None,
 ):
@@ -233,11 +250,22 @@ def collect_spectra(
     max_tokens : int, optional
         Stop after this many real (non-padding) tokens; the last batch is cut row-major.
     skip_first : int, default 0
-        Leave out the first ``skip_first`` real tokens of every sequence. The first token is
+        Leave out the first ``skip_first`` real tokens of every sequence; the same as
+        ``exclude_positions=range(skip_first)`` (the two are combined).
+    exclude_positions : sequence of int, default ()
+        Positions left out of every spectrum, counted among the *real* tokens of each
+        sequence (0 = its first real token, with left or right padding). The first token is
         often an attention sink with *massive activations* (SmolLM2-135M: FFN post norms
-        ~3000 vs a median of ~6 in layer 11), which alone can hold >95% of a layer's
-        variance and drive its participation ratio to ~1. The papers keep every position
-        (the default); ``skip_first=1`` shows the spectrum of the other tokens.
+        ~570× the median in layer 11), which alone can hold >95% of a layer's variance and
+        drive its participation ratio to ~1. The papers keep every position (the default);
+        ``exclude_positions=(0,)`` gives the spectrum of the other tokens.
+    exclude_token_ids : sequence of int, default ()
+        Token ids left out wherever they occur (e.g. ``tokenizer.all_special_ids``).
+    exclude_norm_above : float, optional
+        Leave out, per point, tokens whose activation norm exceeds this multiple (> 1) of
+        the point's median norm. The median is measured on the first batch (after the
+        position and id rules) and then fixed for the whole capture; the metadata records
+        each point's threshold and how many tokens it left out.
     eigenvectors : bool, default False
         Keep eigenvectors (8·D² bytes per point) for subspace ablations.
     gram_dtype : torch.float64 or torch.float32, optional
@@ -286,6 +314,26 @@ def collect_spectra(
         per-batch ``(count, mean, centred scatter)`` come back; they are merged here with the
         exact Chan update (:mod:`nerve_interp.remote`).
 
+    diagnostics : bool, default True
+        Gather per-token statistics in the same pass (:mod:`nerve_interp.diagnostics`): norm
+        quantiles, the ``max_outlier_tokens`` tokens of largest norm (position, batch, token
+        id) and the share of the variance the top ``outlier_fraction`` of tokens hold.
+        Points where that share exceeds ``outlier_threshold`` are flagged, reported in one
+        ``OutlierTokenWarning``, in the ``outlier_share`` / ``outlier_flag`` columns of
+        ``metrics()`` and ``reinjection()``, and get a second spectrum without those tokens
+        (``result.without_outliers()``). Costs ~1% of the covariance update per batch (one
+        norm per token), plus one eigendecomposition per flagged point; ``False`` skips it.
+    outlier_fraction : float in (0, 1), default 0.01
+        Size of the top group: ``k = min(max_outlier_tokens, max(1, ⌈outlier_fraction·N⌉))``
+        tokens by activation norm (``N`` the tokens of the spectrum). An attention sink is
+        one token per sequence (0.4% of ``N`` at 256 tokens), so 1% covers them.
+    outlier_threshold : float in (0, 1), default 0.25
+        Flag a point when its top ``k`` tokens hold more than this share of the variance
+        (``Σ_top ‖x_i − μ‖² / Σ_all ‖x_n − μ‖²``).
+    max_outlier_tokens : int, default 256
+        ``m``, the top tokens kept per point (``m × D`` floats each). When
+        ``⌈outlier_fraction·N⌉ > m`` the share is that of the top ``m`` tokens, a lower bound.
+
     Returns
     -------
     SpectraResult
@@ -294,8 +342,11 @@ def collect_spectra(
     Raises
     ------
     CaptureError
-        No tokens at all (empty or all-padding data), or NaN/inf activations (the message
-        names the site and batch).
+        No tokens at all (empty or all-padding data, or every token excluded), or NaN/inf
+        activations (the message names the site and batch).
+    ValueError
+        Exclusion or outlier parameters out of range (negative positions, token ids outside
+        the vocabulary, ``exclude_norm_above <= 1``, fractions outside (0, 1)).
     SiteError
         A layer out of range, or a point the FFN does not have.
     """
@@ -315,8 +366,12 @@ def collect_spectra(
             )
         chosen[0].path(p)  # raises a clear error for act/up on a plain FFN
     order = [p for p in POINTS if p in points]
-    if skip_first < 0:
-        raise ValueError(f"skip_first == {skip_first}, must be >= 0 (tokens per sequence).")
+    as_strings = isinstance(batches, Sequence) and bool(batches) and all(
+        isinstance(b, str) for b in batches)
+    rule = exclusion_rule(exclude_positions, exclude_token_ids, exclude_norm_above,
+                          skip_first=skip_first, vocab_size=_vocab_size(root, tokenizer),
+                          max_length=max_length if as_strings else None)
+    check_outlier_parameters(outlier_fraction, outlier_threshold, max_outlier_tokens)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every == {checkpoint_every}, must be >= 1 (batches).")
     if max_tokens is not None and max_tokens < 2:
@@ -331,6 +386,14 @@ def collect_spectra(
             return _collect_in_passes(plan, {**call, "model": wrapper, "sites": all_sites},
                                       batches)
     trace_batch = _trace_batch
+    if (world_size > 1 or remote is not None) and rule.norm_above is not None:
+        raise ValueError(
+            "exclude_norm_above needs every token's norm in this process (its median comes "
+            "from the first batch); it is not available with torchrun or remote=... yet. Use "
+            "exclude_positions / exclude_token_ids, or capture in one local process.")
+    if (world_size > 1 or remote is not None) and diagnostics:
+        # per-token statistics are per process, and a remote trace returns only D×D ones
+        diagnostics = False
     if remote is not None:
         from .remote import check_remote_wrapper, remote_trace_batch
 
@@ -345,18 +408,28 @@ def collect_spectra(
                                         gram_dtype=gram_dtype_of(precision))
     accs = {(s.layer, p): CovarianceAccumulator(s.name(p), precision=precision)
             for s in chosen for p in order}
-    reads = [(accs[(s.layer, p)], s.paths[p]) for s in chosen for p in order]
+    stats = {key: TokenNormStats(acc.name, max_outlier_tokens=max_outlier_tokens,
+                                 norm_above=rule.norm_above)
+             for key, acc in accs.items()} if diagnostics or rule.norm_above is not None else {}
+    reads = [(accs[(s.layer, p)], s.paths[p], stats.get((s.layer, p)))
+             for s in chosen for p in order]
     meta = _model_metadata(root, chosen, len(all_sites))
     manifest = _ckpt.capture_manifest(meta, chosen, order, max_tokens=max_tokens,
                                       skip_first=skip_first, precision=precision,
-                                      rank=rank, world_size=world_size)
+                                      rank=rank, world_size=world_size,
+                                      exclusion=rule.to_dict() if rule.active else None)
 
     ckpt = (_ckpt.shard_path(Path(checkpoint), rank, world_size)
             if checkpoint is not None else None)
     done_batches, n_tokens, position = 0, 0, None
+    # real tokens seen, left out by position / id, batches emptied by them, longest sequence
+    excluded = {"real": 0, "positions": 0, "token_ids": 0, "empty_batches": 0, "longest": 0}
     if ckpt is not None and ckpt.exists():
         position = _ckpt.load_checkpoint(ckpt, accs, manifest)
         done_batches, n_tokens = int(position["batches"]), int(position["tokens"])
+        excluded = position.get("excluded", excluded)
+        if stats and not _load_token_stats(ckpt, stats):
+            diagnostics = False  # warned: the statistics of the counted batches are gone
     n_batches, n_local, n_seen = done_batches, 0, 0
 
     data_hash = hashlib.sha1()
@@ -383,15 +456,32 @@ def collect_spectra(
             if ids is not None:
                 mask = batch.get("attention_mask")
                 mask = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
-                if skip_first:
-                    mask = mask & (mask.long().cumsum(1) > skip_first)
+                real = mask
+                if rule.by_token:
+                    mask, counts = rule.token_mask(ids, mask)
+                    excluded["positions"] += counts["positions"]
+                    excluded["token_ids"] += counts["token_ids"]
+                    excluded["longest"] = max(excluded["longest"], int(real.sum(1).max()))
                 keep = _budget_mask(mask, remaining)
+                excluded["real"] += int(real.sum())
                 if not bool(keep.any()):
+                    excluded["empty_batches"] += bool(real.any())
                     continue  # an all-padding batch adds nothing; counted in the final check
                 idx, mask_shape = keep.reshape(-1).nonzero().squeeze(1).to(device), keep.shape
+                if stats:
+                    meta_rows = _token_meta(i, ids, real, keep).to(device)
+            elif rule.by_token:
+                raise CaptureError(
+                    f"batch {i} has no input_ids, so exclude_positions / exclude_token_ids "
+                    "cannot apply; they need token inputs (exclude_norm_above works on any).")
             inputs = {k: _to(v, device) for k, v in batch.items()}
             try:
-                n_keep = trace_batch(wrapper, inputs, reads, idx, mask_shape, remaining)
+                if trace_batch is _trace_batch:
+                    n_keep = _trace_batch(wrapper, inputs, reads, idx, mask_shape, remaining,
+                                          meta_rows if ids is not None and stats else None)
+                else:  # remote: no token statistics
+                    n_keep = trace_batch(wrapper, inputs, [r[:2] for r in reads], idx,
+                                         mask_shape, remaining)
             except NerveInterpError as err:
                 shape = tuple(ids.shape) if ids is not None else "non-token inputs"
                 raise type(err)(
@@ -402,24 +492,40 @@ def collect_spectra(
             bar.update(n_keep)
             if ckpt is not None and n_local % checkpoint_every == 0:
                 _ckpt.save_checkpoint(ckpt, accs, manifest, {
-                    "batches": i + 1, "tokens": n_tokens, "data_sha1": data_hash.hexdigest()})
+                    "batches": i + 1, "tokens": n_tokens, "data_sha1": data_hash.hexdigest(),
+                    "excluded": excluded})
+                _save_token_stats(ckpt, stats)
     finally:
         bar.close()
     if position is not None and n_seen < done_batches:  # the data ended before the checkpoint
         _ckpt.check_data_prefix(ckpt, position, data_hash.hexdigest(), n_seen)
     if ckpt is not None:
         _ckpt.save_checkpoint(ckpt, accs, manifest, {
-            "batches": n_batches, "tokens": n_tokens, "data_sha1": data_hash.hexdigest()})
+            "batches": n_batches, "tokens": n_tokens, "data_sha1": data_hash.hexdigest(),
+            "excluded": excluded})
+        _save_token_stats(ckpt, stats)
     data_sha1 = data_hash.hexdigest()
     if world_size > 1:
         _dist.all_reduce_accumulators(list(accs.values()))
         n_tokens = _dist.all_reduce_count(n_tokens)
         n_batches, data_sha1 = _dist.furthest_position(n_batches, data_sha1)
+        for key in ("real", "positions", "token_ids", "empty_batches"):
+            excluded[key] = _dist.all_reduce_count(excluded[key])
+    if n_tokens == 0 and excluded["real"] > 0:
+        raise CaptureError(
+            f"every one of the {excluded['real']} real tokens given to {meta['model']} was "
+            f"excluded ({excluded['positions']} by exclude_positions="
+            f"{list(rule.positions)}, {excluded['token_ids']} by exclude_token_ids="
+            f"{list(rule.token_ids)}); nothing is left for a spectrum. Exclude fewer "
+            "positions or ids, or pass longer texts."
+        )
     if n_tokens == 0:
         raise CaptureError(
             f"no tokens reached {meta['model']}: the data were empty or every token was padding "
             "(attention_mask all 0). Pass non-empty texts or batches with real tokens."
         )
+    if rank == 0:
+        _warn_exclusion(rule, excluded)
     spectra = {}
     for key, acc in accs.items():
         if acc.n_samples_seen_ < 2:
@@ -432,11 +538,32 @@ def collect_spectra(
     # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
     _warn_once(list(spectra.values()),
                NEGATIVE_WARN_TOL if precision == "fp64" else 64 * 2.0**-23)
+    diags, free = {}, {}
+    if diagnostics:
+        diags, free = _finish_diagnostics(
+            accs, stats, outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold,
+            tokenizer=tokenizer if tokenizer is not None else getattr(wrapper, "tokenizer", None),
+            eigenvectors=eigenvectors)
+        from .diagnostics import warn_outliers
+
+        warn_outliers(diags, meta["model"], stacklevel=3)
     meta.update({
         "n_tokens": n_tokens,
         "n_batches": n_batches,
         "max_tokens": max_tokens,
         "skip_first": skip_first,
+        "exclusion": {**rule.to_dict(), "skip_first": skip_first},
+        "n_excluded": {
+            "real_tokens": excluded["real"], "positions": excluded["positions"],
+            "token_ids": excluded["token_ids"], "empty_batches": excluded["empty_batches"],
+            "norm": {acc.name: stats[key].n_excluded_norm_ for key, acc in accs.items()
+                     if rule.norm_above is not None},
+            "norm_thresholds": {acc.name: stats[key].norm_threshold_
+                                for key, acc in accs.items() if rule.norm_above is not None}},
+        "diagnostics": {"enabled": bool(diagnostics), "outlier_fraction": outlier_fraction,
+                        "outlier_threshold": outlier_threshold,
+                        "max_outlier_tokens": max_outlier_tokens,
+                        "flagged": [d.name for d in diags.values() if d.outlier_flag]},
         "gram_dtype": str(accs[next(iter(accs))].gram_dtype).replace("torch.", ""),
         "precision": precision,
         "data": data_label,
@@ -449,7 +576,101 @@ def collect_spectra(
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     })
-    return SpectraResult(spectra, meta)
+    return SpectraResult(spectra, meta, diagnostics=diags or None, without_outliers=free or None)
+
+
+def _vocab_size(root: torch.nn.Module, tokenizer: Any) -> int | None:
+    """Rows of the input embedding (else config.vocab_size, else len(tokenizer))."""
+    try:
+        return int(root.get_input_embeddings().num_embeddings)
+    except Exception:  # not a Hugging Face model, or no token embedding
+        pass
+    size = getattr(getattr(root, "config", None), "vocab_size", None)
+    if size:
+        return int(size)
+    return len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+
+
+def _token_meta(i: int, ids: torch.Tensor, real: torch.Tensor, keep: torch.Tensor
+                ) -> torch.Tensor:
+    """Batch, row, position (among real tokens) and token id of each kept token,
+    row-major like ``keep.nonzero()``: LongTensor of shape (n_keep, 4)."""
+    rows, _ = keep.nonzero(as_tuple=True)
+    pos = (real.long().cumsum(1) - 1)[keep]
+    return torch.stack([torch.full_like(rows, i), rows, pos, ids.to(rows.device)[keep]], 1)
+
+
+def _warn_exclusion(rule: Any, excluded: dict) -> None:
+    if excluded["empty_batches"]:
+        warnings.warn(
+            f"{excluded['empty_batches']} batch(es) had every real token excluded "
+            f"(exclude_positions={list(rule.positions)}, exclude_token_ids="
+            f"{list(rule.token_ids)}) and added nothing to the spectra.", stacklevel=3)
+    longest = excluded["longest"]
+    if rule.positions and longest and rule.positions[-1] >= longest:
+        never = [p for p in rule.positions if p >= longest]
+        warnings.warn(
+            f"exclude_positions {never} never occurred: the longest sequence had {longest} "
+            f"real tokens (positions 0..{longest - 1}). Positions count the real tokens of "
+            "each sequence from 0.", stacklevel=3)
+
+
+def _finish_diagnostics(accs: dict, stats: dict, *, outlier_fraction: float,
+                        outlier_threshold: float, tokenizer: Any, eigenvectors: bool
+                        ) -> tuple[dict, dict]:
+    """Per point: TokenDiagnostics, and for flagged points the spectrum without their
+    outlier tokens (``TokenDiagnostics.outlier_mask``)."""
+    from .diagnostics import decode_tokens, remove_rows
+
+    diags, free = {}, {}
+    for key, acc in accs.items():
+        st = stats[key]
+        if st.n_samples_seen_ == 0:
+            continue
+        m2 = acc.scatter_
+        d = st.finish(acc.mean_, float(torch.diagonal(m2).sum()),
+                      outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold)
+        d.top_tokens = decode_tokens(d.top_meta[:, TOKEN_META.index("token_id")], tokenizer)
+        diags[key] = d
+        if d.outlier_flag and acc.n_samples_seen_ - d.n_outliers >= 2:
+            mask = torch.from_numpy(d.outlier_mask).to(st.top_vectors_.device)
+            n_a, mean_a, m2_a = remove_rows(acc.n_samples_seen_, acc.mean_, m2,
+                                            st.top_vectors_[mask])
+            free[key] = spectrum_from_covariance(m2_a / (n_a - 1), mean_a, n_a,
+                                                 eigenvectors=eigenvectors, name=acc.name,
+                                                 warn=False)
+    return diags, free
+
+
+def _save_token_stats(ckpt: Path, stats: dict) -> None:
+    """The diagnostics' state next to a capture checkpoint (``<ckpt>.tokens``)."""
+    if not stats:
+        return
+    from safetensors.torch import save_file
+
+    tensors = {f"{site_name(layer, point)}.{k}": v.contiguous()
+               for (layer, point), st in stats.items() for k, v in st.state_dict().items()}
+    with atomic_path(Path(f"{ckpt}.tokens")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "nerve_interp.token_stats"})
+
+
+def _load_token_stats(ckpt: Path, stats: dict) -> bool:
+    """Restore what :func:`_save_token_stats` wrote; False (and a warning) if it is absent."""
+    path = Path(f"{ckpt}.tokens")
+    if not path.exists():
+        warnings.warn(f"{ckpt} has no token statistics ({path.name}); resuming without "
+                      "token diagnostics (outlier shares would miss the counted batches).",
+                      stacklevel=3)
+        return False
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for (layer, point), st in stats.items():
+        prefix = site_name(layer, point) + "."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if sub:
+            st.load_state_dict(sub)
+    return True
 
 
 def _plan(wrapper: Any, batches: Any, chosen: Sequence[FFNSite], order: Sequence[str],
@@ -510,12 +731,14 @@ def _collect_in_passes(plan: Any, call: dict, batches: Any):
     if call["checkpoint"] is not None:
         raise ValueError("checkpoint= cannot be combined with a multi-pass memory plan yet; "
                          "capture fewer layers per call, each with its own checkpoint.")
-    spectra, metas = {}, []
+    spectra, metas, diags, free = {}, [], {}, {}
     for layers, points in zip(plan.pass_layers, plan.pass_points, strict=True):
         res = collect_spectra(**{**call, "batches": batches, "layers": list(layers),
                                  "points": points, "memory_budget": None})
         spectra.update(res.items())
         metas.append(res.metadata)
+        diags.update(res.diagnostics)
+        free.update(res._without_outliers)
     for key in ("n_tokens", "data_sha1"):
         if len({m[key] for m in metas}) != 1:
             raise CaptureError(
@@ -528,7 +751,14 @@ def _collect_in_passes(plan: Any, call: dict, batches: Any):
     meta["site_paths"] = {k: v for m in metas for k, v in m["site_paths"].items()}
     meta["passes"] = [[f"layers.{lay}.ffn.{p}" for lay, p in ps] for ps in plan.passes]
     meta["memory_plan"] = plan.summary()
-    return SpectraResult(spectra, meta)
+    if "diagnostics" in meta:
+        meta["diagnostics"] = {**meta["diagnostics"], "flagged": [
+            f for m in metas for f in m.get("diagnostics", {}).get("flagged", [])]}
+    if meta.get("n_excluded", {}).get("norm") is not None:
+        for key in ("norm", "norm_thresholds"):
+            meta["n_excluded"][key] = {k: v for m in metas
+                                       for k, v in m["n_excluded"][key].items()}
+    return SpectraResult(spectra, meta, diagnostics=diags or None, without_outliers=free or None)
 
 
 def _warn_once(spectra: list, neg_tol: float = NEGATIVE_WARN_TOL) -> None:
@@ -572,20 +802,25 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 def _trace_batch(wrapper: Any, inputs: dict, reads: list, idx: torch.Tensor | None,
-                 mask_shape: tuple | None, remaining: int | None) -> int:
+                 mask_shape: tuple | None, remaining: int | None,
+                 meta: torch.Tensor | None = None) -> int:
     """One nnsight trace: read every point in forward order, accumulate, stop early.
 
-    Returns the number of rows (tokens) each point received.
+    ``reads`` holds ``(accumulator, path, TokenNormStats or None)``; the token statistics
+    see the rows first and may drop some (``exclude_norm_above``). Returns the number of
+    rows (tokens) each point received before that norm rule.
     """
     kwargs = dict(inputs)
     args = kwargs.pop("_args", ())
     counts = []
     with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
-        for acc, path in reads:
+        for acc, path, token_stats in reads:
             x = wrapper.get(path)
             rows = _select_rows(x, idx, mask_shape, remaining, acc.name)
-            acc.update(rows)
             counts.append(rows.shape[0])
+            if token_stats is not None:
+                rows = token_stats.observe(rows, meta)
+            acc.update(rows)
         tracer.stop()
     return counts[0]
 

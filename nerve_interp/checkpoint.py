@@ -54,6 +54,7 @@ def capture_manifest(
     precision: str,
     rank: int = 0,
     world_size: int = 1,
+    exclusion: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint must agree on with the run that resumes from it.
 
@@ -76,6 +77,8 @@ def capture_manifest(
         This process's rank (``0`` without ``torch.distributed``).
     world_size : int, default 1
         Number of processes sharing the data.
+    exclusion : mapping, optional
+        The token exclusion rules (``ExclusionRule.to_dict()``); part of ``options``.
 
     Returns
     -------
@@ -89,7 +92,8 @@ def capture_manifest(
         "sites": {site_name(s.layer, p): s.paths[p] for s in sites for p in points},
         "options": {"points": list(points), "max_tokens": max_tokens,
                     "skip_first": int(skip_first),
-                    "precision": str(precision)},
+                    "precision": str(precision),
+                    **({"exclusion": dict(exclusion)} if exclusion else {})},
         "shard": {"rank": int(rank), "world_size": int(world_size)},
     }
 

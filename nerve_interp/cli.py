@@ -13,10 +13,13 @@ its share of the batches, rank 0 prints and writes::
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from .errors import OutlierTokenWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Spectral interpretability of FFNs in language models (nnsight).")
@@ -31,23 +34,67 @@ TABLE_COLUMNS = {
     "delta_spectral_entropy": "ΔSE",
     "delta_eee": "ΔEEE",
     "js_divergence": "JS",
+    "outlier_share_post": "outl. post",
 }
 
 
-def _parse_ints(text: str | None) -> list[int] | None:
+EXCLUDE_POSITIONS_HELP = ("Comma-separated positions to leave out, counted among the real "
+                          "tokens of every text from 0 (e.g. 0: the attention sink).")
+EXCLUDE_IDS_HELP = "Comma-separated token ids to leave out (e.g. special tokens)."
+EXCLUDE_NORM_HELP = ("Leave out tokens whose activation norm is over this multiple of the "
+                     "point's median (median from the first batch).")
+
+
+def _parse_ints(text: str | None, what: str = "layers") -> list[int] | None:
     if not text:
         return None
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: give layers as comma-separated integers, "
-                                 "e.g. 0,1,-1") from None
+        raise typer.BadParameter(f"{text!r}: give {what} as comma-separated integers, "
+                                 "e.g. 0,1,-1" if what == "layers" else
+                                 f"{text!r}: give {what} as comma-separated integers, "
+                                 "e.g. 0,1") from None
 
 
 def format_table(reinjection) -> str:
     """The per-layer pre/post table printed by the CLI."""
-    df = reinjection[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
+    df = reinjection[[c for c in TABLE_COLUMNS if c in reinjection]].rename(
+        columns=TABLE_COLUMNS)
     return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def format_outliers(result) -> str:
+    """Which points are dominated by a few tokens, and how to measure without them."""
+    from collections import Counter
+
+    flagged = {key: d for key, d in result.diagnostics.items() if d.outlier_flag}
+    if not result.diagnostics:
+        return ""
+    meta = result.metadata.get("diagnostics", {})
+    head = (f"outlier tokens: top {100 * meta.get('outlier_fraction', 0.01):g}% of tokens by "
+            f"activation norm holding > {100 * meta.get('outlier_threshold', 0.25):g}% of the "
+            "variance")
+    if not flagged:
+        return f"{head}: none (no spectrum is dominated by a few tokens)."
+    free = result.without_outliers()
+    lines = [f"{head}: {len(flagged)} of {len(result.diagnostics)} points dominated"]
+    positions = Counter()
+    for (layer, point), d in flagged.items():
+        pos = [int(p) for p in d.positions() if p >= 0]
+        positions.update(pos)
+        where = ", ".join(f"{p} ({c}×)" for p, c in Counter(pos).most_common(3)) or "?"
+        pr_all = result.spectrum(layer, point).metrics()["participation_ratio"]
+        pr_free = free.spectrum(layer, point).metrics()["participation_ratio"]
+        lines.append(f"  layer {layer:>3} {point:<4} share {100 * d.outlier_share:5.1f}%  "
+                     f"max/median norm {d.max_median_ratio:7.0f}  PR {pr_all:8.2f} -> "
+                     f"{pr_free:8.2f} without {d.n_outliers}{'+' if d.saturated else ''} tokens  "
+                     f"positions {where}")
+    top = max(positions.values(), default=0)
+    common = [p for p, c in positions.most_common(3) if c >= top / 2]
+    lines.append("  rerun without them: --exclude-positions "
+                 f"{','.join(map(str, sorted(common)))} (or --exclude-norm-above 20)")
+    return "\n".join(lines)
 
 
 def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) -> dict:
@@ -66,6 +113,17 @@ def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) 
     reinj = result.reinjection()
     paths["reinjection"] = out / "reinjection.csv"
     reinj.to_csv(paths["reinjection"], index=False)
+    if result.diagnostics:
+        paths["outlier_tokens"] = out / "outlier_tokens.csv"
+        result.outlier_tokens().to_csv(paths["outlier_tokens"], index=False)
+        point = "post" if "post" in result.points else result.points[-1]
+        axes = plotting.plot_outliers(result.outlier_comparison(),
+                                      result.outlier_tokens(flagged_only=True), point=point)
+        axes[0].figure.suptitle(f"{result.model}: spectra with all tokens vs without the "
+                                f"outlier tokens ({point})")
+        paths["outlier_figure"] = out / "outliers.png"
+        axes[0].figure.savefig(paths["outlier_figure"], dpi=110)
+        plt.close(axes[0].figure)
     g = plotting.plot_spectra(result.eigenvalue_frame(), layers=figure_layers)
     g.figure.suptitle(f"{result.model}: eigenvalue decay before (pre) and after (post) the "
                       "FFN nonlinearity", y=1.01)
@@ -80,8 +138,13 @@ def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) 
     return paths
 
 
+def _parse_exclusion(positions: str | None, token_ids: str | None) -> dict:
+    return {"exclude_positions": _parse_ints(positions, "positions") or (),
+            "exclude_token_ids": _parse_ints(token_ids, "token ids") or ()}
+
+
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
-         skip_first: int,
+         skip_first: int, exclude: dict,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
          out: Path, device: str | None, checkpoint: bool) -> None:
     from . import capture, distributed, zoo
@@ -105,15 +168,24 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
         echo(f"note    {info['note']}")
     echo(f"text    {data_label}: {len(texts)} documents")
     t1 = time.perf_counter()
-    result = capture.collect_spectra(
-        model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
-        max_tokens=max_tokens, skip_first=skip_first, batch_size=batch_size,
-        max_length=max_length, progress=rank == 0,
-        data_label=data_label, checkpoint=out / "capture.ckpt" if checkpoint else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutlierTokenWarning)  # printed below, as a table
+        result = capture.collect_spectra(
+            model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
+            max_tokens=max_tokens, skip_first=skip_first, batch_size=batch_size,
+            max_length=max_length, progress=rank == 0, **exclude,
+            data_label=data_label, checkpoint=out / "capture.ckpt" if checkpoint else None)
     t_cap = time.perf_counter() - t1
     meta = result.metadata
     echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
          f"{len(result.points)} points in {t_cap:.1f} s")
+    ex, n_ex = meta["exclusion"], meta["n_excluded"]
+    if ex["positions"] or ex["token_ids"] or ex["norm_above"] is not None:
+        echo(f"excluded positions {ex['positions']} ({n_ex['positions']} tokens), "
+             f"token ids {ex['token_ids']} ({n_ex['token_ids']} tokens)"
+             + (f", norm > {ex['norm_above']:g}× median "
+                f"({sum(n_ex['norm'].values())} token-points)"
+                if ex["norm_above"] is not None else ""))
     reinj = result.reinjection() if {"pre", "post"} <= set(result.points) else None
     if reinj is not None:
         echo("\nPer layer, pre -> post (PR = participation ratio = hard rank; "
@@ -124,6 +196,8 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
              f"soft-rank gain {mean['soft_rank_gain']:.2f}×, "
              f"ΔSE {mean['delta_spectral_entropy']:+.3f} nats, "
              f"ΔEEE {mean['delta_eee']:+.3f}, JS {mean['js_divergence']:.4f}")
+    if result.diagnostics:
+        echo("\n" + format_outliers(result))
     if rank > 0:
         return
     paths = write_outputs(result, out)
@@ -141,13 +215,18 @@ def demo(
     = None,
     skip_first: Annotated[int, typer.Option(help="Leave out the first N tokens of every "
                                                  "text (attention sinks).")] = 0,
+    exclude_positions: Annotated[str | None, typer.Option(
+        help=EXCLUDE_POSITIONS_HELP)] = None,
+    exclude_token_ids: Annotated[str | None, typer.Option(help=EXCLUDE_IDS_HELP)] = None,
+    exclude_norm_above: Annotated[float | None, typer.Option(help=EXCLUDE_NORM_HELP)] = None,
 ) -> None:
     """Spectra of every FFN of SmolLM2-135M before and after SiLU, offline."""
     from . import data
 
     texts = data.load_corpus("python-docs", split="train")
     _run("smollm2-135m", texts, "python-docs/train", max_tokens=max_tokens,
-         skip_first=skip_first,
+         skip_first=skip_first, exclude={**_parse_exclusion(exclude_positions, exclude_token_ids),
+                                         "exclude_norm_above": exclude_norm_above},
          layers=_parse_ints(layers), points=["pre", "post"], batch_size=8, max_length=128,
          out=out, device=None, checkpoint=False)
 
@@ -170,6 +249,10 @@ def spectra(
     checkpoint: Annotated[bool, typer.Option(help="Checkpoint into OUT and resume.")] = True,
     skip_first: Annotated[int, typer.Option(help="Leave out the first N tokens of every "
                                                  "text (attention sinks).")] = 0,
+    exclude_positions: Annotated[str | None, typer.Option(
+        help=EXCLUDE_POSITIONS_HELP)] = None,
+    exclude_token_ids: Annotated[str | None, typer.Option(help=EXCLUDE_IDS_HELP)] = None,
+    exclude_norm_above: Annotated[float | None, typer.Option(help=EXCLUDE_NORM_HELP)] = None,
 ) -> None:
     """Spectra and metrics of every FFN of any model, written to OUT."""
     from . import data
@@ -179,6 +262,8 @@ def spectra(
     else:
         texts, label = data.read_texts(text), str(text)
     _run(model, texts, label, max_tokens=max_tokens, skip_first=skip_first,
+         exclude={**_parse_exclusion(exclude_positions, exclude_token_ids),
+                  "exclude_norm_above": exclude_norm_above},
          layers=_parse_ints(layers),
          points=[p for p in points.replace(" ", "").split(",") if p], batch_size=batch_size,
          max_length=max_length, out=out, device=device, checkpoint=checkpoint)
@@ -286,4 +371,4 @@ if __name__ == "__main__":  # python -m nerve_interp.cli (e.g. under torchrun)
     main()
 
 
-__all__ = ["app", "format_table", "write_outputs"]
+__all__ = ["app", "format_outliers", "format_table", "write_outputs"]

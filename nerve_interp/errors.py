@@ -47,12 +47,17 @@ class NegativeEigenvalueWarning(UserWarning):
     """Round-off produced eigenvalues below -1e-8 * lambda_1 (they were clipped to 0)."""
 
 
+class OutlierTokenWarning(UserWarning):
+    """A few tokens (massive activations, e.g. attention sinks) hold most of a point's variance."""
+
+
 __all__ = [
     "CaptureError",
     "MemoryPlanError",
     "NegativeEigenvalueWarning",
     "NerveInterpError",
     "NotFittedError",
+    "OutlierTokenWarning",
     "RankDeficientWarning",
     "ResultsFileError",
     "SiteError",

@@ -171,6 +171,80 @@ def plot_reinjection(
     return axes
 
 
+#: Colours of the two token sets of :func:`plot_outliers`.
+TOKENS_PALETTE = {"all": "#d62728", "without outliers": "#1f77b4"}
+LABELS.update({"outlier_share": "share of variance in the top tokens",
+               "position": "position in the sequence (real tokens)"})
+
+
+def plot_outliers(
+    comparison: pd.DataFrame,
+    tokens: pd.DataFrame,
+    *,
+    point: str = "post",
+    metrics: Sequence[str] = ("participation_ratio", "soft_rank"),
+    axes: Any = None,
+):
+    """Spectra with all tokens vs with the flagged (outlier) tokens left out, and where
+    those tokens sit.
+
+    One panel per metric against layer (log y; a line for ``all`` and one for ``without
+    outliers``; flagged layers marked with a cross), then a histogram of the positions of
+    the outlier tokens of flagged layers.
+
+    Parameters
+    ----------
+    comparison : DataFrame
+        ``SpectraResult.outlier_comparison()``: ``layer, point, metric, value, tokens,
+        outlier_flag``.
+    tokens : DataFrame
+        ``SpectraResult.outlier_tokens(flagged_only=True)``: ``layer, point, position``.
+    point : str, default "post"
+    metrics : sequence of str
+    axes : sequence of matplotlib Axes, optional
+        ``len(metrics) + 1`` of them.
+
+    Returns
+    -------
+    ndarray of matplotlib Axes
+    """
+    import numpy as np
+    import seaborn as sns
+
+    check_tidy(comparison, ("layer", "point", "metric", "value", "tokens", "outlier_flag"))
+    check_tidy(tokens, ("layer", "point", "position"))
+    plt = _pyplot()
+    if axes is None:
+        _, axes = plt.subplots(1, len(metrics) + 1, figsize=(3.6 * (len(metrics) + 1), 3.2),
+                               layout="constrained")
+    df = comparison[comparison["point"] == point]
+    for ax, metric in zip(axes, metrics, strict=False):
+        sub = df[df["metric"] == metric]
+        if sub.empty:
+            raise KeyError(f"metric {metric!r} at point {point!r} is not in the table.")
+        sns.lineplot(data=sub, x="layer", y="value", hue="tokens",
+                     hue_order=list(TOKENS_PALETTE), palette=TOKENS_PALETTE, marker="o",
+                     markersize=4, ax=ax)
+        flagged = sub[(sub["tokens"] == "all") & sub["outlier_flag"].fillna(False).astype(bool)]
+        ax.scatter(flagged["layer"], flagged["value"], marker="x", s=60, color="k", zorder=5,
+                   label="flagged")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{LABELS.get(metric, metric)} ({point})")
+        ax.legend(fontsize=7, frameon=False)
+    ax = axes[len(metrics)]
+    pos = tokens[tokens["point"] == point]["position"].to_numpy()
+    pos = pos[pos >= 0]
+    if pos.size:
+        top = int(pos.max())
+        ax.hist(pos, bins=np.arange(-0.5, top + 1.5, max(1, (top + 1) // 40)),
+                color=TOKENS_PALETTE["all"])
+    else:
+        ax.text(0.5, 0.5, "no flagged layer", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(LABELS["position"])
+    ax.set_ylabel("outlier tokens (flagged layers)")
+    return np.asarray(axes)
+
+
 #: Colours of the ablation subspaces and line styles of the modes.
 SUBSPACE_PALETTE = {"top": "#d62728", "tail": "#1f77b4", "random": "#7f7f7f"}
 MODE_STYLES = {"keep": "-", "remove": "--"}
@@ -251,5 +325,5 @@ def plot_ablation(
     return axes
 
 
-__all__ = ["LABELS", "MODE_STYLES", "POINT_PALETTE", "SUBSPACE_PALETTE", "plot_ablation",
-           "plot_metric", "plot_reinjection", "plot_spectra"]
+__all__ = ["LABELS", "MODE_STYLES", "POINT_PALETTE", "SUBSPACE_PALETTE", "TOKENS_PALETTE",
+           "plot_ablation", "plot_metric", "plot_outliers", "plot_reinjection", "plot_spectra"]

@@ -3,12 +3,16 @@
 Files are a single ``.safetensors`` (no pickle): per point ``layers.{layer}.ffn.{point}``
 ``.eigenvalues``, ``.mean`` and optionally ``.eigenvectors`` (float64), with the metadata
 (model, tokens, dtype, versions, per-point N and clipped negatives) as JSON in the header.
+Token diagnostics (:mod:`nerve_interp.diagnostics`) add per point ``.top_norms``,
+``.top_meta``, ``.top_share`` and a JSON summary, and flagged points the spectrum without
+their outlier tokens under ``{point}.without_outliers.eigenvalues`` / ``.mean``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import torch
 from . import __version__
 from . import metrics as _metrics
 from ._io import atomic_path
+from .diagnostics import TokenDiagnostics
 from .errors import ResultsFileError, SiteError
 from .sites import parse_site, site_name
 from .spectrum import Spectrum
@@ -36,10 +41,16 @@ class SpectraResult:
     ----------
     spectra : dict mapping (layer, point) -> Spectrum
     metadata : dict
-        ``model``, ``n_tokens``, ``dtype``, ``versions``, ... (JSON-serialisable).
+        ``model``, ``n_tokens``, ``dtype``, ``versions``, ``exclusion``, ... (JSON-serialisable).
+    diagnostics : dict mapping (layer, point) -> TokenDiagnostics, optional
+        Token statistics of each point (outlier share and flag, top tokens).
+    without_outliers : dict mapping (layer, point) -> Spectrum, optional
+        For flagged points, the spectrum with their outlier tokens left out.
     """
 
-    def __init__(self, spectra: dict[tuple[int, str], Spectrum], metadata: dict | None = None):
+    def __init__(self, spectra: dict[tuple[int, str], Spectrum], metadata: dict | None = None,
+                 *, diagnostics: dict[tuple[int, str], TokenDiagnostics] | None = None,
+                 without_outliers: dict[tuple[int, str], Spectrum] | None = None):
         if not spectra:
             raise ValueError("a SpectraResult needs at least one spectrum.")
         from .sites import POINTS
@@ -47,6 +58,8 @@ class SpectraResult:
         order = {p: i for i, p in enumerate(POINTS)}
         self._spectra = dict(sorted(spectra.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])))
         self.metadata = dict(metadata or {})
+        self.diagnostics = dict(diagnostics or {})
+        self._without_outliers = dict(without_outliers or {})
 
     # ---------------------------------------------------------------- access
     @property
@@ -106,23 +119,34 @@ class SpectraResult:
         """``((layer, point), Spectrum)`` pairs, layer-major."""
         return self._spectra.items()
 
+    def _outlier(self, key: tuple[int, str]) -> tuple[float, Any]:
+        d = self.diagnostics.get(key)
+        return (np.nan, pd.NA) if d is None else (float(d.outlier_share), bool(d.outlier_flag))
+
     # ---------------------------------------------------------------- tables
     def metrics(self, *, concentration_k: int | None = None) -> pd.DataFrame:
         """Every metric of SPEC.md §3 per layer and point, tidy.
 
         Returns
         -------
-        DataFrame with columns ``model, layer, point, metric, value`` (plus ``n_tokens``
-        and ``dim`` for context). Pivot it for a wide view::
+        DataFrame with columns ``model, layer, point, metric, value``, plus for context
+        ``n_tokens``, ``dim``, ``outlier_share`` (share of the variance held by the point's
+        top tokens by norm, see :mod:`nerve_interp.diagnostics`; NaN without diagnostics)
+        and ``outlier_flag`` (that share is above the threshold: the spectrum is dominated
+        by a few tokens; NA without diagnostics). Pivot it for a wide view::
 
             df.pivot_table(index="layer", columns=["metric", "point"], values="value")
         """
         rows = []
         for (layer, point), spec in self._spectra.items():
+            share, flag = self._outlier((layer, point))
             for name, value in spec.metrics(concentration_k=concentration_k).items():
-                rows.append((self.model, layer, point, name, value, spec.n_samples, spec.dim))
-        return pd.DataFrame(rows, columns=["model", "layer", "point", "metric", "value",
-                                           "n_tokens", "dim"])
+                rows.append((self.model, layer, point, name, value, spec.n_samples, spec.dim,
+                             share, flag))
+        df = pd.DataFrame(rows, columns=["model", "layer", "point", "metric", "value",
+                                         "n_tokens", "dim", "outlier_share", "outlier_flag"])
+        df["outlier_flag"] = df["outlier_flag"].astype("boolean")
+        return df
 
     def reinjection(self, pre: str = "pre", post: str = "post", *, tidy: bool = False
                     ) -> pd.DataFrame:
@@ -140,7 +164,8 @@ class SpectraResult:
         DataFrame
             One row per layer: ``model, layer, pr_gain, delta_spectral_entropy, delta_eee,
             js_divergence, soft_rank_gain, hard_rank_gain``, plus the four inputs
-            ``participation_ratio_pre/_post`` and ``soft_rank_pre/_post``.
+            ``participation_ratio_pre/_post`` and ``soft_rank_pre/_post``, and
+            ``outlier_share_pre/_post``, ``outlier_flag_pre/_post`` (see :meth:`metrics`).
         """
         rows = []
         for layer in self.layers:
@@ -153,13 +178,95 @@ class SpectraResult:
                 f"participation_ratio_{post}": mb["participation_ratio"],
                 f"soft_rank_{pre}": ma["soft_rank"],
                 f"soft_rank_{post}": mb["soft_rank"],
+                f"outlier_share_{pre}": self._outlier((layer, pre))[0],
+                f"outlier_share_{post}": self._outlier((layer, post))[0],
+                f"outlier_flag_{pre}": self._outlier((layer, pre))[1],
+                f"outlier_flag_{post}": self._outlier((layer, post))[1],
             })
         df = pd.DataFrame(rows)
+        for p in (pre, post):
+            df[f"outlier_flag_{p}"] = df[f"outlier_flag_{p}"].astype("boolean")
         if tidy:
             keep = ["model", "layer", *_metrics.REINJECTION_NAMES]
             return df[keep].melt(id_vars=["model", "layer"], var_name="metric",
                                  value_name="value")
         return df
+
+    # ---------------------------------------------------------------- outliers
+    def without_outliers(self) -> SpectraResult:
+        """The same result with every flagged point's outlier tokens left out.
+
+        A flagged point (``outlier_flag``) gets the spectrum of its tokens minus its outlier
+        tokens (``TokenDiagnostics.outlier_mask``: the top ``k`` by norm and any other kept
+        top token with ``‖x − μ‖²`` over 20× the mean token's; computed exactly in the
+        capture pass, no second forward);
+        other points are unchanged. ``metadata["exclusion"]["outliers_removed"]`` lists
+        ``{site: k}``. The result has no diagnostics of its own; to measure (and diagnose)
+        without given positions or ids, capture again with ``exclude_positions=...``.
+        """
+        if not self.diagnostics:
+            raise ValueError(
+                "this result has no token diagnostics; capture with diagnostics=True (the "
+                "default) to get spectra without the outlier tokens.")
+        spectra = dict(self._spectra)
+        removed = {}
+        for key, spec in self._without_outliers.items():
+            spectra[key] = spec
+            removed[site_name(*key)] = self.diagnostics[key].n_outliers
+        meta = dict(self.metadata)
+        meta["exclusion"] = {**dict(meta.get("exclusion") or {}), "outliers_removed": removed}
+        return SpectraResult(spectra, meta)
+
+    def outlier_tokens(self, *, flagged_only: bool = False) -> pd.DataFrame:
+        """The tokens of largest activation norm of every point, tidy.
+
+        Returns
+        -------
+        DataFrame with columns ``model, layer, point, rank`` (1 = largest norm), ``norm``,
+        ``norm_ratio`` (norm / the point's median norm), ``share`` (that token's share of the
+        point's variance, ``‖x − μ‖² / trace(M2)``), ``batch, row, position, token_id,
+        token`` and ``outlier`` (an outlier token: among the top ``k`` whose shares sum to
+        ``outlier_share``, or massive, see ``TokenDiagnostics.outlier_mask``).
+        ``flagged_only=True`` keeps only the outlier tokens of flagged points.
+        """
+        from .diagnostics import TOKEN_META
+
+        cols = ["model", "layer", "point", "rank", "norm", "norm_ratio", "share", *TOKEN_META,
+                "token", "outlier"]
+        parts = []
+        for (layer, point), d in self.diagnostics.items():
+            m = len(d.top_norms)
+            part = pd.DataFrame({"model": self.model, "layer": layer, "point": point,
+                                 "rank": np.arange(1, m + 1), "norm": d.top_norms,
+                                 "norm_ratio": d.top_norms / d.median_norm,
+                                 "share": d.top_share,
+                                 **{c: d.top_meta[:, j] for j, c in enumerate(TOKEN_META)},
+                                 "token": d.top_tokens or [""] * m,
+                                 "outlier": d.outlier_mask})
+            if flagged_only:
+                part = part[part["outlier"]] if d.outlier_flag else part.iloc[:0]
+            parts.append(part)
+        if not parts:
+            return pd.DataFrame(columns=cols)
+        return pd.concat(parts, ignore_index=True)[cols]
+
+    def outlier_comparison(self, metrics: Sequence[str] = ("participation_ratio", "soft_rank")
+                           ) -> pd.DataFrame:
+        """Metrics with all tokens and with the flagged tokens left out, tidy.
+
+        Returns
+        -------
+        DataFrame with columns ``model, layer, point, metric, value, tokens`` where
+        ``tokens`` is ``"all"`` or ``"without outliers"`` (see :meth:`without_outliers`),
+        and ``outlier_flag``.
+        """
+        a = self.metrics().assign(tokens="all")
+        b = self.without_outliers().metrics().assign(tokens="without outliers")
+        b["outlier_flag"] = a["outlier_flag"].to_numpy()
+        df = pd.concat([a, b], ignore_index=True)
+        df = df[df["metric"].isin(list(metrics))]
+        return df[["model", "layer", "point", "metric", "value", "tokens", "outlier_flag"]
+                  ].reset_index(drop=True)
 
     def summary(self) -> pd.DataFrame:
         """Means over layers: one row per point and metric (``model, point, metric, value``)."""
@@ -199,6 +306,22 @@ class SpectraResult:
                     np.ascontiguousarray(spec.eigenvectors))
             per_site[name] = {"n_samples": spec.n_samples, "n_negative": spec.n_negative,
                               "min_eigenvalue": spec.min_eigenvalue}
+            diag = self.diagnostics.get((layer, point))
+            if diag is not None:
+                per_site[name]["diagnostics"] = {**diag.summary(), "top_tokens": diag.top_tokens}
+                for key in ("top_norms", "top_meta", "top_share"):
+                    tensors[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(
+                        getattr(diag, key)))
+            free = self._without_outliers.get((layer, point))
+            if free is not None:
+                per_site[name]["without_outliers"] = {
+                    "n_samples": free.n_samples, "n_negative": free.n_negative,
+                    "min_eigenvalue": free.min_eigenvalue}
+                for key in ("eigenvalues", "mean", "eigenvectors"):
+                    value = getattr(free, key)
+                    if value is not None:
+                        tensors[f"{name}.without_outliers.{key}"] = torch.from_numpy(
+                            np.ascontiguousarray(value))
         header = {"format": FORMAT, "format_version": FORMAT_VERSION,
                   "nerve_interp_version": __version__,
                   "metadata": json.dumps(self.metadata, default=str),
@@ -232,18 +355,20 @@ class SpectraResult:
                     )
                 metadata = json.loads(header["metadata"])
                 per_site = json.loads(header["sites"])
-                spectra = {}
+                spectra, diags, free = {}, {}, {}
+                keys = set(f.keys())
                 for name, info in per_site.items():
                     layer, point = parse_site(name)
-                    keys = set(f.keys())
-                    vec = (f.get_tensor(f"{name}.eigenvectors").numpy()
-                           if f"{name}.eigenvectors" in keys else None)
-                    spectra[(layer, point)] = Spectrum(
-                        eigenvalues=f.get_tensor(f"{name}.eigenvalues").numpy(),
-                        mean=f.get_tensor(f"{name}.mean").numpy(),
-                        n_samples=int(info["n_samples"]), eigenvectors=vec,
-                        n_negative=int(info["n_negative"]),
-                        min_eigenvalue=float(info["min_eigenvalue"]), name=name)
+                    spectra[(layer, point)] = _read_spectrum(f, keys, name, name, info)
+                    if "diagnostics" in info:
+                        d = dict(info["diagnostics"])
+                        diags[(layer, point)] = TokenDiagnostics.from_parts(
+                            name, d, *(f.get_tensor(f"{name}.{k}").numpy()
+                                       for k in ("top_norms", "top_meta", "top_share")),
+                            top_tokens=d.get("top_tokens"))
+                    if "without_outliers" in info:
+                        free[(layer, point)] = _read_spectrum(
+                            f, keys, f"{name}.without_outliers", name, info["without_outliers"])
         except ResultsFileError:
             raise
         except Exception as err:
@@ -256,7 +381,7 @@ class SpectraResult:
                 f"{path} holds spectra of {metadata.get('model')!r}, not {model!r}; load the "
                 "file of the right model or capture this one."
             )
-        return cls(spectra, metadata)
+        return cls(spectra, metadata, diagnostics=diags, without_outliers=free)
 
     def __repr__(self) -> str:
         d = sorted({s.dim for s in self._spectra.values()})
@@ -270,6 +395,16 @@ class SpectraResult:
         return all(np.array_equal(a.eigenvalues, other._spectra[k].eigenvalues)
                    and np.array_equal(a.mean, other._spectra[k].mean)
                    for k, a in self._spectra.items())
+
+
+def _read_spectrum(f: Any, keys: set, prefix: str, name: str, info: dict) -> Spectrum:
+    vec = (f.get_tensor(f"{prefix}.eigenvectors").numpy()
+           if f"{prefix}.eigenvectors" in keys else None)
+    return Spectrum(eigenvalues=f.get_tensor(f"{prefix}.eigenvalues").numpy(),
+                    mean=f.get_tensor(f"{prefix}.mean").numpy(),
+                    n_samples=int(info["n_samples"]), eigenvectors=vec,
+                    n_negative=int(info["n_negative"]),
+                    min_eigenvalue=float(info["min_eigenvalue"]), name=name)
 
 
 __all__ = ["SpectraResult"]

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .errors import RankDeficientWarning
+from .errors import OutlierTokenWarning, RankDeficientWarning
 from .training import Callback, TrainState
 
 REINJECTION_POINT = "reinjection"
@@ -42,17 +42,26 @@ class SpectralTracker(Callback):
         Tracking favours speed; statistics are still centred and merged in float64.
     reinjection : bool, default True
         Add the pre -> post reinjection metrics.
+    exclude_positions, exclude_token_ids, exclude_norm_above : optional
+        Tokens left out of every measurement, as in :func:`collect_spectra` (e.g.
+        ``exclude_positions=(0,)`` for attention sinks).
+    diagnostics : bool, default False
+        Token diagnostics at every measurement (adds an ``outlier_share`` row per point).
 
     Attributes
     ----------
     frame : DataFrame
         Tidy rows collected so far. ``seconds`` is the time spent measuring.
+    metadata : dict
+        ``exclusion``: what the spectra left out (``SpectraResult.metadata["exclusion"]``).
     """
 
     def __init__(self, batches: Sequence[Any], *, every: int = 50,
                  points: Sequence[str] = ("pre", "post"), layers: Sequence[int] | None = None,
                  max_tokens: int | None = None, gram_dtype: torch.dtype = torch.float32,
-                 reinjection: bool = True):
+                 reinjection: bool = True, exclude_positions: Sequence[int] = (),
+                 exclude_token_ids: Sequence[int] = (), exclude_norm_above: float | None = None,
+                 diagnostics: bool = False):
         if every < 1:
             raise ValueError(f"every == {every}, must be >= 1 (steps between measurements).")
         self.batches = list(batches)
@@ -64,6 +73,11 @@ class SpectralTracker(Callback):
         self.max_tokens = max_tokens
         self.gram_dtype = gram_dtype
         self.reinjection = reinjection and {"pre", "post"} <= set(self.points)
+        self.exclude = {"exclude_positions": tuple(exclude_positions),
+                        "exclude_token_ids": tuple(exclude_token_ids),
+                        "exclude_norm_above": exclude_norm_above}
+        self.diagnostics = diagnostics
+        self.metadata: dict = {}
         self.rows: list[dict] = []
         self.seconds = 0.0
         self._measured: set[int] = set()
@@ -86,15 +100,21 @@ class SpectralTracker(Callback):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RankDeficientWarning)  # said once, at setup
+                warnings.simplefilter("ignore", OutlierTokenWarning)  # kept as rows instead
                 res = collect_spectra(model, self.batches, points=self.points, layers=self.layers,
                                       max_tokens=self.max_tokens, gram_dtype=self.gram_dtype,
-                                      progress=False)
+                                      progress=False, diagnostics=self.diagnostics,
+                                      **self.exclude)
         finally:
             model.train(was_training)
+        self.metadata["exclusion"] = res.metadata["exclusion"]
         base = {"step": step, "train_loss": train_loss, "val_loss": val_loss}
         for r in res.metrics().itertuples(index=False):
             self.rows.append({**base, "layer": r.layer, "point": r.point, "metric": r.metric,
                               "value": r.value})
+        for (layer, point), d in res.diagnostics.items():
+            self.rows.append({**base, "layer": layer, "point": point,
+                              "metric": "outlier_share", "value": d.outlier_share})
         if self.reinjection:
             for r in res.reinjection(tidy=True).itertuples(index=False):
                 self.rows.append({**base, "layer": r.layer, "point": REINJECTION_POINT,
@@ -116,11 +136,13 @@ class SpectralTracker(Callback):
 
     def state_dict(self) -> dict:
         return {"rows": [{k: (float(v) if isinstance(v, float) else v) for k, v in r.items()}
-                         for r in self.rows], "seconds": self.seconds}
+                         for r in self.rows], "seconds": self.seconds,
+                "metadata": self.metadata}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state["rows"])
         self.seconds = float(state["seconds"])
+        self.metadata = dict(state.get("metadata", {}))
         self._measured = {int(r["step"]) for r in self.rows}
 
 

@@ -123,6 +123,7 @@ def test_resume_matches_uninterrupted_and_records_position(run_ckpt):
     (dict(max_tokens=50), r"options.max_tokens: checkpoint None, this run 50"),
     (dict(skip_first=1), r"options.skip_first"),
     (dict(gram_dtype=torch.float32), r"options.precision: checkpoint 'fp64'"),
+    (dict(exclude_token_ids=(3,)), r"options.exclusion"),
 ])
 def test_other_sites_or_options_are_refused(run_ckpt, change, match):
     model, batches, ckpt = run_ckpt

@@ -62,3 +62,23 @@ def test_ablate_command(local_model, tmp_path):
     assert set(table["k"]) == {0, 1, 8, 128}
     for name in ("summary.csv", "ablation_k.png", "ablation_variance.png"):
         assert (out / name).exists(), name
+
+
+def test_spectra_command_reports_outliers_and_excludes(local_model, tmp_path):
+    folder, text = local_model
+    out = tmp_path / "ex"
+    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
+                                   "--max-tokens", "600", "--out", str(out), "--layers", "0",
+                                   "--exclude-positions", "0,1", "--exclude-token-ids", "5"])
+    assert res.exit_code == 0, res.output
+    assert "outlier tokens: top 1% of tokens by activation norm" in res.output
+    assert "excluded positions [0, 1]" in res.output and "token ids [5]" in res.output
+    for name in ("outliers.png", "outlier_tokens.csv"):
+        assert (out / name).exists(), name
+    back = ni.SpectraResult.load(out / "spectra.safetensors")
+    assert back.metadata["exclusion"]["positions"] == [0, 1]
+    assert back.metadata["exclusion"]["token_ids"] == [5]
+    assert back.metadata["n_excluded"]["positions"] == 48  # 3 batches of 8 texts read × 2
+    bad = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
+                                   "--out", str(tmp_path / "o"), "--exclude-positions", "x"])
+    assert bad.exit_code != 0 and "give positions as comma-separated" in bad.output

@@ -95,6 +95,11 @@ def test_multi_pass_capture_equals_single_pass():
     for (layer, point), spec in one.items():
         np.testing.assert_allclose(res.eigenvalues(layer, point), spec.eigenvalues,
                                    rtol=1e-12, atol=1e-12 * spec.eigenvalues[0])
+    # the token diagnostics of every pass are carried into the merged result
+    assert set(res.diagnostics) == set(one.diagnostics)
+    for key, d in one.diagnostics.items():
+        assert res.diagnostics[key].outlier_share == pytest.approx(d.outlier_share, rel=1e-9)
+    assert res.metrics()["outlier_share"].notna().all()
     single = ni.collect_spectra(model, batches, progress=False, memory_budget="auto")
     assert "passes" not in single.metadata  # fits: one ordinary capture
 

@@ -80,3 +80,26 @@ def test_lazy_meta_model_as_on_ndif(tmp_path, tiny_tokenizer, local_backend_call
         for point in want.points:
             a, b = got.eigenvalues(layer, point), want.eigenvalues(layer, point)
             assert np.max(np.abs(a - b)) <= 1e-10 * b[0]
+
+
+def test_remote_keeps_position_exclusion_and_refuses_norm_rule(tiny_tokenizer):
+    """Position / id exclusion is a mask on the kept rows, so it works remotely; the norm rule
+    needs every token's norm here and is refused with a clear message."""
+    from nnsight import TransformersModel
+
+    batches = [random_batch(seed=s) for s in range(2)]
+    for b in batches:
+        b["attention_mask"][3] = 1
+    model = TransformersModel(make_tiny("gpt2"), tokenizer=tiny_tokenizer)
+    local = ni.collect_spectra(model, batches, progress=False, exclude_positions=(0,))
+    remote = ni.collect_spectra(model, batches, progress=False, remote="local",
+                                exclude_positions=(0,))
+    assert remote.metadata["n_tokens"] == local.metadata["n_tokens"]
+    assert remote.metadata["n_excluded"]["positions"] == local.metadata["n_excluded"]["positions"]
+    for layer in local.layers:
+        for point in local.points:
+            want, got = local.eigenvalues(layer, point), remote.eigenvalues(layer, point)
+            assert np.max(np.abs(got - want)) <= 1e-10 * want[0]
+    assert remote.metadata["diagnostics"]["enabled"] is False
+    with pytest.raises(ValueError, match="exclude_norm_above"):
+        ni.collect_spectra(model, batches, progress=False, remote="local", exclude_norm_above=5)
