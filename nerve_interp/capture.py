@@ -107,6 +107,14 @@ def iter_batches(
                                     max_length=max_length)
         return
     if isinstance(batches, torch.Tensor):
+        if batches.is_floating_point():  # model inputs (images, features): split along dim 0
+            if batches.ndim < 2:
+                raise CaptureError(
+                    f"batches is a float tensor of shape {tuple(batches.shape)}; pass model "
+                    "inputs with a leading batch dimension, e.g. [N, ...], or a list of them.")
+            for j, start in enumerate(range(0, batches.shape[0], batch_size)):
+                yield _as_batch(batches[start:start + batch_size], j)
+            return
         t = batches if batches.ndim == 2 else batches.unsqueeze(0)
         for j, start in enumerate(range(0, t.shape[0], batch_size)):
             yield _as_batch(t[start:start + batch_size], j)
@@ -237,7 +245,9 @@ def collect_spectra(
         wrapped with nnsight once; it still runs normally outside traces.
     batches : iterable
         Dicts with ``input_ids`` and ``attention_mask`` (tokenizer output), token-id tensors
-        ``[batch, seq]``, or a list of strings together with ``tokenizer``.
+        ``[batch, seq]``, a list of strings together with ``tokenizer``, or for models
+        without token inputs (e.g. an MLP-Mixer) float input tensors, or one float tensor
+        ``[N, ...]`` that is split into batches of ``batch_size`` along its first dimension.
     tokenizer : optional
         Needed when ``batches`` are strings. They are padded per batch and truncated to
         ``max_length`` tokens, ``batch_size`` texts at a time.

@@ -112,6 +112,11 @@ def test_function_activation_model():
     h = net.blocks[0].mlp.fc_in(x).detach().reshape(-1, 16).double().numpy()
     np.testing.assert_allclose(res.eigenvalues(0, "pre"), ref_eigenvalues(h), rtol=1e-9,
                                atol=1e-12)
+    # the float tensor itself (not wrapped in a list) is split into batches along dim 0
+    whole = ni.collect_spectra(net, x, progress=False, batch_size=3)
+    assert whole.metadata["n_batches"] == 2 and whole.metadata["n_tokens"] == 24
+    np.testing.assert_allclose(whole.eigenvalues(0, "pre"), ref_eigenvalues(h), rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_checkpoint_resume(tmp_path):
