@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import checkpoint as _ckpt
 from . import distributed as _dist
-from ._io import atomic_path
 from .covariance import CovarianceAccumulator, gram_dtype_of, resolve_precision
 from .diagnostics import (
     DEFAULT_MAX_OUTLIER_TOKENS,
@@ -40,7 +39,7 @@ from .errors import (
     RankDeficientWarning,
     SiteError,
 )
-from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites, site_name
+from .sites import POINTS, FFNSite, as_nnsight, find_ffn_sites, select_sites
 from .spectrum import NEGATIVE_WARN_TOL, spectrum_from_covariance
 
 
@@ -435,11 +434,15 @@ def collect_spectra(
     # real tokens seen, left out by position / id, batches emptied by them, longest sequence
     excluded = {"real": 0, "positions": 0, "token_ids": 0, "empty_batches": 0, "longest": 0}
     if ckpt is not None and ckpt.exists():
-        position = _ckpt.load_checkpoint(ckpt, accs, manifest)
+        position = _ckpt.load_checkpoint(ckpt, accs, manifest, token_stats=stats)
         done_batches, n_tokens = int(position["batches"]), int(position["tokens"])
         excluded = position.get("excluded", excluded)
-        if stats and not _load_token_stats(ckpt, stats):
-            diagnostics = False  # warned: the statistics of the counted batches are gone
+        if any(st.n_samples_seen_ == 0 and accs[key].n_samples_seen_
+               for key, st in stats.items()):
+            warnings.warn(f"{ckpt} has no token statistics (written with diagnostics=False); "
+                          "resuming without token diagnostics (outlier shares would miss the "
+                          "counted batches).", stacklevel=2)
+            diagnostics = False
     n_batches, n_local, n_seen = done_batches, 0, 0
 
     data_hash = hashlib.sha1()
@@ -503,8 +506,7 @@ def collect_spectra(
             if ckpt is not None and n_local % checkpoint_every == 0:
                 _ckpt.save_checkpoint(ckpt, accs, manifest, {
                     "batches": i + 1, "tokens": n_tokens, "data_sha1": data_hash.hexdigest(),
-                    "excluded": excluded})
-                _save_token_stats(ckpt, stats)
+                    "excluded": excluded}, token_stats=stats)
     finally:
         bar.close()
     if position is not None and n_seen < done_batches:  # the data ended before the checkpoint
@@ -512,8 +514,7 @@ def collect_spectra(
     if ckpt is not None:
         _ckpt.save_checkpoint(ckpt, accs, manifest, {
             "batches": n_batches, "tokens": n_tokens, "data_sha1": data_hash.hexdigest(),
-            "excluded": excluded})
-        _save_token_stats(ckpt, stats)
+            "excluded": excluded}, token_stats=stats)
     data_sha1 = data_hash.hexdigest()
     if world_size > 1:
         _dist.all_reduce_accumulators(list(accs.values()))
@@ -650,37 +651,6 @@ def _finish_diagnostics(accs: dict, stats: dict, *, outlier_fraction: float,
                                                  eigenvectors=eigenvectors, name=acc.name,
                                                  warn=False)
     return diags, free
-
-
-def _save_token_stats(ckpt: Path, stats: dict) -> None:
-    """The diagnostics' state next to a capture checkpoint (``<ckpt>.tokens``)."""
-    if not stats:
-        return
-    from safetensors.torch import save_file
-
-    tensors = {f"{site_name(layer, point)}.{k}": v.contiguous()
-               for (layer, point), st in stats.items() for k, v in st.state_dict().items()}
-    with atomic_path(Path(f"{ckpt}.tokens")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "nerve_interp.token_stats"})
-
-
-def _load_token_stats(ckpt: Path, stats: dict) -> bool:
-    """Restore what :func:`_save_token_stats` wrote; False (and a warning) if it is absent."""
-    path = Path(f"{ckpt}.tokens")
-    if not path.exists():
-        warnings.warn(f"{ckpt} has no token statistics ({path.name}); resuming without "
-                      "token diagnostics (outlier shares would miss the counted batches).",
-                      stacklevel=3)
-        return False
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    for (layer, point), st in stats.items():
-        prefix = site_name(layer, point) + "."
-        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if sub:
-            st.load_state_dict(sub)
-    return True
 
 
 def _plan(wrapper: Any, batches: Any, chosen: Sequence[FFNSite], order: Sequence[str],

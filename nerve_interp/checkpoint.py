@@ -106,8 +106,27 @@ def shard_path(path: Path, rank: int, world_size: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
 
 
+TOKEN_STATS_PREFIX = "token_stats."
+"""Key prefix of the token diagnostics' state inside a checkpoint."""
+
+
+def _pack(states: Mapping[tuple[int, str], Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{prefix}{site}.{key}`` → tensor for every object with a non-empty state."""
+    return {f"{prefix}{site_name(layer, point)}.{k}": v.contiguous()
+            for (layer, point), obj in states.items()
+            if getattr(obj, "n_samples_seen_", 0)
+            for k, v in obj.state_dict().items()}
+
+
+def _unpack(tensors: Mapping[str, torch.Tensor], layer: int, point: str,
+            prefix: str = "") -> dict[str, torch.Tensor]:
+    head = f"{prefix}{site_name(layer, point)}."
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+
 def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
-                    manifest: Mapping[str, Any], position: Mapping[str, Any]) -> Path:
+                    manifest: Mapping[str, Any], position: Mapping[str, Any], *,
+                    token_stats: Mapping[tuple[int, str], Any] | None = None) -> Path:
     """Write the accumulators, manifest and data position to ``path`` atomically.
 
     Parameters
@@ -121,6 +140,9 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     position : mapping
         ``batches`` (batches consumed, int), ``tokens`` (real tokens counted, int) and
         ``data_sha1`` (hex digest of the consumed batches).
+    token_stats : mapping (layer, point) → TokenNormStats, optional
+        The token diagnostics' state, written into the same file (one atomic write, so a
+        kill cannot leave statistics and diagnostics from different batches).
 
     Returns
     -------
@@ -129,11 +151,7 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {}
-    for (layer, point), acc in accs.items():
-        if acc.n_samples_seen_:
-            for k, v in acc.state_dict().items():
-                tensors[f"{site_name(layer, point)}.{k}"] = v.contiguous()
+    tensors = {**_pack(accs), **_pack(token_stats or {}, TOKEN_STATS_PREFIX)}
     state = {"format_version": FORMAT_VERSION, "nerve_interp": __version__,
              "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
              "manifest": dict(manifest), "position": dict(position)}
@@ -197,7 +215,9 @@ def _diff(want: Any, got: Any, prefix: str = "") -> list[str]:
 
 
 def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
-                    manifest: Mapping[str, Any]) -> dict[str, Any]:
+                    manifest: Mapping[str, Any], *,
+                    token_stats: Mapping[tuple[int, str], Any] | None = None
+                    ) -> dict[str, Any]:
     """Restore accumulators from ``path`` after checking it belongs to this run.
 
     Parameters
@@ -208,6 +228,9 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
         Empty accumulators of this run; filled in place.
     manifest : mapping
         This run's :func:`capture_manifest`; every entry must equal the checkpoint's.
+    token_stats : mapping (layer, point) → TokenNormStats, optional
+        Empty token diagnostics of this run; filled in place where the file holds them (a
+        checkpoint written with ``diagnostics=False`` leaves them empty).
 
     Returns
     -------
@@ -244,7 +267,7 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     tokens = int(position["tokens"])
     for (layer, point), acc in accs.items():
         prefix = site_name(layer, point)
-        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        sub = _unpack(tensors, layer, point)
         n = int(sub["n"]) if "n" in sub else 0
         # no point can hold more rows than the run counted tokens
         if n > tokens or (tokens and not tensors):
@@ -254,6 +277,10 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
             )
         if sub:
             acc.load_state_dict(sub)
+    for (layer, point), st in (token_stats or {}).items():
+        sub = _unpack(tensors, layer, point, TOKEN_STATS_PREFIX)
+        if sub:
+            st.load_state_dict(sub)
     return position
 
 

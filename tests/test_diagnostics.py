@@ -265,6 +265,14 @@ def test_checkpoint_resume_keeps_diagnostics(tmp_path):
     a, b = full.diagnostics[(0, "post")], resumed.diagnostics[(0, "post")]
     assert a.outlier_share == pytest.approx(b.outlier_share, rel=1e-12)
     np.testing.assert_array_equal(a.top_meta, b.top_meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt"]  # one file, one write
+    # a checkpoint written without diagnostics resumes, without them and with a warning
+    bare = tmp_path / "bare.ckpt"
+    ni.collect_spectra(model, batches[:2], checkpoint=bare, checkpoint_every=1,
+                       **{**kw, "diagnostics": False})
+    with pytest.warns(UserWarning, match="no token statistics"):
+        later = ni.collect_spectra(model, batches, checkpoint=bare, **kw)
+    assert not later.diagnostics
 
 
 def test_bad_exclusions_and_thresholds(tiny_tokenizer):
