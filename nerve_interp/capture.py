@@ -390,7 +390,7 @@ def collect_spectra(
     device = _input_device(root)
     precision = resolve_precision(precision, device, gram_dtype=gram_dtype)
     if memory_budget is not None:
-        batches, plan = _plan(wrapper, batches, chosen, order, precision, call)
+        batches, plan = _plan(wrapper, batches, chosen, order, precision, call, device)
         if plan.n_passes > 1:
             return _collect_in_passes(plan, {**call, "model": wrapper, "sites": all_sites},
                                       batches)
@@ -654,8 +654,9 @@ def _finish_diagnostics(accs: dict, stats: dict, *, outlier_fraction: float,
 
 
 def _plan(wrapper: Any, batches: Any, chosen: Sequence[FFNSite], order: Sequence[str],
-          precision: str, call: dict) -> tuple[Any, Any]:
-    """Probe every point's width on one row of the first batch, then plan the passes.
+          precision: str, call: dict, device: torch.device) -> tuple[Any, Any]:
+    """Probe every point's width on one row of the first batch (inputs on ``device``, the
+    capture's input device), then plan the passes.
 
     Returns ``batches`` (with the first item put back if it was an iterator) and the plan.
     """
@@ -675,7 +676,6 @@ def _plan(wrapper: Any, batches: Any, chosen: Sequence[FFNSite], order: Sequence
                                   max_length=call["max_length"]), None)
         if first is None:
             raise CaptureError("no batches: batches is empty.")
-    device = next(wrapper._module.parameters()).device
     probe = {k: (v[:1, :8] if k in ("input_ids", "attention_mask") else v)
              for k, v in first.items()}
     if "_args" in probe:
