@@ -22,7 +22,8 @@ throughput
     init, random tokens (skipped cleanly without CUDA).
 accuracy
     Each accumulation mode, and the unsafe references (uncentred fp32, uncentred bf16,
-    TF32 on CUDA only, bf16-split without lo'lo) against numpy float64 on heavy-tailed
+    TF32 on CUDA only, bf16-split with a float32 diagonal or without lo'lo) against
+    numpy float64 on heavy-tailed
     bf16-valued data with a mean offset: median / top-decile / tail-decile relative
     eigenvalue error (worst in the decile), negative eigenvalues, and time per update
     relative to fp32.
@@ -64,6 +65,7 @@ from nerve_interp.covariance import (  # noqa: E402
     CovarianceAccumulator,
     bf16_split,
     bf16_split_scatter,
+    exact_diagonal,
     full_precision_matmul,
 )
 from nerve_interp.sites import as_nnsight, find_ffn_sites  # noqa: E402
@@ -297,20 +299,30 @@ class _CentredTF32:
         return self.acc.covariance_
 
 
-class _SplitNoLoLo:
-    """Reference only: bf16-split without the lo'lo product."""
+class _SplitVariant:
+    """Reference only: bf16-split without the lo'lo product and/or the float64 diagonal."""
 
-    def __init__(self):
-        self.acc = CovarianceAccumulator("nolo", precision="fp64")
+    def __init__(self, lo_lo: bool = True, float64_diagonal: bool = True):
+        self.acc = CovarianceAccumulator("split-variant", precision="fp64")
+        self.lo_lo, self.float64_diagonal = lo_lo, float64_diagonal
 
-    def update(self, x: torch.Tensor) -> _SplitNoLoLo:
+    def update(self, x: torch.Tensor) -> _SplitVariant:
         n = x.shape[0]
         mean = x.sum(0, dtype=torch.float64) / n
+        d = x.float() - mean.to(torch.bfloat16).float()
         with full_precision_matmul():
-            hi, lo = bf16_split(x.float() - mean.to(torch.bfloat16).float())
-            g = bf16_split_scatter(hi, lo, include_lo_lo=False)
-        r = hi.sum(0, dtype=torch.float64) + lo.sum(0, dtype=torch.float64)
-        self.acc._fold(n, mean, lambda m2: (m2.add_(g), m2.addr_(r, r, alpha=-1.0 / n)))
+            hi, lo = bf16_split(d)
+            g = bf16_split_scatter(hi, lo, include_lo_lo=self.lo_lo)
+        r = d.sum(0, dtype=torch.float64)
+        diag = exact_diagonal(d) if self.float64_diagonal else None
+
+        def add(m2: torch.Tensor) -> None:
+            m2.add_(g)
+            if diag is not None:
+                m2.diagonal().add_(diag - g.diagonal().double())
+            m2.addr_(r, r, alpha=-1.0 / n)
+
+        self.acc._fold(n, mean, add)
         return self
 
     @property
@@ -323,7 +335,8 @@ def _modes(device: torch.device) -> dict[str, Any]:
         "fp64": lambda: CovarianceAccumulator("fp64", precision="fp64"),
         "fp32": lambda: CovarianceAccumulator("fp32", precision="fp32"),
         "bf16-split": lambda: CovarianceAccumulator("split", precision="bf16-split"),
-        "UNSAFE split without lo'lo": _SplitNoLoLo,
+        "UNSAFE split, float32 diagonal": lambda: _SplitVariant(float64_diagonal=False),
+        "UNSAFE split without lo'lo": lambda: _SplitVariant(lo_lo=False),
         "UNSAFE uncentred fp32": lambda: _Uncentred(torch.float32),
         "UNSAFE uncentred bf16": lambda: _Uncentred(torch.bfloat16),
     }

@@ -34,16 +34,22 @@ Precision of the per-batch scatter (``precision=``)
 
     three bf16 matrix products with float32 accumulation (bf16 tensor cores on a GPU; on a
     CPU the same products are computed from the exactly-widened float32 values). The exact
-    residual ``Σ(hi + lo)`` corrects for the shift in float64. Opt-in, *not* the CUDA default:
-    its accuracy depends on the covariance. With a near-diagonal covariance its tail error
-    matches fp32's, but its error grows with the rows per update: on heavy-tailed bf16 data
-    with a dense (randomly rotated) covariance over 5 decades, D=256, the worst tail-decile
-    relative eigenvalue error was 3.2e-4 at 512 rows per update and 3.1e-3–3.4e-3 at 2048
-    (CPU emulation, 3 seeds), against fp32's 1.8e-4–3.7e-4. A three-piece split did not close
-    the gap (4.5e-3–5.0e-3 at 2048), so the excess comes from the fp32-accumulated products
-    of the pieces, not from the split. Dropping
-    ``loᵀlo`` is *not* an option: on heavy-tailed data it costs ~100× in tail accuracy
-    (``benchmarks/bench.py``, part b).
+    residual ``Σ(hi + lo)`` corrects for the shift in float64, and the diagonal is replaced
+    by float64 sums of squares (below). Opt-in, *not* yet the CUDA default: on CPU emulation
+    it is at least as accurate as ``"fp32"`` (heavy-tailed bf16 data, dense covariance over 5
+    decades, D=256, 2048 rows per update: worst tail-decile relative eigenvalue error
+    3.2e-5–5.3e-5 against fp32's 1.3e-4–1.4e-4), but tensor cores may round their internal
+    sums differently from IEEE float32 (Fasi et al. 2021 found truncation on V100/T4/A100),
+    and that has not been measured on a GPU yet: ``pytest -m gpu`` and ``make bench`` do.
+    Dropping ``loᵀlo`` is *not* an option: it costs 10–30× in tail accuracy.
+
+The float64 diagonal (all modes below fp64)
+    A float32 product rounds every partial sum of ``Σ d_i²``. When the ``d`` have short
+    significands (bf16 values, the ``hi`` of a split) their squares share their low bits, so
+    the rounding errors do not cancel but bias every diagonal entry low: on the data above,
+    −1.3e-4 per entry, about 3e-3 of the smallest eigenvalues, which was the whole excess
+    error of the split over fp32 (3.0e-3 before, 3.2e-5 after). The diagonal is therefore
+    summed in float64 (:func:`exact_diagonal`, O(N·D) against the product's O(N·D²)).
 ``"auto"`` (default)
     ``"fp32"`` for CUDA tensors, ``"fp64"`` otherwise, decided on the first batch.
 
@@ -86,8 +92,8 @@ def default_precision(device: torch.device | str) -> str:
     """The accumulation mode ``"auto"`` picks on ``device``.
 
     ``"fp32"`` on CUDA (TF32 forbidden while the product runs), ``"fp64"`` elsewhere.
-    ``"bf16-split"`` is faster on tensor cores but not the default: its tail accuracy
-    depends on the covariance (see the module docstring).
+    ``"bf16-split"`` is faster on tensor cores and as accurate on CPU emulation, but not
+    the default until its accuracy is measured on tensor cores (see the module docstring).
 
     Examples
     --------
@@ -279,6 +285,36 @@ def bf16_split_scatter(hi: torch.Tensor, lo: torch.Tensor, *,
     return out
 
 
+def exact_diagonal(xc: torch.Tensor) -> torch.Tensor:
+    """Column sums of squares ``Σ_n xc[n, i]²`` in float64: the diagonal of ``xcᵀxc``.
+
+    A float32 Gram product rounds every partial sum of its diagonal, and when the values
+    have short significands (bf16 numbers, or the ``hi`` of a bf16 split) the squares share
+    their low bits (an odd significand squared ends in ``…001``), so the rounding errors do
+    not cancel: they add up to a *negative bias* on every diagonal entry. On heavy-tailed
+    bf16 data with a dense covariance over 5 decades (D=256, 2048 rows per update) that bias
+    was −1.3e-4 per entry, about 3e-3 of the smallest eigenvalues, and it was the whole
+    excess error of ``"bf16-split"`` over ``"fp32"``. Summing the squares in float64 costs
+    O(N·D), against the O(N·D²) of the product, and removes it.
+
+    Parameters
+    ----------
+    xc : torch.Tensor of shape (N, D)
+        Centred activations, float32 (or any float dtype).
+
+    Returns
+    -------
+    torch.Tensor of shape (D,), float64
+
+    Examples
+    --------
+    >>> xc = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    >>> exact_diagonal(xc).tolist()
+    [10.0, 4.25]
+    """
+    return torch.linalg.vector_norm(xc, dim=0, dtype=torch.float64).square_()
+
+
 def _as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -294,7 +330,7 @@ class CovarianceAccumulator:
         What the statistics are of (e.g. ``"layers.3.ffn.pre"``); used in error messages.
     precision : {"auto", "fp64", "fp32", "bf16-split"}, default "auto"
         How each batch's centred scatter matrix is formed (module docstring): ``"auto"`` is
-        ``"fp64"`` on CPU and ``"bf16-split"`` on CUDA, decided on the first batch. The
+        ``"fp64"`` on CPU and ``"fp32"`` on CUDA, decided on the first batch. The
         running state is float64 in every mode. ``"bf16"``, ``"fp16"`` and ``"tf32"`` are
         refused with an explanation.
     gram_dtype : torch.float64 or torch.float32, optional
@@ -444,21 +480,25 @@ class CovarianceAccumulator:
             self._resolved = default_precision(x.device)
         mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # exact mean, whatever the mode
         if self._resolved == "bf16-split":
+            xc = x.float() - mean_b.to(_BF16).float()  # exact for bf16 inputs
             with full_precision_matmul():
-                hi, lo = bf16_split(x.float() - mean_b.to(_BF16).float())
+                hi, lo = bf16_split(xc)
                 gram = bf16_split_scatter(hi, lo)
-            resid = hi.sum(dim=0, dtype=torch.float64) + lo.sum(dim=0, dtype=torch.float64)
             del hi, lo
         else:
             dtype = _PRECISION_GRAM_DTYPE[self._resolved]
             xc = x.to(dtype) - mean_b.to(dtype)
             with full_precision_matmul():
                 gram = xc.T @ xc
-            resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0: exact correction for rounding
-            del xc
+        resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0: exact correction for the shift
+        # the diagonal (per-coordinate sums of squares) in float64: see exact_diagonal()
+        diag = exact_diagonal(xc) if gram.dtype != torch.float64 else None
+        del xc
 
         def add_scatter(m2: torch.Tensor) -> None:
             m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
+            if diag is not None:
+                m2.diagonal().add_(diag.to(m2.device) - gram.diagonal().to(m2))
             m2.addr_(resid.to(m2.device), resid.to(m2.device), alpha=-1.0 / n_b)
 
         self._fold(n_b, mean_b, add_scatter)
@@ -527,6 +567,7 @@ __all__ = [
     "bf16_split_scatter",
     "check_precision",
     "default_precision",
+    "exact_diagonal",
     "full_precision_matmul",
     "gram_dtype_of",
     "resolve_precision",

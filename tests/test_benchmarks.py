@@ -33,7 +33,9 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     assert acc["fp64"]["tail_decile_rel_err"] < 1e-9
     assert acc["bf16-split"]["tail_decile_rel_err"] < 1e-3
     assert acc["UNSAFE split without lo'lo"]["tail_decile_rel_err"] > \
-        10 * acc["bf16-split"]["tail_decile_rel_err"]
+        10 * acc["bf16-split"]["tail_decile_rel_err"]  # measured 50x
+    assert acc["UNSAFE split, float32 diagonal"]["tail_decile_rel_err"] > \
+        2 * acc["bf16-split"]["tail_decile_rel_err"]  # measured 5.7x
     assert res["memory"][0]["rows"][0]["N"] == 256
     assert "[d] peak memory" in capsys.readouterr().out
     # the GPU throughput path, run on the CPU with tiny bf16 models
