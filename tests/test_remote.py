@@ -53,6 +53,30 @@ def test_remote_local_equals_local_capture(name, kw, tiny_tokenizer, local_backe
                                        local.spectrum(layer, point).mean, rtol=0, atol=1e-12)
 
 
+def test_remote_fp32_matches_local_fp32_and_fp64(tiny_tokenizer):
+    """precision="fp32" on the remote path forms the same statistics as locally, float64
+    diagonal included (covariance.exact_diagonal), against the fp64 capture."""
+    from nnsight import TransformersModel
+
+    batches = [random_batch(seed=s) for s in range(3)]
+    for b in batches:
+        b["attention_mask"][3] = 1
+    model = TransformersModel(make_tiny("gpt2"), tokenizer=tiny_tokenizer)
+    exact = ni.collect_spectra(model, batches, progress=False, precision="fp64")
+    local = ni.collect_spectra(model, batches, progress=False, precision="fp32")
+    remote = ni.collect_spectra(model, batches, progress=False, precision="fp32",
+                                remote="local")
+    for layer in exact.layers:
+        for point in exact.points:
+            want = exact.spectrum(layer, point)
+            for got in (local.spectrum(layer, point), remote.spectrum(layer, point)):
+                assert np.max(np.abs(got.eigenvalues - want.eigenvalues)) <= 1e-5 * \
+                    want.eigenvalues[0]
+            # the trace is the float64 sum of squares of the fp32-centred rows
+            np.testing.assert_allclose(remote.spectrum(layer, point).eigenvalues.sum(),
+                                       want.eigenvalues.sum(), rtol=1e-7)
+
+
 def test_remote_needs_a_remotable_wrapper():
     with pytest.raises(CaptureError, match="TransformersModel"):
         ni.collect_spectra(make_tiny("gpt2"), [random_batch()], progress=False, remote="local")
