@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import checkpoint as _ckpt
 from . import distributed as _dist
+from ._validation import check_positive_int
 from .covariance import CovarianceAccumulator, gram_dtype_of, resolve_precision
 from .diagnostics import (
     DEFAULT_MAX_OUTLIER_TOKENS,
@@ -161,6 +163,66 @@ def _budget_mask(mask: torch.Tensor, remaining: int | None) -> torch.Tensor:
     return keep.reshape(mask.shape)
 
 
+def subsample_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The CPU generator that decides which tokens of batch ``batch_index`` are kept.
+
+    Seeded from ``(seed, batch_index)`` alone: the first 8 bytes (little-endian) of
+    ``sha256(f"{seed}:{batch_index}")``, top bit cleared. A resumed run, a torchrun rank and
+    a remote trace therefore draw the same numbers for batch ``i`` as one local run.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{int(batch_index)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def subsample_mask(real: torch.Tensor, fraction: float, seed: int, batch_index: int
+                   ) -> torch.Tensor:
+    """Bernoulli(``fraction``) token subsampling of one batch.
+
+    One float64 uniform ``u`` is drawn per *real* token, row-major over the real tokens of
+    the batch (padding draws nothing, so the padding side does not change the choice), from
+    :func:`subsample_generator`; a token is kept when ``u < fraction``.
+
+    Parameters
+    ----------
+    real : BoolTensor of shape (batch, seq)
+        The batch's real (non-padding) tokens.
+    fraction : float in (0, 1]
+        Probability of keeping each token (1 keeps every one).
+    seed, batch_index : int
+        ``subsample_seed`` and the batch's index in the data (counted from 0).
+
+    Returns
+    -------
+    BoolTensor of shape (batch, seq)
+        True for the kept real tokens, False elsewhere (padding included).
+    """
+    device, real = real.device, real.bool().cpu()
+    u = torch.rand(int(real.sum()), generator=subsample_generator(seed, batch_index),
+                   dtype=torch.float64)
+    keep = torch.zeros_like(real)
+    keep[real] = u < fraction
+    return keep.to(device)
+
+
+def _check_token_fraction(token_fraction: Any, subsample_seed: Any) -> float | None:
+    """``token_fraction`` as a float in (0, 1] (or None); a TypeError (not a number) or a
+    ValueError (out of range) naming it otherwise, and the same for ``subsample_seed``."""
+    check_positive_int(subsample_seed, "subsample_seed", minimum=0)
+    if token_fraction is None:
+        return None
+    if isinstance(token_fraction, bool) or not isinstance(token_fraction, numbers.Real):
+        raise TypeError(
+            f"token_fraction must be a number in (0, 1] or None; got "
+            f"{type(token_fraction).__name__} {token_fraction!r}.")
+    p = float(token_fraction)
+    if not 0.0 < p <= 1.0:  # NaN fails too
+        raise ValueError(
+            f"token_fraction == {token_fraction!r}, must be in (0, 1]: the probability of "
+            "keeping each token. Pass e.g. 0.25 to keep about a quarter of the tokens, or None "
+            "(the default) to keep them all.")
+    return p
+
+
 # ------------------------------------------------------------------ metadata
 def model_label(model: Any) -> str:
     """A short name for the model: its nerve_interp name, its hub path, or its class."""
@@ -218,6 +280,8 @@ def collect_spectra(
     exclude_positions: Iterable[int] | None = (),
     exclude_token_ids: Iterable[int] | None = (),
     exclude_norm_above: float | None = None,
+    token_fraction: float | None = None,
+    subsample_seed: int = 0,
     batch_size: int = 8,
     max_length: int = 256,
     eigenvectors: bool = False,
@@ -275,6 +339,26 @@ def collect_spectra(
         the point's median norm. The median is measured on the first batch (after the
         position and id rules) and then fixed for the whole capture; the metadata records
         each point's threshold and how many tokens it left out.
+    token_fraction : float in (0, 1] or None, default None
+        Token subsampling, off by default: keep each real token that the rules above kept
+        independently with probability ``token_fraction``, before ``max_tokens`` counts it. The
+        draw for batch ``i`` comes from a generator seeded with ``(subsample_seed, i)`` alone
+        (:func:`nerve_interp.capture.subsample_mask`), so a resumed checkpoint, a torchrun rank
+        and a remote trace keep the same tokens as one local run. A statistical trade, not a
+        speed-up of the model: every token still runs through the forward pass; only the
+        per-token accumulation (``D²`` multiply-adds per token and point) shrinks, and with
+        ``max_tokens`` set the budget is filled from about ``1/token_fraction`` times as many
+        batches, which costs that many more forward passes. The choice ignores the activations,
+        so it adds no bias: the kept tokens are a random sample of the same token distribution
+        and their covariance estimates the same covariance; its sampling error grows as
+        ``1/sqrt(N_kept)``, and eigenvalues and metrics depend on ``N_kept / D`` as for any N,
+        so compare spectra at equal ``N_kept``. It helps when there are many more tokens than
+        the accumulation can afford: neighbouring tokens of one sequence are strongly
+        correlated, so ``N`` tokens spread over ``1/token_fraction`` times as many documents
+        hold more independent information than ``N`` consecutive ones. Token inputs only.
+        ``metadata["n_excluded"]["subsampled"]`` counts the tokens it left out.
+    subsample_seed : int >= 0, default 0
+        Seed of the token subsampling (recorded in ``metadata["subsample_seed"]``).
     eigenvectors : bool, default False
         Keep eigenvectors (8·D² bytes per point) for subspace ablations.
     gram_dtype : torch.float64 or torch.float32, optional
@@ -300,7 +384,8 @@ def collect_spectra(
         a run killed at any moment leaves the previous or the new checkpoint) and resume
         from it when it exists: pass the same batches again; the ones already counted are
         hashed, not run, and a resume on other data, another model, other sites or other
-        options (``points``, ``max_tokens``, ``skip_first``, ``precision``) is refused
+        options (``points``, ``max_tokens``, ``skip_first``, ``precision``, exclusions,
+        ``token_fraction`` / ``subsample_seed``) is refused
         (see :mod:`nerve_interp.checkpoint`). A resumed run gives the same eigenvalues as an
         uninterrupted one, bit for bit on the same machine. Under ``torch.distributed`` each
         rank writes ``<stem>.rank<r>-of-<w><suffix>``.
@@ -355,7 +440,8 @@ def collect_spectra(
         activations (the message names the site and batch).
     ValueError
         Exclusion or outlier parameters out of range (negative positions, token ids outside
-        the vocabulary, ``exclude_norm_above <= 1``, fractions outside (0, 1)).
+        the vocabulary, ``exclude_norm_above <= 1``, fractions outside (0, 1),
+        ``token_fraction`` outside (0, 1]).
     SiteError
         A layer out of range, or a point the FFN does not have.
     """
@@ -385,6 +471,8 @@ def collect_spectra(
         raise ValueError(f"checkpoint_every == {checkpoint_every}, must be >= 1 (batches).")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens == {max_tokens}, must be >= 2 (a covariance needs 2 rows).")
+    token_fraction = _check_token_fraction(token_fraction, subsample_seed)
+    subsample_seed = int(subsample_seed)
     rank, world_size = _dist.world(distributed)
     budget = _dist.rank_budget(max_tokens, rank, world_size)  # this rank's share
     device = _input_device(root)
@@ -426,17 +514,21 @@ def collect_spectra(
     manifest = _ckpt.capture_manifest(meta, chosen, order, max_tokens=max_tokens,
                                       skip_first=skip_first, precision=precision,
                                       rank=rank, world_size=world_size,
-                                      exclusion=rule.to_dict() if rule.active else None)
+                                      exclusion=rule.to_dict() if rule.active else None,
+                                      token_fraction=token_fraction,
+                                      subsample_seed=subsample_seed)
 
     ckpt = (_ckpt.shard_path(Path(checkpoint), rank, world_size)
             if checkpoint is not None else None)
     done_batches, n_tokens, position = 0, 0, None
-    # real tokens seen, left out by position / id, batches emptied by them, longest sequence
-    excluded = {"real": 0, "positions": 0, "token_ids": 0, "empty_batches": 0, "longest": 0}
+    # real tokens seen, left out by position / id / subsampling, batches emptied by them,
+    # longest sequence
+    excluded = {"real": 0, "positions": 0, "token_ids": 0, "subsampled": 0, "empty_batches": 0,
+                "longest": 0}
     if ckpt is not None and ckpt.exists():
         position = _ckpt.load_checkpoint(ckpt, accs, manifest, token_stats=stats)
         done_batches, n_tokens = int(position["batches"]), int(position["tokens"])
-        excluded = position.get("excluded", excluded)
+        excluded = {**excluded, **position.get("excluded", {})}
         if any(st.n_samples_seen_ == 0 and accs[key].n_samples_seen_
                for key, st in stats.items()):
             warnings.warn(f"{ckpt} has no token statistics (written with diagnostics=False); "
@@ -475,6 +567,10 @@ def collect_spectra(
                     excluded["positions"] += counts["positions"]
                     excluded["token_ids"] += counts["token_ids"]
                     excluded["longest"] = max(excluded["longest"], int(real.sum(1).max()))
+                if token_fraction is not None:  # before the budget: it fills with kept tokens
+                    drawn = subsample_mask(real, token_fraction, subsample_seed, i)
+                    excluded["subsampled"] += int((mask & ~drawn).sum())
+                    mask = mask & drawn
                 keep = _budget_mask(mask, remaining)
                 excluded["real"] += int(real.sum())
                 if not bool(keep.any()):
@@ -487,6 +583,11 @@ def collect_spectra(
                 raise CaptureError(
                     f"batch {i} has no input_ids, so exclude_positions / exclude_token_ids "
                     "cannot apply; they need token inputs (exclude_norm_above works on any).")
+            elif token_fraction is not None:
+                raise CaptureError(
+                    f"batch {i} has no input_ids, so token_fraction={token_fraction} cannot "
+                    "apply: token subsampling needs token inputs. Pass token_fraction=None, or "
+                    "subsample the inputs yourself (e.g. every k-th sample).")
             inputs = {k: _to(v, device) for k, v in batch.items()}
             try:
                 if trace_batch is _trace_batch:
@@ -520,15 +621,16 @@ def collect_spectra(
         _dist.all_reduce_accumulators(list(accs.values()))
         n_tokens = _dist.all_reduce_count(n_tokens)
         n_batches, data_sha1 = _dist.furthest_position(n_batches, data_sha1)
-        for key in ("real", "positions", "token_ids", "empty_batches"):
+        for key in ("real", "positions", "token_ids", "subsampled", "empty_batches"):
             excluded[key] = _dist.all_reduce_count(excluded[key])
     if n_tokens == 0 and excluded["real"] > 0:
         raise CaptureError(
             f"every one of the {excluded['real']} real tokens given to {meta['model']} was "
             f"excluded ({excluded['positions']} by exclude_positions="
             f"{list(rule.positions)}, {excluded['token_ids']} by exclude_token_ids="
-            f"{list(rule.token_ids)}); nothing is left for a spectrum. Exclude fewer "
-            "positions or ids, or pass longer texts."
+            f"{list(rule.token_ids)}, {excluded['subsampled']} by token_fraction="
+            f"{token_fraction}); nothing is left for a spectrum. Exclude fewer positions or "
+            "ids, raise token_fraction, or pass longer texts."
         )
     if n_tokens == 0:
         raise CaptureError(
@@ -536,7 +638,7 @@ def collect_spectra(
             "(attention_mask all 0). Pass non-empty texts or batches with real tokens."
         )
     if rank == 0:
-        _warn_exclusion(rule, excluded)
+        _warn_exclusion(rule, excluded, token_fraction)
     spectra = {}
     for key, acc in accs.items():
         if acc.n_samples_seen_ < 2:
@@ -563,10 +665,13 @@ def collect_spectra(
         "n_batches": n_batches,
         "max_tokens": max_tokens,
         "skip_first": skip_first,
+        "token_fraction": token_fraction,
+        "subsample_seed": subsample_seed,
         "exclusion": {**rule.to_dict(), "skip_first": skip_first},
         "n_excluded": {
             "real_tokens": excluded["real"], "positions": excluded["positions"],
-            "token_ids": excluded["token_ids"], "empty_batches": excluded["empty_batches"],
+            "token_ids": excluded["token_ids"], "subsampled": excluded["subsampled"],
+            "empty_batches": excluded["empty_batches"],
             "norm": {acc.name: stats[key].n_excluded_norm_ for key, acc in accs.items()
                      if rule.norm_above is not None},
             "norm_thresholds": {acc.name: stats[key].norm_threshold_
@@ -611,12 +716,13 @@ def _token_meta(i: int, ids: torch.Tensor, real: torch.Tensor, keep: torch.Tenso
     return torch.stack([torch.full_like(rows, i), rows, pos, ids.to(rows.device)[keep]], 1)
 
 
-def _warn_exclusion(rule: Any, excluded: dict) -> None:
+def _warn_exclusion(rule: Any, excluded: dict, token_fraction: float | None = None) -> None:
     if excluded["empty_batches"]:
         warnings.warn(
             f"{excluded['empty_batches']} batch(es) had every real token excluded "
             f"(exclude_positions={list(rule.positions)}, exclude_token_ids="
-            f"{list(rule.token_ids)}) and added nothing to the spectra.", stacklevel=3)
+            f"{list(rule.token_ids)}, token_fraction={token_fraction}) and added nothing to "
+            "the spectra.", stacklevel=3)
     longest = excluded["longest"]
     if rule.positions and longest and rule.positions[-1] >= longest:
         never = [p for p in rule.positions if p >= longest]
@@ -822,4 +928,5 @@ def _select_rows(x: torch.Tensor, idx: torch.Tensor | None, mask_shape: tuple | 
     )
 
 
-__all__ = ["collect_spectra", "iter_batches", "model_label", "token_hash"]
+__all__ = ["collect_spectra", "iter_batches", "model_label", "subsample_generator",
+           "subsample_mask", "token_hash"]

@@ -55,6 +55,8 @@ def capture_manifest(
     rank: int = 0,
     world_size: int = 1,
     exclusion: Mapping[str, Any] | None = None,
+    token_fraction: float | None = None,
+    subsample_seed: int = 0,
 ) -> dict[str, Any]:
     """What a checkpoint must agree on with the run that resumes from it.
 
@@ -79,6 +81,11 @@ def capture_manifest(
         Number of processes sharing the data.
     exclusion : mapping, optional
         The token exclusion rules (``ExclusionRule.to_dict()``); part of ``options``.
+    token_fraction : float or None, default None
+        Token subsampling probability; with ``subsample_seed`` part of ``options`` when set
+        (the subsample is another set of tokens).
+    subsample_seed : int, default 0
+        Seed of the token subsampling (recorded only with ``token_fraction``).
 
     Returns
     -------
@@ -93,7 +100,10 @@ def capture_manifest(
         "options": {"points": list(points), "max_tokens": max_tokens,
                     "skip_first": int(skip_first),
                     "precision": str(precision),
-                    **({"exclusion": dict(exclusion)} if exclusion else {})},
+                    **({"exclusion": dict(exclusion)} if exclusion else {}),
+                    **({"token_fraction": float(token_fraction),
+                        "subsample_seed": int(subsample_seed)}
+                       if token_fraction is not None else {})},
         "shard": {"rank": int(rank), "world_size": int(world_size)},
     }
 

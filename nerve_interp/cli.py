@@ -43,6 +43,11 @@ EXCLUDE_POSITIONS_HELP = ("Comma-separated positions to leave out, counted among
 EXCLUDE_IDS_HELP = "Comma-separated token ids to leave out (e.g. special tokens)."
 EXCLUDE_NORM_HELP = ("Leave out tokens whose activation norm is over this multiple of the "
                      "point's median (median from the first batch).")
+TOKEN_FRACTION_HELP = ("Keep each token with this probability, in (0, 1] (default: all). A "
+                       "statistical trade, not a faster forward pass: every token still runs "
+                       "through the model, and --max-tokens is then filled from ~1/p times as "
+                       "many texts.")
+SUBSAMPLE_SEED_HELP = "Seed of --token-fraction (batch i's draw depends on it and i alone)."
 
 
 def _parse_ints(text: str | None, what: str = "layers") -> list[int] | None:
@@ -179,6 +184,9 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     meta = result.metadata
     echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
          f"{len(result.points)} points in {t_cap:.1f} s")
+    if meta.get("token_fraction") is not None:
+        echo(f"subsampled token fraction {meta['token_fraction']:g} (seed "
+             f"{meta['subsample_seed']}): {meta['n_excluded']['subsampled']} tokens left out")
     ex, n_ex = meta["exclusion"], meta["n_excluded"]
     if ex["positions"] or ex["token_ids"] or ex["norm_above"] is not None:
         echo(f"excluded positions {ex['positions']} ({n_ex['positions']} tokens), "
@@ -253,6 +261,8 @@ def spectra(
         help=EXCLUDE_POSITIONS_HELP)] = None,
     exclude_token_ids: Annotated[str | None, typer.Option(help=EXCLUDE_IDS_HELP)] = None,
     exclude_norm_above: Annotated[float | None, typer.Option(help=EXCLUDE_NORM_HELP)] = None,
+    token_fraction: Annotated[float | None, typer.Option(help=TOKEN_FRACTION_HELP)] = None,
+    subsample_seed: Annotated[int, typer.Option(help=SUBSAMPLE_SEED_HELP)] = 0,
 ) -> None:
     """Spectra and metrics of every FFN of any model, written to OUT."""
     from . import data
@@ -263,7 +273,8 @@ def spectra(
         texts, label = data.read_texts(text), str(text)
     _run(model, texts, label, max_tokens=max_tokens, skip_first=skip_first,
          exclude={**_parse_exclusion(exclude_positions, exclude_token_ids),
-                  "exclude_norm_above": exclude_norm_above},
+                  "exclude_norm_above": exclude_norm_above, "token_fraction": token_fraction,
+                  "subsample_seed": subsample_seed},
          layers=_parse_ints(layers),
          points=[p for p in points.replace(" ", "").split(",") if p], batch_size=batch_size,
          max_length=max_length, out=out, device=device, checkpoint=checkpoint)

@@ -45,6 +45,10 @@ class SpectralTracker(Callback):
     exclude_positions, exclude_token_ids, exclude_norm_above : optional
         Tokens left out of every measurement, as in :func:`collect_spectra` (e.g.
         ``exclude_positions=(0,)`` for attention sinks).
+    token_fraction, subsample_seed : optional
+        Token subsampling, as in :func:`collect_spectra` (off by default). The batches are
+        fixed and the draw depends only on the seed and the batch index, so every
+        measurement uses the same tokens.
     diagnostics : bool, default False
         Token diagnostics at every measurement (adds an ``outlier_share`` row per point).
 
@@ -53,7 +57,8 @@ class SpectralTracker(Callback):
     frame : DataFrame
         Tidy rows collected so far. ``seconds`` is the time spent measuring.
     metadata : dict
-        ``exclusion``: what the spectra left out (``SpectraResult.metadata["exclusion"]``).
+        ``exclusion``: what the spectra left out (``SpectraResult.metadata["exclusion"]``);
+        ``token_fraction`` and ``subsample_seed``: the token subsampling.
     """
 
     def __init__(self, batches: Sequence[Any], *, every: int = 50,
@@ -61,6 +66,7 @@ class SpectralTracker(Callback):
                  max_tokens: int | None = None, gram_dtype: torch.dtype = torch.float32,
                  reinjection: bool = True, exclude_positions: Sequence[int] = (),
                  exclude_token_ids: Sequence[int] = (), exclude_norm_above: float | None = None,
+                 token_fraction: float | None = None, subsample_seed: int = 0,
                  diagnostics: bool = False):
         if every < 1:
             raise ValueError(f"every == {every}, must be >= 1 (steps between measurements).")
@@ -73,9 +79,13 @@ class SpectralTracker(Callback):
         self.max_tokens = max_tokens
         self.gram_dtype = gram_dtype
         self.reinjection = reinjection and {"pre", "post"} <= set(self.points)
+        from .capture import _check_token_fraction
+
         self.exclude = {"exclude_positions": tuple(exclude_positions),
                         "exclude_token_ids": tuple(exclude_token_ids),
-                        "exclude_norm_above": exclude_norm_above}
+                        "exclude_norm_above": exclude_norm_above,
+                        "token_fraction": _check_token_fraction(token_fraction, subsample_seed),
+                        "subsample_seed": int(subsample_seed)}
         self.diagnostics = diagnostics
         self.metadata: dict = {}
         self.rows: list[dict] = []
@@ -108,6 +118,8 @@ class SpectralTracker(Callback):
         finally:
             model.train(was_training)
         self.metadata["exclusion"] = res.metadata["exclusion"]
+        self.metadata["token_fraction"] = res.metadata["token_fraction"]
+        self.metadata["subsample_seed"] = res.metadata["subsample_seed"]
         base = {"step": step, "train_loss": train_loss, "val_loss": val_loss}
         for r in res.metrics().itertuples(index=False):
             self.rows.append({**base, "layer": r.layer, "point": r.point, "metric": r.metric,

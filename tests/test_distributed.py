@@ -39,12 +39,16 @@ WORKER = textwrap.dedent("""
                                   checkpoint_every=1),
         "one": ni.collect_spectra(model, data[:1], progress=False),  # rank 1 gets no batch
         "budget": ni.collect_spectra(model, data, progress=False, max_tokens=301),
+        # batch i draws its tokens from (seed, i) alone: rank i % 2 keeps what one process does
+        "subsample": ni.collect_spectra(model, data, progress=False, token_fraction=0.5,
+                                        subsample_seed=3),
     }
     arrays = {}
     for name, res in runs.items():
         arrays[f"{name}/n_tokens"] = res.metadata["n_tokens"]
         arrays[f"{name}/n_batches"] = res.metadata["n_batches"]
         arrays[f"{name}/world_size"] = res.metadata["world_size"]
+        arrays[f"{name}/subsampled"] = res.metadata["n_excluded"]["subsampled"]
         for layer in res.layers:
             for point in res.points:
                 arrays[f"{name}/{layer}.{point}"] = res.eigenvalues(layer, point)
@@ -85,12 +89,15 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         "all": ni.collect_spectra(model, data, points=("pre", "act", "up", "post"),
                                   progress=False),
         "one": ni.collect_spectra(model, data[:1], progress=False),
+        "subsample": ni.collect_spectra(model, data, progress=False, token_fraction=0.5,
+                                        subsample_seed=3),
     }
     worst = 0.0
     for name, res in single.items():
         assert int(r0[f"{name}/n_tokens"]) == res.metadata["n_tokens"]
         assert int(r0[f"{name}/n_batches"]) == res.metadata["n_batches"]
         assert int(r0[f"{name}/world_size"]) == 2
+        assert int(r0[f"{name}/subsampled"]) == res.metadata["n_excluded"]["subsampled"]
         assert bytes(r0[f"{name}/sha"]).decode() == res.metadata["data_sha1"]
         for layer in res.layers:
             for point in res.points:
