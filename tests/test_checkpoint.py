@@ -86,6 +86,38 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(tmp_path):
     for key in full.files:  # same float64 state + same updates in the same order: same bits
         assert np.array_equal(resumed[key], full[key]), key
     assert read_checkpoint_state(ckpt)["position"]["batches"] == N_BATCHES
+    assert not list(tmp_path.glob("*.tmp")), "a temporary file outlived its writer"
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    """A writer killed mid-write leaves .<name>.<host>.<pid>.*.tmp behind (as big as the
+    checkpoint); the next write removes those of dead processes on this host, and keeps
+    those of live processes and other hosts."""
+    import socket
+
+    from nerve_interp._io import atomic_path
+
+    target = tmp_path / "run.ckpt"
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".run.ckpt.{host}.{dead.pid}.abc123.tmp"
+        busy = tmp_path / f".run.ckpt.{host}.{live.pid}.def456.tmp"
+        foreign = tmp_path / f".run.ckpt.other-host.{dead.pid}.ghi789.tmp"
+        unrelated = tmp_path / f".other.ckpt.{host}.{dead.pid}.jkl012.tmp"
+        for f in (stale, busy, foreign, unrelated):
+            f.write_bytes(b"half a checkpoint")
+        with atomic_path(target) as tmp:
+            assert Path(tmp).name.startswith(f".run.ckpt.{host}.{os.getpid()}.")
+            Path(tmp).write_bytes(b"new")
+        assert target.read_bytes() == b"new"
+        assert not stale.exists()
+        assert busy.exists() and foreign.exists() and unrelated.exists()
+    finally:
+        live.kill()
+        live.wait()
 
 
 @pytest.fixture
