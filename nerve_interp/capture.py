@@ -400,7 +400,12 @@ def collect_spectra(
         same result. ``None`` (default): when a process group of more than one process is
         initialised. ``max_tokens`` stays the *global* budget: rank ``r`` keeps the first
         ``max_tokens // world_size`` (+1 for ``r < max_tokens % world_size``) tokens of its
-        shard, so a binding budget selects other tokens than a single process would.
+        shard, so a binding budget selects other tokens than a single process would. Token
+        diagnostics are gathered per rank and merged once at the end
+        (:func:`nerve_interp.distributed.all_gather_token_stats`, exact: the same outlier
+        shares, flags, top tokens and ``without_outliers()`` spectra as one process; each
+        rank receives ``world_size × max_outlier_tokens × D`` floats per point, one point at
+        a time); ``exclude_norm_above`` is not available under torchrun.
     remote : bool, "local" or None
         Run each trace through nnsight's remote machinery (``model.trace(..., remote=remote)``):
         ``True`` sends it to NDIF (needs an ``nnsight.TransformersModel`` of a model NDIF hosts
@@ -417,6 +422,8 @@ def collect_spectra(
         ``metrics()`` and ``reinjection()``, and get a second spectrum without those tokens
         (``result.without_outliers()``). Costs ~1% of the covariance update per batch (one
         norm per token), plus one eigendecomposition per flagged point; ``False`` skips it.
+        Under torchrun the ranks' statistics are merged exactly (see ``distributed``); with
+        ``remote=...`` they are off (only D×D statistics come back from the server).
     outlier_fraction : float in (0, 1), default 0.01
         Size of the top group: ``k = min(max_outlier_tokens, max(1, ⌈outlier_fraction·N⌉))``
         tokens by activation norm (``N`` the tokens of the spectrum). An attention sink is
@@ -488,9 +495,8 @@ def collect_spectra(
             "exclude_norm_above needs every token's norm in this process (its median comes "
             "from the first batch); it is not available with torchrun or remote=... yet. Use "
             "exclude_positions / exclude_token_ids, or capture in one local process.")
-    if (world_size > 1 or remote is not None) and diagnostics:
-        # per-token statistics are per process, and a remote trace returns only D×D ones
-        diagnostics = False
+    if remote is not None and diagnostics:
+        diagnostics = False  # a remote trace returns only D×D statistics, no token norms
     if remote is not None:
         from .remote import check_remote_wrapper, remote_trace_batch
 
@@ -588,11 +594,13 @@ def collect_spectra(
                     f"batch {i} has no input_ids, so token_fraction={token_fraction} cannot "
                     "apply: token subsampling needs token inputs. Pass token_fraction=None, or "
                     "subsample the inputs yourself (e.g. every k-th sample).")
+            elif stats:  # no tokens: the batch index alone, for every row
+                meta_rows = torch.tensor([[i] + [-1] * (len(TOKEN_META) - 1)], device=device)
             inputs = {k: _to(v, device) for k, v in batch.items()}
             try:
                 if trace_batch is _trace_batch:
                     n_keep = _trace_batch(wrapper, inputs, reads, idx, mask_shape, remaining,
-                                          meta_rows if ids is not None and stats else None)
+                                          meta_rows if stats else None)
                 else:  # remote: no token statistics
                     n_keep = trace_batch(wrapper, inputs, [r[:2] for r in reads], idx,
                                          mask_shape, remaining)
@@ -619,6 +627,17 @@ def collect_spectra(
     data_sha1 = data_hash.hexdigest()
     if world_size > 1:
         _dist.all_reduce_accumulators(list(accs.values()))
+        if stats:
+            # every rank must agree: one that resumed from a checkpoint without token
+            # statistics has switched them off
+            agreed = _dist.all_reduce_count(int(not diagnostics)) == 0
+            if diagnostics and not agreed and rank == 0:
+                warnings.warn("another rank resumed from a checkpoint without token statistics "
+                              "(written with diagnostics=False); resuming without token "
+                              "diagnostics on every rank.", stacklevel=2)
+            diagnostics = agreed
+            if diagnostics:
+                _dist.all_gather_token_stats([stats[key] for key in accs])
         n_tokens = _dist.all_reduce_count(n_tokens)
         n_batches, data_sha1 = _dist.furthest_position(n_batches, data_sha1)
         for key in ("real", "positions", "token_ids", "subsampled", "empty_batches"):
@@ -659,7 +678,8 @@ def collect_spectra(
             eigenvectors=eigenvectors)
         from .diagnostics import warn_outliers
 
-        warn_outliers(diags, meta["model"], stacklevel=3)
+        if rank == 0:  # the same on every rank: reported once
+            warn_outliers(diags, meta["model"], stacklevel=3)
     meta.update({
         "n_tokens": n_tokens,
         "n_batches": n_batches,

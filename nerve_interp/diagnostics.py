@@ -52,6 +52,8 @@ from .errors import OutlierTokenWarning
 #: Norm histogram: log10-spaced bins over [1e-8, 1e12) plus an underflow and an overflow bin.
 NORM_LOG10_MIN, NORM_LOG10_MAX, NORM_BINS_PER_DECADE = -8.0, 12.0, 40
 _N_BINS = int((NORM_LOG10_MAX - NORM_LOG10_MIN) * NORM_BINS_PER_DECADE)
+#: Length of ``TokenNormStats.histogram_``: the log bins plus underflow and overflow.
+NORM_HISTOGRAM_SIZE = _N_BINS + 2
 
 #: Columns of ``TokenNormStats.top_meta`` / the token tables.
 TOKEN_META = ("batch", "row", "position", "token_id")
@@ -227,6 +229,15 @@ def exclusion_rule(
 
 
 # ------------------------------------------------------------------ streaming statistics
+def _top_order(norms: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Indices that sort tokens by norm descending, then by ``meta`` columns (batch, row,
+    position, token id) ascending; full ties keep their index order (stable sorts)."""
+    order = torch.arange(norms.shape[0], device=norms.device)
+    for col in reversed(range(meta.shape[1])):
+        order = order[torch.sort(meta[order, col], stable=True).indices]
+    return order[torch.sort(norms[order], descending=True, stable=True).indices]
+
+
 def _bin_of(norms: torch.Tensor) -> torch.Tensor:
     """Histogram bin of each norm: 0 underflow, 1.._N_BINS log bins, _N_BINS + 1 overflow."""
     logn = torch.log10(norms.clamp_min(1e-300))
@@ -283,6 +294,17 @@ class TokenNormStats:
     top_norms_ : Tensor of shape (k,), float64, descending (k <= m)
     top_vectors_ : Tensor of shape (k, D)
     top_meta_ : LongTensor of shape (k, 4): batch, row, position, token_id (-1 if unknown)
+
+    Notes
+    -----
+    The top tokens are the first ``m`` in the order *norm descending, then batch, row,
+    position, token id ascending*: tokens of equal norm (e.g. the same first token of every
+    sequence in a model without context there) are kept from the earliest batch and row.
+    With that total order the top ``m`` of a stream does not depend on how the stream is
+    split or in which order the parts are merged: observing every batch in one process and
+    merging per-process records (:meth:`merge`, in any order) keep the same tokens, and the
+    histogram (integer counts), count and maximum merge exactly. Rows whose ``meta`` is
+    entirely equal (unknown ``-1``) and of equal norm keep the order they were observed in.
     """
 
     def __init__(self, name: str = "activations", *, max_outlier_tokens: int =
@@ -306,8 +328,9 @@ class TokenNormStats:
         ----------
         rows : Tensor of shape (N, D)
             Activations of real tokens (padding and position/id exclusions already removed).
-        meta : LongTensor of shape (N, 4), optional
-            Batch, row, position, token id of each row (``-1`` where unknown).
+        meta : LongTensor of shape (N, 4) or (1, 4), optional
+            Batch, row, position, token id of each row (``-1`` where unknown); one row
+            applies to every row (e.g. ``[[batch, -1, -1, -1]]`` for inputs without tokens).
 
         Returns
         -------
@@ -325,6 +348,8 @@ class TokenNormStats:
             meta = torch.full((n, len(TOKEN_META)), -1, dtype=torch.long, device=rows.device)
         else:
             meta = meta.to(rows.device)
+            if meta.shape[0] == 1 and n > 1:
+                meta = meta.expand(n, -1)
         if self.norm_above is not None:
             if self.norm_threshold_ is None:
                 self.norm_threshold_ = float(self.norm_above * norms.quantile(0.5))
@@ -341,13 +366,15 @@ class TokenNormStats:
         self.histogram_ = counts if self.histogram_ is None else self.histogram_ + counts
         self.max_norm_ = max(self.max_norm_, float(norms.max()))
         k = min(self.max_outlier_tokens, n)
-        vals, ix = norms.topk(k)
+        cut = norms.topk(k).values[-1]
         if self.top_norms_ is not None and self.top_norms_.shape[0] == self.max_outlier_tokens:
-            beats = vals > self.top_norms_[-1]  # only tokens that enter the top m are copied
-            if not bool(beats.any()):
-                return rows
-            vals, ix = vals[beats], ix[beats]
-        self._merge_top(vals, rows, ix, meta)
+            # only tokens that may enter the top m are copied (ties go to _merge_top's order)
+            cut = torch.maximum(cut, self.top_norms_[-1].to(cut.device))
+        # every row of norm >= the k-th largest: ties at the cut are all candidates
+        ix = (norms >= cut).nonzero().squeeze(1)
+        if ix.numel() == 0:
+            return rows
+        self._merge_top(norms[ix], rows, ix, meta)
         return rows
 
     def _merge_top(self, norms: torch.Tensor, rows: torch.Tensor, ix: torch.Tensor,
@@ -355,10 +382,13 @@ class TokenNormStats:
         """Keep the top m of the current top tokens and candidates ``rows[ix]`` (norms
         ``norms``); only the candidate rows that make it are copied."""
         n_old = 0 if self.top_norms_ is None else int(self.top_norms_.shape[0])
+        cand_meta = meta.index_select(0, ix.to(meta.device))
         if n_old:
             norms = torch.cat([self.top_norms_, norms.to(self.top_norms_.device)])
+            cand_meta = torch.cat([self.top_meta_, cand_meta.to(self.top_meta_.device)])
         k = min(self.max_outlier_tokens, int(norms.shape[0]))
-        vals, order = norms.topk(k)  # sorted, descending
+        order = _top_order(norms, cand_meta.to(norms.device))[:k]
+        vals = norms[order]
         old = order < n_old
         new = order[~old] - n_old
         take = ix.to(rows.device)[new.to(rows.device)]
@@ -375,15 +405,21 @@ class TokenNormStats:
         self.top_norms_, self.top_vectors_, self.top_meta_ = vals, vectors, meta_k
 
     def merge(self, other: TokenNormStats) -> TokenNormStats:
-        """Fold another record of the same point in (other processes, data shards)."""
+        """Fold another record of the same point in (other processes, data shards).
+
+        Exact and order-free: the count, the excluded count and the histogram are integer
+        sums, the maximum a maximum, and the top tokens the first ``m`` of both in the
+        total order of the class notes, so merging records of disjoint batches, in any order
+        or grouping, gives the record of observing all of them in one stream.
+        """
         if not isinstance(other, TokenNormStats):
             raise TypeError(f"merge() takes a TokenNormStats; got {type(other).__name__}.")
-        if other.n_samples_seen_ == 0:
-            return self
-        self.n_samples_seen_ += other.n_samples_seen_
         self.n_excluded_norm_ += other.n_excluded_norm_
         if self.norm_threshold_ is None:
             self.norm_threshold_ = other.norm_threshold_
+        if other.n_samples_seen_ == 0:
+            return self
+        self.n_samples_seen_ += other.n_samples_seen_
         h = other.histogram_.to(self.histogram_.device) if self.histogram_ is not None else None
         self.histogram_ = other.histogram_.clone() if h is None else self.histogram_ + h
         self.max_norm_ = max(self.max_norm_, other.max_norm_)

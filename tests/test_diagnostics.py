@@ -80,6 +80,19 @@ def lookup_data(n_batches=3, batch=4, seq=40, seed=0):
     return model, sites, batches, table.numpy(), massive
 
 
+def lookup_ties(n_batches=5, seed=0):
+    """``lookup_data`` with tied massive tokens: the first token of every sequence has its own
+    id, but all their activations are sign flips of one vector, so their norms are exactly
+    equal (and their vectors, hence variance shares, differ)."""
+    model, sites, batches, table, massive = lookup_data(n_batches=n_batches, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    table = torch.from_numpy(table.copy())
+    for tid in massive[1:]:
+        table[tid] = table[massive[0]] * (torch.randint(0, 2, (D,), generator=g) * 2 - 1)
+    model = Lookup(table)
+    return model, sites, batches, table.numpy(), massive
+
+
 def real_rows(batches, table):
     ids = np.concatenate([b["input_ids"][b["attention_mask"].bool()].numpy() for b in batches])
     pos = np.concatenate([(b["attention_mask"].cumsum(1) - 1)[b["attention_mask"].bool()]
@@ -155,6 +168,54 @@ def test_streaming_stats_merge_and_quantiles():
         for q in (0.1, 0.5, 0.9, 0.99):
             assert histogram_quantile(hist, q) == pytest.approx(np.quantile(norms, q), rel=0.06)
     assert torch.equal(one.histogram_, a.histogram_)
+
+
+@pytest.mark.parametrize("known_rows", [True, False])
+def test_merge_is_exact_and_order_free_with_tied_norms(known_rows):
+    """Shards merged in any order or grouping == one stream == a full sort by (norm desc,
+    batch, row, position), also when the cut of the top m falls inside tokens of equal norm;
+    without rows in the metadata (inputs without tokens) ties keep the row order."""
+    from itertools import permutations
+
+    g = torch.Generator().manual_seed(3)
+    n_b, per, m = 12, 50, 16
+    x = torch.randn(n_b * per, 5, generator=g, dtype=torch.float64)
+    sink = torch.tensor([30.0, -4.0, 2.5, 7.0, 1.0], dtype=torch.float64)
+    tied = torch.randperm(n_b * per, generator=g)[:40]  # 40 tokens of one norm > m = 16
+    signs = torch.randint(0, 2, (40, 5), generator=g, dtype=torch.float64) * 2 - 1
+    x[tied] = sink * signs
+    batch, row = torch.arange(n_b).repeat_interleave(per), torch.arange(per).repeat(n_b)
+    meta = torch.stack([batch, row, row % 10, 1000 + torch.arange(n_b * per)], 1)
+    if not known_rows:
+        meta[:, 1:] = -1
+    chunks = [(x[b * per:(b + 1) * per], meta[b * per:(b + 1) * per]) for b in range(n_b)]
+
+    def record(which):
+        st = TokenNormStats("x", max_outlier_tokens=m)
+        for b in which:
+            rows, mt = chunks[b]
+            st.observe(rows, mt if known_rows else mt[:1])
+        return st
+
+    one = record(range(n_b))
+    norms = x.norm(dim=1).numpy()
+    want = np.lexsort((row.numpy(), batch.numpy(), -norms))[:m]  # row order = position order
+    assert np.sum(norms == norms[tied[0]]) == 40 and norms[want[-1]] == norms[tied[0]]
+    np.testing.assert_array_equal(one.top_norms_.numpy(), norms[want])
+    np.testing.assert_array_equal(one.top_vectors_.numpy(), x[want].numpy())
+    np.testing.assert_array_equal(one.top_meta_.numpy(), meta[want].numpy())
+    shards = [record(range(r, n_b, 3)) for r in range(3)]  # batch i on "rank" i % 3
+    for order in permutations(range(3)):
+        merged = TokenNormStats("x", max_outlier_tokens=m)
+        for r in order:
+            merged.merge(shards[r])
+        grouped = record(range(order[0], n_b, 3)).merge(
+            record(range(order[1], n_b, 3)).merge(shards[order[2]]))
+        for st in (merged, grouped):
+            assert st.n_samples_seen_ == one.n_samples_seen_ and st.max_norm_ == one.max_norm_
+            assert torch.equal(st.histogram_, one.histogram_)
+            for attr in ("top_norms_", "top_vectors_", "top_meta_"):
+                assert torch.equal(getattr(st, attr), getattr(one, attr)), (order, attr)
 
 
 def test_remove_rows_against_numpy():

@@ -20,6 +20,14 @@ from nerve_interp.models import make_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: (name, data, options) of the diagnostics runs of WORKER and of the single-process reference
+DIAG_RUNS_SRC = """
+DIAG_RUNS = [
+    ("distinct", lookup_data, {"outlier_fraction": 0.03, "max_outlier_tokens": 40}),
+    ("ties", lookup_ties, {"max_outlier_tokens": 8}),
+    ("resumed", lookup_data, {"checkpoint_every": 1}),
+]
+"""
 WORKER = textwrap.dedent("""
     import sys
     from pathlib import Path
@@ -53,9 +61,46 @@ WORKER = textwrap.dedent("""
             for point in res.points:
                 arrays[f"{name}/{layer}.{point}"] = res.eigenvalues(layer, point)
         arrays[f"{name}/sha"] = np.frombuffer(res.metadata["data_sha1"].encode(), np.uint8)
+        if res.diagnostics:
+            arrays[f"{name}/outlier_share"] = res.metrics()["outlier_share"].to_numpy()
     np.savez(out / f"rank{rank}.npz", **arrays)
+
+    # token diagnostics on a model with massive tokens (exact activations: table lookups)
+    import warnings
+    sys.path.insert(0, sys.argv[2])
+    from test_diagnostics import lookup_data, lookup_ties
+    from nerve_interp.errors import OutlierTokenWarning
+
+    exec(sys.argv[3])  # DIAG_RUNS
+    n_warned = 0
+    for name, make, kw in DIAG_RUNS:
+        model, sites, batches, _, _ = make(n_batches=5)
+        kw = dict(sites=sites, points=("pre", "post"), progress=False, **kw)
+        if name == "resumed":  # rank r checkpoints its shard of 3 batches, then resumes
+            kw["checkpoint"] = out / "diag.ckpt"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ni.collect_spectra(model, batches[:3], **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = ni.collect_spectra(model, batches, **kw)
+        n_warned += sum(issubclass(w.category, OutlierTokenWarning) for w in caught)
+        res.save(out / f"{name}.rank{rank}.safetensors")
+    (out / f"warned{rank}.txt").write_text(str(n_warned))
+    # rank 0 resumes from a checkpoint without token statistics, rank 1 from an empty one:
+    # both go on without diagnostics (no rank waits for the other's gather)
+    model, sites, batches, _, _ = lookup_data(n_batches=5)
+    kw = dict(sites=sites, points=("post",), progress=False, checkpoint=out / "bare.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ni.collect_spectra(model, batches[:1], diagnostics=False, **kw)
+        res = ni.collect_spectra(model, batches, **kw)
+    said = any("without token" in str(w.message) for w in caught)
+    (out / f"bare{rank}.txt").write_text(
+        f"{bool(res.diagnostics)} {res.metadata['diagnostics']['enabled']} {said}")
     dist.destroy_process_group()
 """)
+
 
 
 def make_data(n=7, seed=0):
@@ -76,7 +121,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "worker.py"), str(tmp_path)],
+         str(tmp_path / "worker.py"), str(tmp_path), str(ROOT / "tests"), DIAG_RUNS_SRC],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
@@ -113,6 +158,73 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         assert state["manifest"]["shard"] == {"rank": rank, "world_size": 2}
         assert state["position"]["batches"] == len(data)
     assert not (tmp_path / "run.ckpt").exists()
+    for name in single:  # token diagnostics of the tiny LM too (diagnostics on by default)
+        share = single[name].metrics()["outlier_share"].to_numpy()
+        np.testing.assert_allclose(r0[f"{name}/outlier_share"], share, rtol=1e-12)
+    check_diagnostics_equal_one_process(tmp_path)
+
+
+def check_diagnostics_equal_one_process(out):
+    """Outlier shares, flags, top tokens and spectra without them: 2 ranks == 1 process."""
+    import warnings
+
+    from test_diagnostics import lookup_data, lookup_ties
+
+    from nerve_interp.errors import OutlierTokenWarning
+
+    scope = {"lookup_data": lookup_data, "lookup_ties": lookup_ties}
+    exec(DIAG_RUNS_SRC, scope)
+    # the flag is reported once, by rank 0
+    assert (out / "warned0.txt").read_text() == str(len(scope["DIAG_RUNS"]))
+    assert (out / "warned1.txt").read_text() == "0"
+    assert (out / "bare0.txt").read_text() == "False False True"
+    assert (out / "bare1.txt").read_text() == "False False False"
+    worst = {"share": 0.0, "eig": 0.0, "free": 0.0}
+    for name, make, kw in scope["DIAG_RUNS"]:
+        model, sites, batches, _, _ = make(n_batches=5)
+        kw = {k: v for k, v in kw.items() if k != "checkpoint_every"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OutlierTokenWarning)
+            want = ni.collect_spectra(model, batches, sites=sites, points=("pre", "post"),
+                                      progress=False, **kw)
+        ranks = [ni.SpectraResult.load(out / f"{name}.rank{r}.safetensors") for r in (0, 1)]
+        for got in ranks:
+            assert got.metadata["world_size"] == 2 and got.metadata["diagnostics"]["enabled"]
+            assert got.metadata["diagnostics"]["flagged"] == want.metadata["diagnostics"][
+                "flagged"] == ["layers.0.ffn.pre", "layers.0.ffn.post"], name
+            assert got.diagnostics.keys() == want.diagnostics.keys()
+            for key, w in want.diagnostics.items():
+                d = got.diagnostics[key]
+                for attr in ("n_tokens", "k", "n_outliers", "capped", "outlier_flag",
+                             "max_norm", "median_norm", "p99_norm"):
+                    assert getattr(d, attr) == getattr(w, attr), (name, key, attr)
+                np.testing.assert_array_equal(d.top_meta, w.top_meta)  # the same tokens
+                np.testing.assert_array_equal(d.top_norms, w.top_norms)
+                assert d.top_tokens == w.top_tokens
+                np.testing.assert_allclose(d.top_share, w.top_share, rtol=1e-12, atol=0)
+                worst["share"] = max(worst["share"],
+                                     abs(d.outlier_share - w.outlier_share) / w.outlier_share)
+            a, b = got.outlier_tokens(), want.outlier_tokens()
+            exact = ["layer", "point", "rank", "batch", "row", "position", "token_id", "token",
+                     "outlier"]
+            assert a[exact].equals(b[exact]) and len(a) == len(b) > 0
+            np.testing.assert_allclose(a["share"], b["share"], rtol=1e-12, atol=0)
+            for label, x, y in (("eig", got, want),
+                                ("free", got.without_outliers(), want.without_outliers())):
+                for layer in y.layers:
+                    for point in y.points:
+                        lam, ref = x.eigenvalues(layer, point), y.eigenvalues(layer, point)
+                        worst[label] = max(worst[label],
+                                           float(np.max(np.abs(lam - ref)) / ref[0]))
+                        assert x.spectrum(layer, point).n_samples == \
+                            y.spectrum(layer, point).n_samples
+        d0, d1 = (r.diagnostics[(0, "post")] for r in ranks)  # ranks agree bit for bit
+        assert d0.outlier_share == d1.outlier_share
+        np.testing.assert_array_equal(d0.top_share, d1.top_share)
+    print("2-process vs 1-process diagnostics: max relative difference of the outlier share "
+          f"{worst['share']:.1e}, eigenvalues {worst['eig']:.1e}, without outliers "
+          f"{worst['free']:.1e}")
+    assert max(worst.values()) <= 1e-12, worst
 
 
 def test_rank_budgets_add_up():
