@@ -142,16 +142,20 @@ def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Modu
     reads = [(s.name(p), *module_and_io(s.path(p)), p) for s in sites for p in ("pre", "post")]
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
 
-    def nn(prec: str) -> None:
-        with discard_eigh():
+    def nn(prec: str, diagnostics: bool = False) -> None:
+        with discard_eigh(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # outlier-token warnings, once per rep
             collect_spectra(wrapper, batches, points=("pre", "post"), progress=False,
-                            precision=prec)
+                            precision=prec, diagnostics=diagnostics)
 
+    # "nnsight <mode>" forms the same statistics as the raw hooks (token diagnostics off);
+    # "+ diagnostics" is collect_spectra's default, which also keeps per-token norm statistics
     variants: dict[str, Any] = {"plain": lambda: plain_forward(ref_model, batches)}
     for prec in precisions:
         variants[f"nnsight {prec}"] = lambda p=prec: nn(p)
         variants[f"raw {prec}"] = lambda p=prec: raw_hook_capture(ref_model, batches, reads,
                                                                   precision=p)
+    variants[f"nnsight {precisions[0]} + diagnostics"] = lambda: nn(precisions[0], True)
     for fn in variants.values():  # warm-up, untimed
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -548,11 +552,11 @@ def print_report(res: dict) -> None:
     for case in res.get("throughput", []):
         print(f"\n[a] {case['case']}: {case['sites']} points, D {case['D']}, {case['tokens']} "
               f"tokens in {case['batches']} batches, {case['reps']} reps")
-        print(f"  {'variant':<20}{'median s':>10}{'tokens/s':>12}{'x plain':>9}"
+        print(f"  {'variant':<28}{'median s':>10}{'tokens/s':>12}{'x plain':>9}"
               f"{'nnsight/raw':>13}")
         for r in case["rows"]:
             nr = f"{r['nnsight_over_raw']:.3f}" if "nnsight_over_raw" in r else ""
-            print(f"  {r['variant']:<20}{r['median_s']:>10.3f}{r['tokens_per_s']:>12,.0f}"
+            print(f"  {r['variant']:<28}{r['median_s']:>10.3f}{r['tokens_per_s']:>12,.0f}"
                   f"{r['x_plain']:>9.2f}{nr:>13}")
     for case in res.get("accuracy", []):
         print(f"\n[b] accumulation accuracy on {case['device']}: N={case['N']}, D={case['D']}, "

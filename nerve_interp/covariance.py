@@ -300,7 +300,8 @@ def exact_diagonal(xc: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     xc : torch.Tensor of shape (N, D)
-        Centred activations, float32 (or any float dtype).
+        Centred activations, float32 (or any float dtype). Squared exactly in float64, in
+    chunks of at most 2²⁴ elements (a 128 MB temporary).
 
     Returns
     -------
@@ -312,7 +313,15 @@ def exact_diagonal(xc: torch.Tensor) -> torch.Tensor:
     >>> exact_diagonal(xc).tolist()
     [10.0, 4.25]
     """
-    return torch.linalg.vector_norm(xc, dim=0, dtype=torch.float64).square_()
+    rows = max(1, _DIAGONAL_CHUNK // max(1, xc.shape[1]))  # bounds the float64 temporary
+    out = torch.zeros(xc.shape[1], dtype=torch.float64, device=xc.device)
+    for part in xc.split(rows):
+        out += part.double().square_().sum(dim=0)  # squares exact: ≤ 48 significant bits
+    return out
+
+
+_DIAGONAL_CHUNK = 1 << 24
+"""Elements per float64 chunk in :func:`exact_diagonal` (128 MB)."""
 
 
 def _as_tensor(x: Any) -> torch.Tensor:

@@ -83,7 +83,7 @@ def remote_trace_batch(wrapper: Any, inputs: dict, reads: list, idx: torch.Tenso
             resid = xc.sum(dim=0, dtype=torch.float64)
             m2 = (xc.T @ xc).to(torch.float64) - torch.outer(resid, resid) / n
             if gram_dtype != torch.float64:  # the diagonal in float64, as covariance.py does
-                sq = torch.linalg.vector_norm(xc, dim=0, dtype=torch.float64) ** 2
+                sq = (xc.to(torch.float64) ** 2).sum(dim=0)
                 m2 = m2 + torch.diag(sq - resid * resid / n - torch.diagonal(m2))
             stats.append((tuple(x.shape), n, mean.cpu(), m2.cpu()))
         stats.save()

@@ -27,7 +27,8 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     assert saved["quick"] and set(saved) >= {"throughput", "accuracy", "eigh", "memory"}
     case = res["throughput"][0]
     assert {r["variant"] for r in case["rows"]} == {
-        "plain", "nnsight fp64", "raw fp64", "nnsight fp32", "raw fp32"}
+        "plain", "nnsight fp64", "raw fp64", "nnsight fp32", "raw fp32",
+        "nnsight fp64 + diagnostics"}
     acc = {r["mode"]: r for r in res["accuracy"][0]["rows"]}
     # the table must rank the modes as the tests of covariance.py do
     assert acc["fp64"]["tail_decile_rel_err"] < 1e-9
