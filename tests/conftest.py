@@ -145,3 +145,15 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("nerve_interp", derandomize=True, deadline=None)
 settings.load_profile("nerve_interp")
+
+
+@pytest.fixture
+def local_model(tmp_path, tiny_tokenizer):
+    """A tiny GPT-2 saved as a hub-style folder, and a text file of 40 paragraphs."""
+    folder = tmp_path / "tiny-gpt2"
+    make_tiny("gpt2").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 90 + 2}" for j in range(30))
+                                for i in range(40)))
+    return folder, text

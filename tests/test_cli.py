@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-from conftest import make_tiny
 from typer.testing import CliRunner
 
 import nerve_interp as ni
 from nerve_interp.cli import app
-
-
-@pytest.fixture
-def local_model(tmp_path, tiny_tokenizer):
-    folder = tmp_path / "tiny-gpt2"
-    make_tiny("gpt2").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 90 + 2}" for j in range(30))
-                                for i in range(40)))
-    return folder, text
 
 
 def test_spectra_command(local_model, tmp_path):

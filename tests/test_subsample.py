@@ -222,15 +222,10 @@ def test_multi_pass_plan_and_remote_keep_the_same_tokens(tiny_tokenizer):
             assert np.max(np.abs(got - want)) <= 1e-10 * want[0], key
 
 
-def test_cli_token_fraction(tmp_path, tiny_tokenizer):
+def test_cli_token_fraction(tmp_path, local_model):
     from nerve_interp.cli import app
 
-    folder = tmp_path / "tiny-gpt2"
-    make_tiny("gpt2").save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 90 + 2}" for j in range(30))
-                                for i in range(40)))
+    folder, text = local_model
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
                                    "--max-tokens", "400", "--out", str(out), "--layers", "0",
