@@ -301,7 +301,7 @@ def exact_diagonal(xc: torch.Tensor) -> torch.Tensor:
     ----------
     xc : torch.Tensor of shape (N, D)
         Centred activations, float32 (or any float dtype). Squared exactly in float64, in
-    chunks of at most 2²⁴ elements (a 128 MB temporary).
+        chunks of at most 2²⁴ elements (a 128 MB temporary).
 
     Returns
     -------
