@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test docs lint clean bench
+.PHONY: setup demo test docs lint clean bench gpu-check
 
 setup: $(VENV)/.installed
 
@@ -38,3 +38,10 @@ clean:
 # benchmarks/results/. `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: setup
 	PYTHONPATH=. $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# On a machine with CUDA: the GPU tests (accuracy of each precision mode on tensor cores,
+# device placement) and the GPU cases of the benchmarks (throughput of GPT-2-small- and
+# LLaMA-shaped bf16 models, accuracy at D=3072). Prints the numbers; JSON in benchmarks/results/.
+gpu-check: setup
+	$(BIN)/python -m pytest -m gpu -s -q -rs
+	PYTHONPATH=. $(BIN)/python benchmarks/bench.py --gpu-only $(BENCH_ARGS)

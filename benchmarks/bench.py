@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-smollm", action="store_true", help="skip SmolLM2-135M (throughput)")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="only the CUDA cases of throughput and accuracy (make gpu-check)")
     p.add_argument("--memory-tokens", type=lambda t: tuple(int(v) for v in t.split(",")),
                    default=None, help="token counts N of the memory part, e.g. 2048,8192")
     args = p.parse_args(argv)
@@ -92,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown part(s) {sorted(bad)}; choose from {PARTS}")
     if args.reps is None:
         args.reps = 1 if args.quick else 3
+    if args.gpu_only:
+        if not torch.cuda.is_available():
+            p.error("--gpu-only needs a CUDA device; torch.cuda.is_available() is False.")
+        if args.parts == ",".join(PARTS):
+            args.parts = "throughput,accuracy"
     return args
 
 
@@ -196,6 +203,8 @@ def _dims(wrapper: Any, sites: list, batches: list[dict]) -> list[int]:
 def bench_throughput(args: argparse.Namespace) -> list[dict]:
     from nerve_interp.models import make_lm
 
+    if args.gpu_only:
+        return bench_throughput_gpu(args)
     cases = []
     cpu_prec = ["fp64", "fp32"]
     small = dict(n_layers=2, d_model=64) if args.quick else {}
@@ -392,7 +401,7 @@ def accuracy_case(device: torch.device, n: int, d: int, chunk: int, reps: int) -
 
 def bench_accuracy(args: argparse.Namespace) -> list[dict]:
     n, d, chunk = (2048, 64, 512) if args.quick else (16384, 1024, 2048)
-    out = [accuracy_case(torch.device("cpu"), n, d, chunk, args.reps)]
+    out = [] if args.gpu_only else [accuracy_case(torch.device("cpu"), n, d, chunk, args.reps)]
     if torch.cuda.is_available():
         n, d, chunk = (4096, 256, 1024) if args.quick else (65536, 3072, 16384)
         out.append(accuracy_case(torch.device("cuda"), n, d, chunk, args.reps))
