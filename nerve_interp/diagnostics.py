@@ -63,7 +63,8 @@ DEFAULT_OUTLIER_THRESHOLD = 0.25
 DEFAULT_MAX_OUTLIER_TOKENS = 256
 
 #: Besides the top ``k``, a kept top token counts as an outlier token when its centred squared
-#: norm exceeds this multiple of the mean token's, ``‖x − μ‖² > 20 · trace(M2) / N``
+#: norm exceeds this multiple of the mean token's, ``‖x − μ‖² > 20 · trace(M2) / N``, the
+#: mean taken over the tokens not yet marked, iterated (:func:`massive_tokens`)
 #: (typical tokens' largest is 5-10×; SmolLM2's attention sinks are 70-250×).
 MASSIVE_TOKEN_FACTOR = 20.0
 
@@ -472,7 +473,8 @@ class TokenNormStats:
             np.zeros(d2.shape[0])
         k = min(k, token_share.size)
         share = float(token_share[:k].sum())
-        massive = (np.arange(token_share.size) < k) | (token_share > MASSIVE_TOKEN_FACTOR / n)
+        massive = massive_tokens(self.top_vectors_.to(torch.float64), mu, n,
+                                 float(scatter_trace), k)
         hist = self.histogram_.cpu().numpy()
         return TokenDiagnostics(
             name=self.name, n_tokens=n, k=k, n_outliers=int(massive.sum()),
@@ -484,7 +486,57 @@ class TokenNormStats:
             norm_threshold=self.norm_threshold_, n_excluded_norm=self.n_excluded_norm_,
             top_norms=self.top_norms_.cpu().numpy().astype(np.float64),
             top_meta=self.top_meta_.cpu().numpy().astype(np.int64),
-            top_share=token_share.astype(np.float64))
+            top_share=token_share.astype(np.float64), top_outlier=massive)
+
+
+def massive_tokens(vectors: torch.Tensor, mean: torch.Tensor, n_tokens: int,
+                   scatter_trace: float, k: int, *, factor: float = MASSIVE_TOKEN_FACTOR,
+                   max_rounds: int = 100) -> np.ndarray:
+    """Which of the top tokens are outlier tokens: the top ``k`` and, iterated, every other
+    whose centred squared norm exceeds ``factor`` × the mean of the tokens that remain.
+
+    Round 1 compares ``‖x − μ‖²`` with ``factor · trace(M2) / N`` over all tokens. Massive
+    tokens inflate that mean (one attention sink 600× the median norm holds more variance
+    than thousands of ordinary tokens), which hides the next tier, so the test is repeated
+    with the mean ``μ'`` and ``trace(M2')`` of the tokens not yet marked (exact:
+    ``trace(M2') = trace(M2) − Σ_S ‖x_s − μ‖² − N'‖μ' − μ‖²``) until nothing changes, as
+    in iterated sigma clipping. Only the ``m`` kept top tokens can be marked.
+
+    Parameters
+    ----------
+    vectors : Tensor of shape (m, D), float64
+        The top tokens by norm, descending.
+    mean : Tensor of shape (D,), float64
+        Mean μ over all N tokens of the point.
+    n_tokens : int
+        N.
+    scatter_trace : float
+        ``trace(M2) = Σ_n ‖x_n − μ‖²`` over the N tokens.
+    k : int
+        Size of the top group, always marked.
+
+    Returns
+    -------
+    ndarray of bool, shape (m,)
+    """
+    m = int(vectors.shape[0])
+    marked = torch.arange(m, device=vectors.device) < k
+    d2 = ((vectors - mean) ** 2).sum(1)
+    for _ in range(max_rounds):
+        n_rest = n_tokens - int(marked.sum())
+        if n_rest < 2:
+            break
+        mu_rest = (mean * n_tokens - vectors[marked].sum(0)) / n_rest
+        trace_rest = (scatter_trace - float(d2[marked].sum())
+                      - n_rest * float(((mu_rest - mean) ** 2).sum()))
+        if trace_rest <= 0:
+            break
+        d2_rest = ((vectors - mu_rest) ** 2).sum(1)
+        new = marked | (d2_rest > factor * trace_rest / n_rest)
+        if bool((new == marked).all()):
+            break
+        marked = new
+    return marked.cpu().numpy()
 
 
 @dataclass
@@ -515,6 +567,7 @@ class TokenDiagnostics:
     top_meta: np.ndarray = field(repr=False)
     top_share: np.ndarray = field(repr=False)
     top_tokens: list[str] | None = field(default=None, repr=False)
+    top_outlier: np.ndarray | None = field(default=None, repr=False)
 
     SCALARS = ("n_tokens", "k", "n_outliers", "capped", "outlier_fraction", "outlier_threshold",
                "outlier_share", "outlier_flag", "max_norm", "median_norm", "p99_norm",
@@ -538,7 +591,9 @@ class TokenDiagnostics:
         other with ``‖x − μ‖² > MASSIVE_TOKEN_FACTOR · trace(M2) / N``; bool, shape (m,).
         For a flagged point these are what :meth:`SpectraResult.without_outliers` leaves out.
         """
-        m = self.top_share.size
+        if self.top_outlier is not None:
+            return np.asarray(self.top_outlier, dtype=bool)
+        m = self.top_share.size  # files written before the iterated rule: its first round
         return (np.arange(m) < self.k) | (self.top_share > MASSIVE_TOKEN_FACTOR / self.n_tokens)
 
     @property
@@ -554,12 +609,14 @@ class TokenDiagnostics:
 
     @classmethod
     def from_parts(cls, name: str, summary: dict, top_norms: np.ndarray, top_meta: np.ndarray,
-                   top_share: np.ndarray, top_tokens: list[str] | None = None
-                   ) -> TokenDiagnostics:
+                   top_share: np.ndarray, top_tokens: list[str] | None = None,
+                   top_outlier: np.ndarray | None = None) -> TokenDiagnostics:
         return cls(name=name, **{k: summary[k] for k in cls.SCALARS},
                    top_norms=np.asarray(top_norms, dtype=np.float64),
                    top_meta=np.asarray(top_meta, dtype=np.int64).reshape(-1, len(TOKEN_META)),
-                   top_share=np.asarray(top_share, dtype=np.float64), top_tokens=top_tokens)
+                   top_share=np.asarray(top_share, dtype=np.float64), top_tokens=top_tokens,
+                   top_outlier=None if top_outlier is None else
+                   np.asarray(top_outlier, dtype=bool))
 
 
 # ------------------------------------------------------------------ exact removal

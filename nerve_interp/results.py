@@ -198,8 +198,9 @@ class SpectraResult:
 
         A flagged point (``outlier_flag``) gets the spectrum of its tokens minus its outlier
         tokens (``TokenDiagnostics.outlier_mask``: the top ``k`` by norm and any other kept
-        top token with ``‖x − μ‖²`` over 20× the mean token's; computed exactly in the
-        capture pass, no second forward);
+        top token with ``‖x − μ‖²`` over 20× the mean of the tokens not yet marked, iterated
+        (:func:`nerve_interp.diagnostics.massive_tokens`); computed exactly in the capture
+        pass, no second forward);
         other points are unchanged. ``metadata["exclusion"]["outliers_removed"]`` lists
         ``{site: k}``. The result has no diagnostics of its own; to measure (and diagnose)
         without given positions or ids, capture again with ``exclude_positions=...``.
@@ -312,6 +313,8 @@ class SpectraResult:
                 for key in ("top_norms", "top_meta", "top_share"):
                     tensors[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(
                         getattr(diag, key)))
+                tensors[f"{name}.top_outlier"] = torch.from_numpy(
+                    np.ascontiguousarray(diag.outlier_mask))
             free = self._without_outliers.get((layer, point))
             if free is not None:
                 per_site[name]["without_outliers"] = {
@@ -365,7 +368,9 @@ class SpectraResult:
                         diags[(layer, point)] = TokenDiagnostics.from_parts(
                             name, d, *(f.get_tensor(f"{name}.{k}").numpy()
                                        for k in ("top_norms", "top_meta", "top_share")),
-                            top_tokens=d.get("top_tokens"))
+                            top_tokens=d.get("top_tokens"),
+                            top_outlier=f.get_tensor(f"{name}.top_outlier").numpy()
+                            if f"{name}.top_outlier" in keys else None)
                     if "without_outliers" in info:
                         free[(layer, point)] = _read_spectrum(
                             f, keys, f"{name}.without_outliers", name, info["without_outliers"])
