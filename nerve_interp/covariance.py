@@ -479,15 +479,21 @@ class CovarianceAccumulator:
         n_b = int(x.shape[0])
         if n_b == 0:
             return self
-        if not bool(torch.isfinite(x).all()):
+        if self._resolved is None:
+            self._resolved = default_precision(x.device)
+        mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # exact mean, whatever the mode
+        # a NaN/inf anywhere makes its column's float64 sum non-finite (a float64 sum of
+        # finite float32/bf16 values cannot overflow), so D checks stand in for N·D
+        if not bool(torch.isfinite(mean_b).all()):
             bad = int((~torch.isfinite(x)).any(dim=1).sum())
+            if not bad:
+                raise CaptureError(
+                    f"{self.name}: the float64 column sums of {n_b} finite tokens overflow "
+                    f"(largest |value| {float(x.abs().max()):.3g}); rescale the activations.")
             raise CaptureError(
                 f"{self.name}: {bad} of {n_b} tokens have NaN/inf activations. Check the "
                 "model's dtype (fp16 overflows easily; load in float32 or bfloat16) and inputs."
             )
-        if self._resolved is None:
-            self._resolved = default_precision(x.device)
-        mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # exact mean, whatever the mode
         if self._resolved == "bf16-split":
             xc = x.float() - mean_b.to(_BF16).float()  # exact for bf16 inputs
             with full_precision_matmul():

@@ -93,6 +93,17 @@ def test_errors():
     bad[2, 1] = float("nan")
     with pytest.raises(CaptureError, match="1 of 5 tokens have NaN/inf"):
         acc.update(bad)
+    for prec in ("fp64", "fp32", "bf16-split"):  # +inf, -inf, both in one column (sum NaN)
+        for values in ([float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+            bad = torch.ones(6, 3, dtype=torch.bfloat16 if prec == "bf16-split" else None)
+            bad[: len(values), 2] = torch.tensor(values)
+            ok = CovarianceAccumulator("t", precision=prec).update(torch.randn(4, 3))
+            with pytest.raises(CaptureError, match=f"{len(values)} of 6 tokens have NaN/inf"):
+                ok.update(bad)
+            assert ok.n_samples_seen_ == 4  # the bad batch was not folded in
+    huge = torch.full((4, 2), 1e308, dtype=torch.float64)
+    with pytest.raises(CaptureError, match="overflow"):
+        CovarianceAccumulator("t").update(huge)
     acc.update(torch.randn(4, 3))
     with pytest.raises(CaptureError, match="same D"):
         acc.update(torch.randn(4, 5))
