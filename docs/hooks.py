@@ -1,11 +1,21 @@
-"""mkdocs hook: serve MathJax 3 from the site itself (no CDN), copied from the
-django-static-mathjax wheel (the `docs` extra) at build time, so nothing binary is committed."""
+"""mkdocs hooks: serve MathJax 3 from the site itself (no CDN), copied from the
+django-static-mathjax wheel (the `docs` extra) at build time, so nothing binary is committed;
+and drop the Sphinx roles (``:func:``, ``:class:`` ...) of docstrings from the API pages,
+which mkdocstrings would otherwise print literally before the code span."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from pathlib import Path
+
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):(?=<code>)")
+
+
+def on_page_content(html, **kwargs):
+    """``:func:<code>name</code>`` → ``<code>name</code>``."""
+    return _ROLE.sub("", html)
 
 
 def _mathjax_es5() -> Path:

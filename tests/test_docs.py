@@ -34,3 +34,5 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
         assert "data:image/png;base64" in page, f"{tutorial.name}: no figure rendered"
     reference = (site / "reference" / "index.html").read_text()
     assert "collect_spectra" in reference and "participation_ratio" in reference
+    assert "<code>exact_diagonal</code>" in reference and "plan_capture" in reference
+    assert ":func:<code>" not in reference and ":class:<code>" not in reference  # hooks.py
