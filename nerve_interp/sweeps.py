@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,14 @@ class WidthSweepResult:
         One power-law fit per ``norm`` and ``metric`` (``beta, beta_se, beta_ci_low,
         beta_ci_high, r2, n, ...``); each width × seed is one point (median over layers,
         as the authors' follow-up does).
+    spectra : dict
+        ``{(norm, width, seed): SpectraResult}`` of every run with ``keep_spectra=True``
+        (eigenvalues and means, no eigenvectors); empty otherwise.
     """
 
     table: pd.DataFrame
     fits: pd.DataFrame
+    spectra: dict = field(default_factory=dict, repr=False)
 
 
 def _run_key(norm: str, width: int, seed: int) -> str:
@@ -62,6 +66,7 @@ def width_sweep(
     point: str = "post",
     fit_metrics: Sequence[str] = ("soft_rank", "hard_rank"),
     out_dir: str | Path | None = None,
+    keep_spectra: bool = False,
     progress: bool = True,
 ) -> WidthSweepResult:
     """Train one model per normalisation × FFN width × seed and fit spectral scaling laws.
@@ -87,6 +92,10 @@ def width_sweep(
         [SSL] measures the post-activation spectrum.
     out_dir : path, optional
         One JSON per finished run; runs already there are not retrained (resume).
+    keep_spectra : bool, default False
+        Keep every run's final spectra in ``WidthSweepResult.spectra`` (to plot them
+        without retraining); with ``out_dir`` they are also saved there
+        (``<norm>-D<width>-s<seed>.safetensors``) and reloaded on resume.
 
     Returns
     -------
@@ -94,6 +103,7 @@ def width_sweep(
     """
     from .capture import collect_spectra
     from .models import make_lm
+    from .results import SpectraResult
     from .scaling import fit_table
     from .training import TrainConfig, train
 
@@ -108,12 +118,16 @@ def width_sweep(
     eval_set = val_blocks[:eval_blocks]
     runs = [(n, w, s) for n in norms for w in widths for s in seeds]
     rows: list[dict] = []
+    kept: dict[tuple[str, int, int], Any] = {}
     bar = tqdm(runs, disable=not progress, desc="width sweep", unit="model", dynamic_ncols=True)
     for norm, width, seed in bar:
         bar.set_postfix(run=_run_key(norm, width, seed))
         path = out / f"{_run_key(norm, width, seed)}.json" if out is not None else None
-        if path is not None and path.exists():
+        saved = path.with_suffix(".safetensors") if path is not None else None
+        if path is not None and path.exists() and (not keep_spectra or saved.exists()):
             rows.extend(json.loads(path.read_text())["rows"])
+            if keep_spectra:
+                kept[(norm, int(width), int(seed))] = SpectraResult.load(saved)
             continue
         model = make_lm(preset, seed=seed, norm=norm, d_ff=int(width), **overrides)
         cfg = TrainConfig(**{**asdict(base_cfg), "seed": seed})
@@ -127,6 +141,10 @@ def width_sweep(
                 "val_loss": val_loss}
                for r in spectra.metrics().itertuples(index=False) if r.metric in SWEEP_METRICS]
         rows.extend(new)
+        if keep_spectra:
+            kept[(norm, int(width), int(seed))] = spectra
+            if saved is not None:
+                spectra.save(saved)
         if path is not None:
             path.write_text(json.dumps({"rows": new, "train_config": asdict(cfg),
                                         "n_tokens": spectra.metadata["n_tokens"]}))
@@ -135,7 +153,7 @@ def width_sweep(
                  ["value"].median())
     fits = fit_table(per_model[per_model["metric"].isin(fit_metrics)], x="width", y="value",
                      by=("norm", "point", "metric"))
-    return WidthSweepResult(table, fits)
+    return WidthSweepResult(table, fits, kept)
 
 
 __all__ = ["SWEEP_METRICS", "WidthSweepResult", "width_sweep"]

@@ -32,3 +32,38 @@ def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(nerve_interp.training, "train", no_training)
     again = width_sweep([32, 64, 128], blocks, blocks[:32], **kw)
     assert again.table.equals(t)
+
+
+def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
+    """keep_spectra: each run's final spectra, equal to the table's metrics, saved next to
+    the run's JSON and reloaded (not retrained) on resume; a JSON without its spectra file
+    is retrained when spectra are asked for."""
+    import numpy as np
+
+    import nerve_interp.training
+
+    g = torch.Generator().manual_seed(0)
+    blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
+    cfg = TrainConfig(steps=4, batch_size=8, warmup=1, eval_every=4)
+    kw = dict(norms=("pre",), preset="tiny", model_overrides={"vocab_size": 64},
+              train_config=cfg, eval_blocks=32, out_dir=tmp_path, progress=False)
+    width_sweep([32, 64, 128], blocks, blocks[:32], **kw)  # metrics only
+    assert not list(tmp_path.glob("*.safetensors"))
+    res = width_sweep([32, 64, 128], blocks, blocks[:32], keep_spectra=True, **kw)
+    assert sorted(res.spectra) == [("pre", 32, 0), ("pre", 64, 0), ("pre", 128, 0)]
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    for (_, width, _), spectra in res.spectra.items():
+        m = spectra.metrics().query("metric == 'soft_rank'")["value"].to_numpy()
+        t = res.table
+        want = t[(t["width"] == width) & (t["metric"] == "soft_rank")]["value"]
+        np.testing.assert_allclose(m, want.to_numpy(), rtol=1e-12)
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was retrained")
+
+    monkeypatch.setattr(nerve_interp.training, "train", no_training)
+    again = width_sweep([32, 64, 128], blocks, blocks[:32], keep_spectra=True, **kw)
+    for key, spectra in res.spectra.items():
+        np.testing.assert_array_equal(again.spectra[key].eigenvalues(0, "post"),
+                                      spectra.eigenvalues(0, "post"))
+    assert width_sweep([32, 64, 128], blocks, blocks[:32], **kw).spectra == {}
