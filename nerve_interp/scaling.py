@@ -140,6 +140,45 @@ class PowerLawFit:
             "n_boot_used": self.n_boot_used,
         }
 
+    @classmethod
+    def from_dict(cls, row: Any, *, confidence: float = 0.95) -> PowerLawFit:
+        """The fit back from :meth:`to_dict` or from a row of :func:`fit_table`.
+
+        Parameters
+        ----------
+        row : mapping or pandas.Series
+            With the keys of :data:`FIT_COLUMNS` (other keys, e.g. the ``by`` columns of a
+            fit table, are ignored).
+        confidence : float, default 0.95
+            Coverage of the intervals in ``row`` (a table does not record it).
+
+        Raises
+        ------
+        KeyError
+            If a key of :data:`FIT_COLUMNS` is missing (the message lists which).
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"width": [1, 2, 4, 8], "value": [3.0, 6.0, 12.0, 24.0]})
+        >>> row = fit_table(df, by=(), n_boot=0).iloc[0]
+        >>> round(PowerLawFit.from_dict(row).predict(16), 6)
+        48.0
+        """
+        missing = [k for k in FIT_COLUMNS if k not in row]
+        if missing:
+            raise KeyError(f"a PowerLawFit row needs {list(FIT_COLUMNS)}; missing {missing}. "
+                           "Pass a row of fit_table() or the output of PowerLawFit.to_dict().")
+        return cls(beta=float(row["beta"]), beta_se=float(row["beta_se"]),
+                   beta_ci=(float(row["beta_ci_low"]), float(row["beta_ci_high"])),
+                   beta_ci_boot=(float(row["beta_boot_low"]), float(row["beta_boot_high"])),
+                   prefactor=float(row["prefactor"]),
+                   prefactor_ci=(float(row["prefactor_ci_low"]),
+                                 float(row["prefactor_ci_high"])),
+                   r2=float(row["r2"]), n=int(row["n"]),
+                   x_range=(float(row["x_min"]), float(row["x_max"])),
+                   confidence=float(confidence), n_boot_used=int(row["n_boot_used"]))
+
     def __str__(self) -> str:
         pct = f"{100 * self.confidence:g}%"
         return (f"β = {self.beta:.3f} ± {self.beta_pm:.3f} ({pct} t), "

@@ -274,3 +274,25 @@ def test_plot_power_law_one_line_per_hue():
     with pytest.warns(UserWarning, match="needs 3"):
         plot_power_law(df[df.width < 2000], hue="point", ax=plt.subplots()[1])
     plt.close("all")
+
+
+def test_fit_table_row_back_to_a_power_law_fit():
+    """A fit_table row (or to_dict()) becomes the same PowerLawFit again."""
+    from nerve_interp.scaling import PowerLawFit, fit_power_law, fit_table
+
+    rng = np.random.default_rng(1)
+    widths = np.array([64, 128, 256, 512, 1024] * 2)
+    values = 2.0 * widths ** 0.6 * np.exp(rng.normal(0, 0.05, widths.size))
+    df = pd.DataFrame({"width": widths, "value": values, "metric": "soft_rank"})
+    row = fit_table(df, by="metric", n_boot=200, seed=3).iloc[0]
+    direct = fit_power_law(widths, values, n_boot=200, seed=3)
+    back = PowerLawFit.from_dict(row)
+    for key, want in direct.to_dict().items():
+        assert back.to_dict()[key] == pytest.approx(want, rel=1e-12), key
+    assert back.n_boot_used == direct.n_boot_used > 0 and back.confidence == 0.95
+    np.testing.assert_allclose(back.predict([100, 2000]), direct.predict([100, 2000]),
+                               rtol=1e-12)
+    assert str(back) == str(direct)
+    assert PowerLawFit.from_dict(direct.to_dict(), confidence=0.9).confidence == 0.9
+    with pytest.raises(KeyError, match="missing \\['beta_se'\\]"):
+        PowerLawFit.from_dict({k: v for k, v in direct.to_dict().items() if k != "beta_se"})
