@@ -4,7 +4,7 @@ The state of a :class:`CovarianceAccumulator` is ``(n, μ, M2)`` in **float64**,
 ``M2 = Σ_n (x_n − μ)(x_n − μ)ᵀ``, so that ``Σ = M2 / (n − 1)`` (centred, unbiased, as
 [NerVE] Eq. 1). Each batch is first centred on a per-batch shift, its scatter matrix is
 formed in the accumulator's ``precision`` (below), and it is folded into the state with the
-exact parallel update of Chan, Golub & LeVeque (1979)::
+exact parallel update of Chan, Golub & LeVeque (1979):
 
     n   = n_a + n_b
     δ   = μ_b − μ_a
@@ -17,41 +17,36 @@ round-off).
 
 Precision of the per-batch scatter (``precision=``)
 ---------------------------------------------------
-``"fp64"``
-    Centre on the exact batch mean, Gram product in float64. Exact to float64 round-off; the
-    default on CPU.
-``"fp32"``
-    Centre on the batch mean rounded to float32, Gram product in float32 (TF32 forbidden while
-    it runs). About 1.7× faster than fp64 on CPU, much more on GPUs.
-``"bf16-split"``
-    Centre on the batch mean rounded to **bfloat16** (so the shift ``s`` is itself a bf16
-    number), form ``d = x − s`` in float32 and split it as ``d = hi + lo`` with ``hi =
-    bf16(d)`` and ``lo = bf16(d − hi)``. For bf16 activations ``d`` is exact and so is the
-    split whenever ``d`` needs at most 16 significant bits; otherwise ``hi + lo`` keeps 16 of
-    them (relative error ≤ 2⁻¹⁷ per value). The scatter is then ::
+- ``"fp64"``: centre on the exact batch mean, Gram product in float64. Exact to float64
+  round-off; the default on CPU.
+- ``"fp32"``: centre on the batch mean rounded to float32, Gram product in float32 (TF32
+  forbidden while it runs). About 1.7× faster than fp64 on CPU, much more on GPUs.
+- ``"bf16-split"``: centre on the batch mean rounded to **bfloat16** (so the shift ``s`` is
+  itself a bf16 number), form ``d = x − s`` in float32 and split it as ``d = hi + lo`` with
+  ``hi = bf16(d)`` and ``lo = bf16(d − hi)``. For bf16 activations ``d`` is exact and so is
+  the split whenever ``d`` needs at most 16 significant bits; otherwise ``hi + lo`` keeps 16
+  of them (relative error ≤ 2⁻¹⁷ per value). The scatter is then
+  ``dᵀd = hiᵀhi + (hiᵀlo + (hiᵀlo)ᵀ) + loᵀlo``: three bf16 matrix products with float32
+  accumulation (bf16 tensor cores on a GPU; on a CPU the same products are computed from the
+  exactly-widened float32 values). The exact residual ``Σ(hi + lo)`` corrects for the shift
+  in float64, and the diagonal is summed in float64 (below). Opt-in, *not* yet the CUDA
+  default: on CPU emulation it is at least as accurate as ``"fp32"`` (heavy-tailed bf16
+  data, dense covariance over 5 decades, D=256, 2048 rows per update: worst tail-decile
+  relative eigenvalue error 3.2e-5–5.3e-5 against fp32's 1.3e-4–1.4e-4), but tensor cores
+  may round their internal sums differently from IEEE float32 (Fasi et al. 2021 found
+  truncation on V100/T4/A100), and that has not been measured on a GPU yet: ``pytest -m
+  gpu`` and ``make bench`` do. Dropping ``loᵀlo`` is *not* an option: it costs 10–30× in
+  tail accuracy.
+- ``"auto"`` (default): ``"fp32"`` for CUDA tensors, ``"fp64"`` otherwise, decided on the
+  first batch.
 
-        dᵀd = hiᵀhi + (hiᵀlo + (hiᵀlo)ᵀ) + loᵀlo
-
-    three bf16 matrix products with float32 accumulation (bf16 tensor cores on a GPU; on a
-    CPU the same products are computed from the exactly-widened float32 values). The exact
-    residual ``Σ(hi + lo)`` corrects for the shift in float64, and the diagonal is replaced
-    by float64 sums of squares (below). Opt-in, *not* yet the CUDA default: on CPU emulation
-    it is at least as accurate as ``"fp32"`` (heavy-tailed bf16 data, dense covariance over 5
-    decades, D=256, 2048 rows per update: worst tail-decile relative eigenvalue error
-    3.2e-5–5.3e-5 against fp32's 1.3e-4–1.4e-4), but tensor cores may round their internal
-    sums differently from IEEE float32 (Fasi et al. 2021 found truncation on V100/T4/A100),
-    and that has not been measured on a GPU yet: ``pytest -m gpu`` and ``make bench`` do.
-    Dropping ``loᵀlo`` is *not* an option: it costs 10–30× in tail accuracy.
-
-The float64 diagonal (all modes below fp64)
-    A float32 product rounds every partial sum of ``Σ d_i²``. When the ``d`` have short
-    significands (bf16 values, the ``hi`` of a split) their squares share their low bits, so
-    the rounding errors do not cancel but bias every diagonal entry low: on the data above,
-    −1.3e-4 per entry, about 3e-3 of the smallest eigenvalues, which was the whole excess
-    error of the split over fp32 (3.0e-3 before, 3.2e-5 after). The diagonal is therefore
-    summed in float64 (:func:`exact_diagonal`, O(N·D) against the product's O(N·D²)).
-``"auto"`` (default)
-    ``"fp32"`` for CUDA tensors, ``"fp64"`` otherwise, decided on the first batch.
+**The float64 diagonal** (every mode below fp64). A float32 product rounds every partial sum
+of ``Σ d_i²``. When the ``d`` have short significands (bf16 values, the ``hi`` of a split)
+their squares share their low bits, so the rounding errors do not cancel but bias every
+diagonal entry low: on the data above, −1.3e-4 per entry, about 3e-3 of the smallest
+eigenvalues, which was the whole excess error of the split over fp32 (3.0e-3 before, 3.2e-5
+after). The diagonal is therefore summed in float64 (:func:`exact_diagonal`, O(N·D) against
+the product's O(N·D²)).
 
 A 16-bit Gram matrix (``"bf16"``, ``"fp16"``) and TF32 (``"tf32"``) are refused: with a mean
 offset the cancellation in ``E[xxᵀ] − μμᵀ`` destroys the tail of the spectrum (DESIGN.md:
