@@ -1,7 +1,7 @@
 """mkdocs hooks: serve MathJax 3 from the site itself (no CDN), copied from the
 django-static-mathjax wheel (the `docs` extra) at build time, so nothing binary is committed;
-and drop the Sphinx roles (``:func:``, ``:class:`` ...) of docstrings from the API pages,
-which mkdocstrings would otherwise print literally before the code span."""
+and drop the Sphinx roles (``:func:``, ``:class:`` ...) and ``::`` literal-block markers of
+docstrings from the API pages, which mkdocstrings would otherwise print literally."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):(?=<code>)")
 
 
 def on_page_content(html, **kwargs):
-    """``:func:<code>name</code>`` → ``<code>name</code>``."""
-    return _ROLE.sub("", html)
+    """``:func:<code>name</code>`` → ``<code>name</code>``, and the RST literal-block marker
+    ``text::`` before a code block → ``text:``."""
+    return _ROLE.sub("", html).replace("::</p>", ":</p>")
 
 
 def _mathjax_es5() -> Path:

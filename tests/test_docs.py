@@ -36,3 +36,4 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
     assert "collect_spectra" in reference and "participation_ratio" in reference
     assert "<code>exact_diagonal</code>" in reference and "plan_capture" in reference
     assert ":func:<code>" not in reference and ":class:<code>" not in reference  # hooks.py
+    assert "::</p>" not in reference
