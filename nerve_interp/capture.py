@@ -30,6 +30,7 @@ from .diagnostics import (
     DEFAULT_OUTLIER_FRACTION,
     DEFAULT_OUTLIER_THRESHOLD,
     TOKEN_META,
+    ExclusionRule,
     TokenNormStats,
     check_outlier_parameters,
     exclusion_rule,
@@ -338,7 +339,9 @@ def collect_spectra(
         Leave out, per point, tokens whose activation norm exceeds this multiple (> 1) of
         the point's median norm. The median is measured on the first batch (after the
         position and id rules) and then fixed for the whole capture; the metadata records
-        each point's threshold and how many tokens it left out.
+        each point's threshold and how many tokens it left out. Under torchrun every rank
+        gets that batch's thresholds (see ``distributed``); not available with ``remote=``
+        (only D×D statistics come back, no token norms).
     token_fraction : float in (0, 1] or None, default None
         Token subsampling, off by default: keep each real token that the rules above kept
         independently with probability ``token_fraction``, before ``max_tokens`` counts it. The
@@ -405,7 +408,12 @@ def collect_spectra(
         (:func:`nerve_interp.distributed.all_gather_token_stats`, exact: the same outlier
         shares, flags, top tokens and ``without_outliers()`` spectra as one process; each
         rank receives ``world_size × max_outlier_tokens × D`` floats per point, one point at
-        a time); ``exclude_norm_above`` is not available under torchrun.
+        a time). ``exclude_norm_above`` uses the thresholds of one process: the rank that
+        runs the calibration batch (the first with kept tokens) hands every point's
+        threshold to the others in one all-reduce right after its trace, and they wait
+        for it before their own first trace; no batch runs twice and the thresholds, hence
+        ``metadata["n_excluded"]``, match one process bit for bit (unless that rank's
+        share of ``max_tokens`` cuts the calibration batch).
     remote : bool, "local" or None
         Run each trace through nnsight's remote machinery (``model.trace(..., remote=remote)``):
         ``True`` sends it to NDIF (needs an ``nnsight.TransformersModel`` of a model NDIF hosts
@@ -448,7 +456,7 @@ def collect_spectra(
     ValueError
         Exclusion or outlier parameters out of range (negative positions, token ids outside
         the vocabulary, ``exclude_norm_above <= 1``, fractions outside (0, 1),
-        ``token_fraction`` outside (0, 1]).
+        ``token_fraction`` outside (0, 1]), or ``exclude_norm_above`` with ``remote=``.
     SiteError
         A layer out of range, or a point the FFN does not have.
     """
@@ -490,11 +498,14 @@ def collect_spectra(
             return _collect_in_passes(plan, {**call, "model": wrapper, "sites": all_sites},
                                       batches)
     trace_batch = _trace_batch
-    if (world_size > 1 or remote is not None) and rule.norm_above is not None:
+    if remote is not None and rule.norm_above is not None:
         raise ValueError(
-            "exclude_norm_above needs every token's norm in this process (its median comes "
-            "from the first batch); it is not available with torchrun or remote=... yet. Use "
-            "exclude_positions / exclude_token_ids, or capture in one local process.")
+            "exclude_norm_above is not available with remote=...: the rule drops single "
+            "tokens by their activation norm, but a remote trace sends back only each batch's "
+            "D×D statistics (count, mean, centred scatter), with the tokens already summed "
+            "in, so no norm is left here to test or remove. Use exclude_positions / "
+            "exclude_token_ids (applied before the trace), or capture locally (one process "
+            "or torchrun).")
     if remote is not None and diagnostics:
         diagnostics = False  # a remote trace returns only D×D statistics, no token norms
     if remote is not None:
@@ -542,6 +553,10 @@ def collect_spectra(
                           "counted batches).", stacklevel=2)
             diagnostics = False
     n_batches, n_local, n_seen = done_batches, 0, 0
+    # exclude_norm_above under torchrun: the thresholds of the calibration batch (the first
+    # with kept tokens), found by its owner and shared once (see _share_norm_thresholds)
+    share_thresholds = world_size > 1 and rule.norm_above is not None
+    calibration = None  # that batch's index, once seen
 
     data_hash = hashlib.sha1()
     bar = tqdm(total=budget, initial=n_tokens, unit="tok", disable=not progress or rank > 0,
@@ -550,6 +565,10 @@ def collect_spectra(
         for i, batch in enumerate(iter_batches(batches, tokenizer, batch_size=batch_size,
                                                max_length=max_length)):
             n_seen = i + 1
+            if share_thresholds and calibration is None and _calibrates(
+                    batch, rule, token_fraction, subsample_seed, i,
+                    _dist.rank_budget(max_tokens, i % world_size, world_size)):
+                calibration = i
             if i < done_batches:  # counted before the checkpoint: only check it is the same
                 _hash_batch(data_hash, batch)
                 if i == done_batches - 1:
@@ -597,6 +616,9 @@ def collect_spectra(
             elif stats:  # no tokens: the batch index alone, for every row
                 meta_rows = torch.tensor([[i] + [-1] * (len(TOKEN_META) - 1)], device=device)
             inputs = {k: _to(v, device) for k, v in batch.items()}
+            if share_thresholds and i != calibration:  # wait for the owner's thresholds
+                _dist.all_reduce_norm_thresholds([stats[key] for key in accs])
+                share_thresholds = False
             try:
                 if trace_batch is _trace_batch:
                     n_keep = _trace_batch(wrapper, inputs, reads, idx, mask_shape, remaining,
@@ -609,6 +631,9 @@ def collect_spectra(
                 raise type(err)(
                     f"while capturing {meta['model']} (batch {i}, input {shape}):\n  {err}"
                 ) from None
+            if share_thresholds:  # this rank ran the calibration batch: hand its thresholds on
+                _dist.all_reduce_norm_thresholds([stats[key] for key in accs])
+                share_thresholds = False
             n_tokens += n_keep
             n_local += 1
             bar.update(n_keep)
@@ -618,6 +643,8 @@ def collect_spectra(
                     "excluded": excluded}, token_stats=stats)
     finally:
         bar.close()
+    if share_thresholds:  # this rank traced nothing (no batch, or all in its checkpoint)
+        _dist.all_reduce_norm_thresholds([stats[key] for key in accs])
     if position is not None and n_seen < done_batches:  # the data ended before the checkpoint
         _ckpt.check_data_prefix(ckpt, position, data_hash.hexdigest(), n_seen)
     if ckpt is not None:
@@ -636,7 +663,7 @@ def collect_spectra(
                               "(written with diagnostics=False); resuming without token "
                               "diagnostics on every rank.", stacklevel=2)
             diagnostics = agreed
-            if diagnostics:
+            if diagnostics or rule.norm_above is not None:  # the norm rule's counts too
                 _dist.all_gather_token_stats([stats[key] for key in accs])
         n_tokens = _dist.all_reduce_count(n_tokens)
         n_batches, data_sha1 = _dist.furthest_position(n_batches, data_sha1)
@@ -713,6 +740,25 @@ def collect_spectra(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     })
     return SpectraResult(spectra, meta, diagnostics=diags or None, without_outliers=free or None)
+
+
+def _calibrates(batch: dict, rule: ExclusionRule, token_fraction: float | None, seed: int,
+                i: int, owner_budget: int | None) -> bool:
+    """Whether batch ``i`` can calibrate ``exclude_norm_above``: some token of it survives
+    the position / id rules and the subsampling (any batch without token inputs) and its
+    owner rank has a token budget. The first such batch is where one process measures its
+    medians; every rank decides this alike, from the batch alone."""
+    if owner_budget == 0:
+        return False
+    ids = batch.get("input_ids")
+    if ids is None:
+        return True
+    mask = batch.get("attention_mask")
+    real = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+    mask = rule.token_mask(ids, real)[0] if rule.by_token else real
+    if token_fraction is not None:
+        mask = mask & subsample_mask(real, token_fraction, seed, i)
+    return bool(mask.any())
 
 
 def _vocab_size(root: torch.nn.Module, tokenizer: Any) -> int | None:

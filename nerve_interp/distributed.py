@@ -19,6 +19,16 @@ once at the end by :func:`all_gather_token_stats`: every rank gathers every rank
 folds them in with :meth:`TokenNormStats.merge`, which is exact and independent of the order
 (integer histogram, ties between equal norms broken by batch, row, position), so every rank
 holds the record a single process would have built from all batches.
+
+``exclude_norm_above`` fixes each point's threshold on the calibration batch (the first with
+kept tokens), which one rank runs. :func:`all_reduce_norm_thresholds` shares it: every rank
+calls it exactly once, the owner right after tracing that batch, the others before their
+first trace (or after their loop when they trace nothing: no batch, or all of them restored
+from their checkpoint, which stores the threshold). Simpler alternatives lose something: a
+calibration trace of that batch on every rank costs each rank a forward pass and is only as
+equal as the ranks' kernels are deterministic; a broadcast from rank 0 needs rank 0 to own
+the batch, which it does not when batch 0 is all padding or all excluded. The all-reduce is
+a maximum, so the owner's float64 values arrive bit for bit and no rank must know the owner.
 """
 
 from __future__ import annotations
@@ -201,6 +211,52 @@ def all_reduce_accumulators(accs: Sequence[CovarianceAccumulator], group: Any = 
         acc.load_state_dict({"n": n, "mean": mean, "scatter": m2}).to(home)
 
 
+def all_reduce_norm_thresholds(stats: Sequence[TokenNormStats], group: Any = None) -> None:
+    """Give every rank the norm thresholds of ``exclude_norm_above``, in place.
+
+    Parameters
+    ----------
+    stats : sequence of TokenNormStats
+        The same points in the same order on every rank. A rank that has calibrated (or
+        restored from its checkpoint) a point's ``norm_threshold_`` contributes it, the
+        others contribute nothing; afterwards every rank holds that threshold (points no
+        rank has calibrated stay ``None``).
+
+    Raises
+    ------
+    CaptureError
+        Two ranks hold different thresholds for one point (e.g. checkpoints of different
+        runs).
+
+    Notes
+    -----
+    One all-reduce (max) of ``2 × P`` float64 values: the largest and, negated, the smallest
+    threshold held. A maximum is exact, so the threshold arrives bit for bit; unset points
+    are sent as ``-1`` (thresholds are ``>= 0``).
+    """
+    dist = _dist()
+    stats = list(stats)
+    if not stats:
+        return
+    held = [st.norm_threshold_ for st in stats]
+    hi = torch.tensor([-1.0 if v is None else v for v in held], dtype=torch.float64)
+    lo = torch.tensor([-float("inf") if v is None else -v for v in held], dtype=torch.float64)
+    both = torch.cat([hi, lo]).to(_comm_device(group))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    both = both.cpu()
+    p = len(stats)
+    for j, st in enumerate(stats):
+        top, low = float(both[j]), -float(both[p + j])
+        if top < 0:
+            continue
+        if low != top:
+            raise CaptureError(
+                f"{st.name}: ranks hold different exclude_norm_above thresholds ({low!r} and "
+                f"{top!r}); their checkpoints come from different runs. Delete them to start "
+                "afresh.")
+        st.norm_threshold_ = top
+
+
 def all_gather_token_stats(stats: Sequence[TokenNormStats], group: Any = None) -> None:
     """Merge every rank's per-token statistics into the global record, in place, on every rank.
 
@@ -303,4 +359,5 @@ def all_gather_token_stats(stats: Sequence[TokenNormStats], group: Any = None) -
 
 
 __all__ = ["all_gather_token_stats", "all_reduce_accumulators", "all_reduce_count",
+           "all_reduce_norm_thresholds",
            "furthest_position", "init_from_env", "rank_budget", "world"]

@@ -274,3 +274,86 @@ def test_cli_under_torchrun(tmp_path, tiny_tokenizer):
             assert np.max(np.abs(a - b)) <= 1e-12 * b[0]
     assert sorted(p.name for p in out.glob("*.ckpt")) == ["capture.rank0-of-2.ckpt",
                                                            "capture.rank1-of-2.ckpt"]
+
+
+NORM_WORKER = textwrap.dedent("""
+    import sys, warnings
+    from pathlib import Path
+    import torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    import nerve_interp as ni
+
+    out = Path(sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    from test_distributed import norm_runs
+    rank = dist.get_rank()
+    warnings.simplefilter("ignore")
+    for name, model, batches, kw in norm_runs():
+        if "checkpoint" in kw:  # rank r checkpoints its shard of 3 batches, then resumes
+            kw["checkpoint"] = out / kw["checkpoint"]
+            ni.collect_spectra(model, batches[:3], **kw)
+        ni.collect_spectra(model, batches, **kw).save(out / f"{name}.rank{rank}.safetensors")
+    dist.destroy_process_group()
+""")
+
+
+def norm_runs():
+    """``(name, model, batches, options)`` of the exclude_norm_above runs under torchrun."""
+    from test_diagnostics import lookup_data
+
+    model, sites, batches, _, _ = lookup_data(n_batches=5)
+    late = [dict(b) for b in batches]  # batch 0 all padding: batch 1 (rank 1's) calibrates
+    late[0]["attention_mask"] = torch.zeros_like(late[0]["attention_mask"])
+    kw = dict(sites=sites, points=("pre", "post"), progress=False)
+    return [
+        ("norm", model, batches, {**kw, "exclude_norm_above": 5.0}),
+        ("nodiag", model, batches, {**kw, "exclude_norm_above": 20.0, "diagnostics": False}),
+        ("one", model, batches[:1], {**kw, "exclude_norm_above": 5.0}),  # rank 1: no batch
+        ("late", model, late, {**kw, "exclude_norm_above": 5.0, "exclude_positions": (1,)}),
+        ("resumed", model, batches, {**kw, "exclude_norm_above": 5.0, "checkpoint": "n.ckpt",
+                                     "checkpoint_every": 1}),
+    ]
+
+
+def test_exclude_norm_above_two_gloo_processes_equal_one_process(tmp_path):
+    """The thresholds of the first batch reach every rank: 2 ranks == 1 process."""
+    (tmp_path / "worker.py").write_text(NORM_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "worker.py"), str(tmp_path), str(ROOT / "tests")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import warnings
+
+    worst = 0.0
+    for name, model, batches, kw in norm_runs():
+        kw = {k: v for k, v in kw.items() if k not in ("checkpoint", "checkpoint_every")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = ni.collect_spectra(model, batches, **kw)
+        wanted = want.metadata["n_excluded"]
+        assert all(wanted["norm"].values()) and all(wanted["norm_thresholds"].values()), name
+        for rank in (0, 1):
+            got = ni.SpectraResult.load(tmp_path / f"{name}.rank{rank}.safetensors")
+            assert got.metadata["world_size"] == 2
+            assert got.metadata["n_tokens"] == want.metadata["n_tokens"], name
+            assert got.metadata["n_excluded"] == wanted, name  # thresholds bit for bit
+            for layer in want.layers:
+                for point in want.points:
+                    lam, ref = got.eigenvalues(layer, point), want.eigenvalues(layer, point)
+                    assert got.spectrum(layer, point).n_samples == \
+                        want.spectrum(layer, point).n_samples, (name, point)
+                    worst = max(worst, float(np.max(np.abs(lam - ref)) / ref[0]))
+    print(f"exclude_norm_above, 2 processes vs 1: max |Δλ|/λ_1 = {worst:.2e}")
+    assert worst <= 1e-12, worst
+
+
+def test_exclude_norm_above_refused_with_remote():
+    from test_diagnostics import lookup_data
+
+    model, sites, batches, _, _ = lookup_data(n_batches=1)
+    with pytest.raises(ValueError, match=r"not available with remote=.*D×D statistics"):
+        ni.collect_spectra(model, batches, sites=sites, progress=False, remote="local",
+                           exclude_norm_above=5.0)
