@@ -48,6 +48,8 @@ TOKEN_FRACTION_HELP = ("Keep each token with this probability, in (0, 1] (defaul
                        "through the model, and --max-tokens is then filled from ~1/p times as "
                        "many texts.")
 SUBSAMPLE_SEED_HELP = "Seed of --token-fraction (batch i's draw depends on it and i alone)."
+MAX_OUTLIER_HELP = ("Top tokens by norm kept per point (m × D floats each) for the outlier "
+                    "report and its exact removal; raise it when the report shows 'm+ tokens'.")
 
 
 def _parse_ints(text: str | None, what: str = "layers") -> list[int] | None:
@@ -99,6 +101,12 @@ def format_outliers(result) -> str:
     common = [p for p, c in positions.most_common(3) if c >= top / 2]
     lines.append("  rerun without them: --exclude-positions "
                  f"{','.join(map(str, sorted(common)))} (or --exclude-norm-above 20)")
+    full = [f"{layer} {point}" for (layer, point), d in flagged.items() if d.saturated]
+    if full:
+        m = max(d.top_share.size for d in flagged.values())
+        lines.append(f"  '+': every one of the {m} kept top tokens is an outlier token at "
+                     f"{', '.join(full)}, so more may remain; rerun with "
+                     f"--max-outlier-tokens {4 * m}")
     return "\n".join(lines)
 
 
@@ -227,6 +235,8 @@ def demo(
         help=EXCLUDE_POSITIONS_HELP)] = None,
     exclude_token_ids: Annotated[str | None, typer.Option(help=EXCLUDE_IDS_HELP)] = None,
     exclude_norm_above: Annotated[float | None, typer.Option(help=EXCLUDE_NORM_HELP)] = None,
+    max_outlier_tokens: Annotated[int, typer.Option(help=MAX_OUTLIER_HELP)]
+    = 256,  # diagnostics.DEFAULT_MAX_OUTLIER_TOKENS (not imported: keeps --help light)
 ) -> None:
     """Spectra of every FFN of SmolLM2-135M before and after SiLU, offline."""
     from . import data
@@ -234,7 +244,8 @@ def demo(
     texts = data.load_corpus("python-docs", split="train")
     _run("smollm2-135m", texts, "python-docs/train", max_tokens=max_tokens,
          skip_first=skip_first, exclude={**_parse_exclusion(exclude_positions, exclude_token_ids),
-                                         "exclude_norm_above": exclude_norm_above},
+                                         "exclude_norm_above": exclude_norm_above,
+                                         "max_outlier_tokens": max_outlier_tokens},
          layers=_parse_ints(layers), points=["pre", "post"], batch_size=8, max_length=128,
          out=out, device=None, checkpoint=False)
 
@@ -263,6 +274,8 @@ def spectra(
     exclude_norm_above: Annotated[float | None, typer.Option(help=EXCLUDE_NORM_HELP)] = None,
     token_fraction: Annotated[float | None, typer.Option(help=TOKEN_FRACTION_HELP)] = None,
     subsample_seed: Annotated[int, typer.Option(help=SUBSAMPLE_SEED_HELP)] = 0,
+    max_outlier_tokens: Annotated[int, typer.Option(help=MAX_OUTLIER_HELP)]
+    = 256,  # diagnostics.DEFAULT_MAX_OUTLIER_TOKENS (not imported: keeps --help light)
 ) -> None:
     """Spectra and metrics of every FFN of any model, written to OUT."""
     from . import data
@@ -274,7 +287,7 @@ def spectra(
     _run(model, texts, label, max_tokens=max_tokens, skip_first=skip_first,
          exclude={**_parse_exclusion(exclude_positions, exclude_token_ids),
                   "exclude_norm_above": exclude_norm_above, "token_fraction": token_fraction,
-                  "subsample_seed": subsample_seed},
+                  "subsample_seed": subsample_seed, "max_outlier_tokens": max_outlier_tokens},
          layers=_parse_ints(layers),
          points=[p for p in points.replace(" ", "").split(",") if p], batch_size=batch_size,
          max_length=max_length, out=out, device=device, checkpoint=checkpoint)

@@ -446,6 +446,36 @@ def test_cli_outlier_report_names_layers_positions_and_the_rerun_flag():
     assert "1 of 1 points dominated" in text
     assert "layer   0 post" in text and "positions 0 (12×)" in text
     assert "rerun without them: --exclude-positions 0 (" in text
+    assert "--max-outlier-tokens" not in text
+    # more outlier tokens (12 sinks) than kept top tokens (8): the report says how to raise it
+    with pytest.warns(OutlierTokenWarning):
+        few = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False,
+                                 max_outlier_tokens=8)
+    text = format_outliers(few)
+    assert "without 8+ tokens" in text
+    assert "every one of the 8 kept top tokens is an outlier token at 0 post" in text
+    assert "rerun with --max-outlier-tokens 32" in text
+
+
+def test_cli_max_outlier_tokens_default_and_pass_through(local_model, tmp_path):
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from nerve_interp import cli
+    from nerve_interp.diagnostics import DEFAULT_MAX_OUTLIER_TOKENS
+
+    for command in (cli.demo, cli.spectra):
+        default = inspect.signature(command).parameters["max_outlier_tokens"].default
+        assert default == DEFAULT_MAX_OUTLIER_TOKENS
+    folder, text = local_model
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli.app, ["spectra", "--model", str(folder), "--text", str(text),
+                                       "--max-tokens", "300", "--out", str(out), "--layers",
+                                       "0", "--max-outlier-tokens", "16"])
+    assert res.exit_code == 0, res.output
+    back = ni.SpectraResult.load(out / "spectra.safetensors")
+    assert back.metadata["diagnostics"]["max_outlier_tokens"] == 16
 
 
 def test_massive_tokens_beyond_the_top_k_are_left_out_too():
