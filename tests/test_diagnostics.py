@@ -465,9 +465,9 @@ def test_cli_max_outlier_tokens_default_and_pass_through(local_model, tmp_path):
     from nerve_interp import cli
     from nerve_interp.diagnostics import DEFAULT_MAX_OUTLIER_TOKENS
 
-    for command in (cli.demo, cli.spectra):
-        default = inspect.signature(command).parameters["max_outlier_tokens"].default
-        assert default == DEFAULT_MAX_OUTLIER_TOKENS
+    default = inspect.signature(cli.spectra).parameters["max_outlier_tokens"].default
+    assert default == DEFAULT_MAX_OUTLIER_TOKENS
+    assert inspect.signature(cli.demo).parameters["max_outlier_tokens"].default == 1024
     folder, text = local_model
     out = tmp_path / "o"
     res = CliRunner().invoke(cli.app, ["spectra", "--model", str(folder), "--text", str(text),
