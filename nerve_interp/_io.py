@@ -8,6 +8,9 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from .errors import ResultsFileError
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -69,3 +72,31 @@ def atomic_path(path: Path) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path, file_format: str, *, kind: str, other_format: str,
+                     unreadable: str, remedy: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """Open a nerve_interp safetensors file; yield ``(handle, header metadata)``.
+
+    A file whose header ``"format"`` is not ``file_format`` raises ``ResultsFileError``:
+    ``"<path> is not <kind> (its format is <found>); <other_format>"``. Any other failure
+    while the file is open, in safetensors, json or the caller's parsing, is a damaged file:
+    ``"<unreadable> (<error>); it is corrupt or truncated. <remedy>"``. A
+    ``ResultsFileError`` raised by the caller passes through unchanged.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != file_format:
+                raise ResultsFileError(f"{path} is not {kind} (its format is "
+                                       f"{header.get('format')!r}); {other_format}")
+            yield f, header
+    except ResultsFileError:
+        raise
+    except Exception as err:  # safetensors and json raise many types on damaged files
+        raise ResultsFileError(
+            f"{unreadable} ({type(err).__name__}: {err}); it is corrupt or truncated. {remedy}"
+        ) from None

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._io import atomic_path
+from ._io import atomic_path, open_safetensors
 from .errors import ResultsFileError
 from .sites import FFNSite, site_name
 
@@ -171,25 +171,13 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ResultsFileError(
-                    f"{path} is not a nerve_interp capture checkpoint (its format is "
-                    f"{meta.get('format')!r}); pass another checkpoint path."
-                )
-            state = json.loads(meta["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except ResultsFileError:
-        raise
-    except Exception as err:  # safetensors and json raise many types on damaged files
-        raise ResultsFileError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is corrupt or "
-            "truncated. Delete it to start the capture afresh."
-        ) from None
+    with open_safetensors(
+            path, FORMAT, kind="a nerve_interp capture checkpoint",
+            other_format="pass another checkpoint path.",
+            unreadable=f"checkpoint {path} cannot be read",
+            remedy="Delete it to start the capture afresh.") as (f, meta):
+        state = json.loads(meta["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     if state.get("format_version") != FORMAT_VERSION:
         raise ResultsFileError(
             f"checkpoint {path} has format version {state.get('format_version')!r}; this "

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from . import metrics as _metrics
-from ._io import atomic_path
+from ._io import atomic_path, open_safetensors
 from .diagnostics import TokenDiagnostics
 from .errors import ResultsFileError, SiteError
 from .sites import parse_site, site_name
@@ -343,44 +343,32 @@ class SpectraResult:
         model : str, optional
             Expected model name; a file from another model raises ``ResultsFileError``.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise ResultsFileError(f"no results file at {path}.")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                if header.get("format") != FORMAT:
-                    raise ResultsFileError(
-                        f"{path} is not a nerve_interp spectra file (format "
-                        f"{header.get('format')!r}); write one with SpectraResult.save()."
-                    )
-                metadata = json.loads(header["metadata"])
-                per_site = json.loads(header["sites"])
-                spectra, diags, free = {}, {}, {}
-                keys = set(f.keys())
-                for name, info in per_site.items():
-                    layer, point = parse_site(name)
-                    spectra[(layer, point)] = _read_spectrum(f, keys, name, name, info)
-                    if "diagnostics" in info:
-                        d = dict(info["diagnostics"])
-                        diags[(layer, point)] = TokenDiagnostics.from_parts(
-                            name, d, *(f.get_tensor(f"{name}.{k}").numpy()
-                                       for k in ("top_norms", "top_meta", "top_share")),
-                            top_tokens=d.get("top_tokens"),
-                            top_outlier=f.get_tensor(f"{name}.top_outlier").numpy()
-                            if f"{name}.top_outlier" in keys else None)
-                    if "without_outliers" in info:
-                        free[(layer, point)] = _read_spectrum(
-                            f, keys, f"{name}.without_outliers", name, info["without_outliers"])
-        except ResultsFileError:
-            raise
-        except Exception as err:
-            raise ResultsFileError(
-                f"{path} cannot be read as a nerve_interp spectra file ({type(err).__name__}: "
-                f"{err}); it is corrupt or truncated. Re-run the capture to recreate it."
-            ) from None
+        with open_safetensors(
+                path, FORMAT, kind="a nerve_interp spectra file",
+                other_format="write one with SpectraResult.save().",
+                unreadable=f"{path} cannot be read as a nerve_interp spectra file",
+                remedy="Re-run the capture to recreate it.") as (f, header):
+            metadata = json.loads(header["metadata"])
+            per_site = json.loads(header["sites"])
+            spectra, diags, free = {}, {}, {}
+            keys = set(f.keys())
+            for name, info in per_site.items():
+                layer, point = parse_site(name)
+                spectra[(layer, point)] = _read_spectrum(f, keys, name, name, info)
+                if "diagnostics" in info:
+                    d = dict(info["diagnostics"])
+                    diags[(layer, point)] = TokenDiagnostics.from_parts(
+                        name, d, *(f.get_tensor(f"{name}.{k}").numpy()
+                                   for k in ("top_norms", "top_meta", "top_share")),
+                        top_tokens=d.get("top_tokens"),
+                        top_outlier=f.get_tensor(f"{name}.top_outlier").numpy()
+                        if f"{name}.top_outlier" in keys else None)
+                if "without_outliers" in info:
+                    free[(layer, point)] = _read_spectrum(
+                        f, keys, f"{name}.without_outliers", name, info["without_outliers"])
         if model is not None and metadata.get("model") != model:
             raise ResultsFileError(
                 f"{path} holds spectra of {metadata.get('model')!r}, not {model!r}; load the "
