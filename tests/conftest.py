@@ -157,3 +157,16 @@ def local_model(tmp_path, tiny_tokenizer):
     text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 90 + 2}" for j in range(30))
                                 for i in range(40)))
     return folder, text
+
+
+@pytest.fixture
+def run_spectra(local_model):
+    """``nerve-interp spectra --model <that folder> --text <its text> *args``, in process;
+    returns typer's ``Result``."""
+    from typer.testing import CliRunner
+
+    from nerve_interp.cli import app
+
+    folder, text = local_model
+    return lambda *args: CliRunner().invoke(
+        app, ["spectra", "--model", str(folder), "--text", str(text), *map(str, args)])

@@ -8,11 +8,10 @@ import nerve_interp as ni
 from nerve_interp.cli import app
 
 
-def test_spectra_command(local_model, tmp_path):
-    folder, text = local_model
+def test_spectra_command(local_model, run_spectra, tmp_path):
+    _, text = local_model
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
-                                   "--max-tokens", "600", "--out", str(out), "--layers", "0,-1"])
+    res = run_spectra("--max-tokens", "600", "--out", str(out), "--layers", "0,-1")
     assert res.exit_code == 0, res.output
     assert "PR gain" in res.output and "capture 600 tokens, 2 layers" in res.output
     for name in ("spectra.safetensors", "metrics.csv", "reinjection.csv", "spectra.png",
@@ -23,13 +22,10 @@ def test_spectra_command(local_model, tmp_path):
     assert back.metadata["data"] == str(text)
 
 
-def test_bad_arguments(local_model, tmp_path):
-    folder, text = local_model
-    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
-                                   "--out", str(tmp_path / "o"), "--layers", "a,b"])
+def test_bad_arguments(run_spectra, tmp_path):
+    res = run_spectra("--out", str(tmp_path / "o"), "--layers", "a,b")
     assert res.exit_code != 0 and "comma-separated integers" in res.output
-    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
-                                   "--out", str(tmp_path / "o"), "--layers", "9"])
+    res = run_spectra("--out", str(tmp_path / "o"), "--layers", "9")
     assert res.exit_code != 0 and "out of range" in str(res.exception)
 
 
@@ -51,12 +47,10 @@ def test_ablate_command(local_model, tmp_path):
         assert (out / name).exists(), name
 
 
-def test_spectra_command_reports_outliers_and_excludes(local_model, tmp_path):
-    folder, text = local_model
+def test_spectra_command_reports_outliers_and_excludes(run_spectra, tmp_path):
     out = tmp_path / "ex"
-    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
-                                   "--max-tokens", "600", "--out", str(out), "--layers", "0",
-                                   "--exclude-positions", "0,1", "--exclude-token-ids", "5"])
+    res = run_spectra("--max-tokens", "600", "--out", out, "--layers", "0",
+                      "--exclude-positions", "0,1", "--exclude-token-ids", "5")
     assert res.exit_code == 0, res.output
     assert "outlier tokens: top 1% of tokens by activation norm" in res.output
     assert "excluded positions [0, 1]" in res.output and "token ids [5]" in res.output
@@ -66,6 +60,5 @@ def test_spectra_command_reports_outliers_and_excludes(local_model, tmp_path):
     assert back.metadata["exclusion"]["positions"] == [0, 1]
     assert back.metadata["exclusion"]["token_ids"] == [5]
     assert back.metadata["n_excluded"]["positions"] == 48  # 3 batches of 8 texts read × 2
-    bad = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
-                                   "--out", str(tmp_path / "o"), "--exclude-positions", "x"])
+    bad = run_spectra("--out", str(tmp_path / "o"), "--exclude-positions", "x")
     assert bad.exit_code != 0 and "give positions as comma-separated" in bad.output

@@ -457,10 +457,8 @@ def test_cli_outlier_report_names_layers_positions_and_the_rerun_flag():
     assert "rerun with --max-outlier-tokens 32" in text
 
 
-def test_cli_max_outlier_tokens_default_and_pass_through(local_model, tmp_path):
+def test_cli_max_outlier_tokens_default_and_pass_through(run_spectra, tmp_path):
     import inspect
-
-    from typer.testing import CliRunner
 
     from nerve_interp import cli
     from nerve_interp.diagnostics import DEFAULT_MAX_OUTLIER_TOKENS
@@ -468,11 +466,9 @@ def test_cli_max_outlier_tokens_default_and_pass_through(local_model, tmp_path):
     default = inspect.signature(cli.spectra).parameters["max_outlier_tokens"].default
     assert default == DEFAULT_MAX_OUTLIER_TOKENS
     assert inspect.signature(cli.demo).parameters["max_outlier_tokens"].default == 1024
-    folder, text = local_model
     out = tmp_path / "o"
-    res = CliRunner().invoke(cli.app, ["spectra", "--model", str(folder), "--text", str(text),
-                                       "--max-tokens", "300", "--out", str(out), "--layers",
-                                       "0", "--max-outlier-tokens", "16"])
+    res = run_spectra("--max-tokens", "300", "--out", out, "--layers", "0",
+                      "--max-outlier-tokens", "16")
     assert res.exit_code == 0, res.output
     back = ni.SpectraResult.load(out / "spectra.safetensors")
     assert back.metadata["diagnostics"]["max_outlier_tokens"] == 16

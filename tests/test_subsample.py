@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny, random_batch, raw_hook_points, ref_eigenvalues
-from typer.testing import CliRunner
 
 import nerve_interp as ni
 from nerve_interp.capture import subsample_mask
@@ -222,20 +221,15 @@ def test_multi_pass_plan_and_remote_keep_the_same_tokens(tiny_tokenizer):
             assert np.max(np.abs(got - want)) <= 1e-10 * want[0], key
 
 
-def test_cli_token_fraction(tmp_path, local_model):
-    from nerve_interp.cli import app
-
-    folder, text = local_model
+def test_cli_token_fraction(tmp_path, run_spectra):
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
-                                   "--max-tokens", "400", "--out", str(out), "--layers", "0",
-                                   "--token-fraction", "0.5", "--subsample-seed", "4"])
+    res = run_spectra("--max-tokens", "400", "--out", out, "--layers", "0",
+                      "--token-fraction", "0.5", "--subsample-seed", "4")
     assert res.exit_code == 0, res.output
     assert "capture 400 tokens" in res.output
     assert "subsampled token fraction 0.5 (seed 4)" in res.output
     back = ni.SpectraResult.load(out / "spectra.safetensors")
     assert back.metadata["token_fraction"] == 0.5 and back.metadata["subsample_seed"] == 4
     assert back.metadata["n_excluded"]["subsampled"] > 0
-    bad = CliRunner().invoke(app, ["spectra", "--model", str(folder), "--text", str(text),
-                                   "--out", str(tmp_path / "o"), "--token-fraction", "2"])
+    bad = run_spectra("--out", str(tmp_path / "o"), "--token-fraction", "2")
     assert bad.exit_code != 0 and "token_fraction == 2.0" in str(bad.exception)
