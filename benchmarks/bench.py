@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capture_throughput import module_and_io, plain_forward, raw_hook_capture  # noqa: E402
 
 import nerve_interp  # noqa: E402
-import nerve_interp.capture as capture_mod  # noqa: E402
+import nerve_interp.capture.finish as capture_mod  # noqa: E402
 from nerve_interp.capture import collect_spectra  # noqa: E402
 from nerve_interp.covariance import (  # noqa: E402
     CovarianceAccumulator,

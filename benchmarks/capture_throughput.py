@@ -18,7 +18,7 @@ reported, so the ratios are measured side by side. Variants:
 ``nnsight f64`` / ``nnsight f32``
     ``collect_spectra(model, batches, points=..., progress=False, gram_dtype=...)``. The final
     eigendecomposition is NOT in these timings: during the timed runs
-    ``nerve_interp.capture.spectrum_from_covariance`` is patched with a stub that keeps the
+    ``nerve_interp.capture.finish.spectrum_from_covariance`` is patched with a stub that keeps the
     covariance and skips ``eigvalsh``. Everything else of ``collect_spectra`` (site search,
     batch normalisation, traces, accumulation, ``tracer.stop()``, metadata) is timed. The
     eigendecomposition is timed separately on the real covariances (``spectrum_from_covariance``
@@ -50,7 +50,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-import nerve_interp.capture as capture_mod
+import nerve_interp.capture.finish as capture_mod
 from nerve_interp.capture import collect_spectra
 from nerve_interp.covariance import CovarianceAccumulator
 from nerve_interp.data import load_corpus, tokenize_batches

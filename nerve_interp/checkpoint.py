@@ -29,7 +29,7 @@ import datetime
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,74 +38,10 @@ import torch
 from . import __version__
 from ._io import atomic_path, open_safetensors
 from .errors import ResultsFileError
-from .sites import FFNSite, site_name
+from .sites import site_name
 
 FORMAT = "nerve_interp.capture_checkpoint"
 FORMAT_VERSION = 2
-
-
-def capture_manifest(
-    meta: Mapping[str, Any],
-    sites: Sequence[FFNSite],
-    points: Sequence[str],
-    *,
-    max_tokens: int | None,
-    skip_first: int,
-    precision: str,
-    rank: int = 0,
-    world_size: int = 1,
-    exclusion: Mapping[str, Any] | None = None,
-    token_fraction: float | None = None,
-    subsample_seed: int = 0,
-) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that resumes from it.
-
-    Parameters
-    ----------
-    meta : mapping
-        The capture's model metadata (needs ``"model"`` and ``"model_class"``).
-    sites : sequence of FFNSite
-        The captured sites, in capture order.
-    points : sequence of str
-        The captured points, in capture order.
-    max_tokens : int or None
-        Token budget of the run (for a multi-process run, the global budget).
-    skip_first : int
-        Leading tokens left out of every sequence.
-    precision : str
-        Concrete accumulation mode of the per-batch scatter matrices (``"fp64"``, ``"fp32"``,
-        ``"bf16-split"``).
-    rank : int, default 0
-        This process's rank (``0`` without ``torch.distributed``).
-    world_size : int, default 1
-        Number of processes sharing the data.
-    exclusion : mapping, optional
-        The token exclusion rules (``ExclusionRule.to_dict()``); part of ``options``.
-    token_fraction : float or None, default None
-        Token subsampling probability; with ``subsample_seed`` part of ``options`` when set
-        (the subsample is another set of tokens).
-    subsample_seed : int, default 0
-        Seed of the token subsampling (recorded only with ``token_fraction``).
-
-    Returns
-    -------
-    dict
-        JSON-serialisable: ``model``, ``model_class``, ``sites`` (site name → nnsight path),
-        ``options`` and ``shard``.
-    """
-    return {
-        "model": str(meta["model"]),
-        "model_class": str(meta["model_class"]),
-        "sites": {site_name(s.layer, p): s.paths[p] for s in sites for p in points},
-        "options": {"points": list(points), "max_tokens": max_tokens,
-                    "skip_first": int(skip_first),
-                    "precision": str(precision),
-                    **({"exclusion": dict(exclusion)} if exclusion else {}),
-                    **({"token_fraction": float(token_fraction),
-                        "subsample_seed": int(subsample_seed)}
-                       if token_fraction is not None else {})},
-        "shard": {"rank": int(rank), "world_size": int(world_size)},
-    }
 
 
 def shard_path(path: Path, rank: int, world_size: int) -> Path:
@@ -146,7 +82,7 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     accs : mapping (layer, point) → CovarianceAccumulator
         Accumulators that have seen no token yet are stored as absent.
     manifest : mapping
-        From :func:`capture_manifest`.
+        From :meth:`nerve_interp.capture.options.CaptureOptions.manifest`.
     position : mapping
         ``batches`` (batches consumed, int), ``tokens`` (real tokens counted, int) and
         ``data_sha1`` (hex digest of the consumed batches).
@@ -225,7 +161,7 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     accs : mapping (layer, point) → CovarianceAccumulator
         Empty accumulators of this run; filled in place.
     manifest : mapping
-        This run's :func:`capture_manifest`; every entry must equal the checkpoint's.
+        This run's manifest (``CaptureOptions.manifest``); every entry must equal the checkpoint's.
     token_stats : mapping (layer, point) → TokenNormStats, optional
         Empty token diagnostics of this run; filled in place where the file holds them (a
         checkpoint written with ``diagnostics=False`` leaves them empty).
@@ -314,5 +250,5 @@ def check_data_prefix(path: str | os.PathLike, position: Mapping[str, Any], dige
         )
 
 
-__all__ = ["capture_manifest", "check_data_prefix", "load_checkpoint", "read_checkpoint_state",
+__all__ = ["check_data_prefix", "load_checkpoint", "read_checkpoint_state",
            "save_checkpoint", "shard_path"]

@@ -156,6 +156,15 @@ def _parse_exclusion(positions: str | None, token_ids: str | None) -> dict:
             "exclude_token_ids": _parse_ints(token_ids, "token ids") or ()}
 
 
+def _with_skip_first(exclude: dict, skip_first: int) -> dict:
+    """``--skip-first k`` as positions 0..k-1 (``collect_spectra``'s ``skip_first`` is
+    deprecated)."""
+    if skip_first < 0:
+        raise typer.BadParameter(f"--skip-first {skip_first}: must be >= 0 (tokens).")
+    positions = {*exclude.get("exclude_positions", ()), *range(skip_first)}
+    return {**exclude, "exclude_positions": tuple(sorted(positions))}
+
+
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          skip_first: int, exclude: dict,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
@@ -185,8 +194,8 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
         warnings.simplefilter("ignore", OutlierTokenWarning)  # printed below, as a table
         result = capture.collect_spectra(
             model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
-            max_tokens=max_tokens, skip_first=skip_first, batch_size=batch_size,
-            max_length=max_length, progress=rank == 0, **exclude,
+            max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
+            progress=rank == 0, **_with_skip_first(exclude, skip_first),
             data_label=data_label, checkpoint=out / "capture.ckpt" if checkpoint else None)
     t_cap = time.perf_counter() - t1
     meta = result.metadata

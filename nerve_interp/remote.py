@@ -11,8 +11,9 @@ per point and with torch operations only (nerve_interp is not installed on the s
   the centring (as :meth:`CovarianceAccumulator.update` does),
 
 and saves them. Here they are folded into the local accumulators with the exact Chan update
-(:meth:`CovarianceAccumulator.merge`), so the result equals a local capture up to float64
-round-off. Per batch and point ``8·D² + 8·D`` bytes come back (D = 3072: 75 MB; D = 14336:
+(``CovarianceAccumulator.merge``, in :class:`nerve_interp.capture.backends.RemoteBackend`),
+so the result equals a local capture up to float64 round-off. Per batch and point
+``8·D² + 8·D`` bytes come back (D = 3072: 75 MB; D = 14336:
 1.6 GB), independent of the number of tokens: use large batches.
 
 ``remote="local"`` serialises the block exactly as for NDIF, hides every module that is not
@@ -26,7 +27,6 @@ from typing import Any
 
 import torch
 
-from .covariance import CovarianceAccumulator
 from .errors import CaptureError
 
 
@@ -53,20 +53,18 @@ def check_remote_wrapper(wrapper: Any, remote: Any) -> None:
         )
 
 
-def remote_trace_batch(wrapper: Any, inputs: dict, reads: list, idx: torch.Tensor | None,
-                       mask_shape: tuple | None, remaining: int | None, *, remote: Any,
-                       gram_dtype: torch.dtype = torch.float64) -> int:
-    """One remote trace: per point, compute ``(n, μ_b, M2_b)`` on the server, merge here.
+def server_moments(wrapper: Any, inputs: dict, paths: list[str], sel: Any, *, remote: Any,
+                   gram_dtype: torch.dtype = torch.float64) -> list[tuple]:
+    """One remote trace: per point, ``(shape, n, μ_b, M2_b)`` formed on the server.
 
-    Same contract as the local ``capture._trace_batch``: ``reads`` is a list of
-    ``(CovarianceAccumulator, nnsight path)`` in forward order, ``idx`` the flat indices of
-    the kept tokens of a ``mask_shape`` = ``(batch, seq)`` batch (None: every row, cut to
-    ``remaining``). Returns the rows each point received.
+    ``paths`` are the points' nnsight paths in forward order, ``sel`` the batch's
+    :class:`~nerve_interp.capture.selection.Selection` (flat indices of the kept tokens, or
+    every row cut to ``remaining``). :class:`nerve_interp.capture.backends.RemoteBackend`
+    checks the shapes and merges the moments into the local accumulators.
     """
     kwargs = dict(inputs)
     args = kwargs.pop("_args", ())
-    paths = [path for _, path in reads]
-    limit = remaining
+    idx, limit = sel.idx, sel.remaining
     # the body below is serialised and run where the model is: torch and builtins only
     with torch.no_grad(), wrapper.trace(*args, remote=remote, **kwargs) as tracer:
         stats = []
@@ -88,31 +86,7 @@ def remote_trace_batch(wrapper: Any, inputs: dict, reads: list, idx: torch.Tenso
             stats.append((tuple(x.shape), n, mean.cpu(), m2.cpu()))
         stats.save()
         tracer.stop()
-    n_rows = []
-    for (acc, _), (shape, n, mean, m2) in zip(reads, stats, strict=True):
-        _check_shape(shape, mask_shape, acc.name)
-        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(m2).all())):
-            raise CaptureError(
-                f"{acc.name}: NaN/inf activations. Check the model's dtype (fp16 overflows "
-                "easily; load in float32 or bfloat16) and inputs."
-            )
-        if n:
-            part = CovarianceAccumulator(acc.name).load_state_dict(
-                {"n": n, "mean": mean, "scatter": m2})
-            acc.merge(part)
-        n_rows.append(n)
-    return n_rows[0]
+    return stats
 
 
-def _check_shape(shape: tuple, mask_shape: tuple | None, name: str) -> None:
-    if mask_shape is None or tuple(shape[:2]) == tuple(mask_shape):
-        return
-    if len(shape) == 2 and shape[0] == mask_shape[0] * mask_shape[1]:
-        return  # flattened [batch*seq, D] (OPT)
-    raise CaptureError(
-        f"{name}: activations of shape {tuple(shape)} cannot be aligned with the attention "
-        f"mask {tuple(mask_shape)}; pass sites whose points are [batch, seq, D]."
-    )
-
-
-__all__ = ["check_remote_wrapper", "remote_trace_batch"]
+__all__ = ["check_remote_wrapper", "server_moments"]

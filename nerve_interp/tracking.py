@@ -79,7 +79,7 @@ class SpectralTracker(Callback):
         self.max_tokens = max_tokens
         self.gram_dtype = gram_dtype
         self.reinjection = reinjection and {"pre", "post"} <= set(self.points)
-        from .capture import _check_token_fraction
+        from .capture import check_token_fraction as _check_token_fraction
 
         self.exclude = {"exclude_positions": tuple(exclude_positions),
                         "exclude_token_ids": tuple(exclude_token_ids),
@@ -101,6 +101,7 @@ class SpectralTracker(Callback):
                 val_loss: float = math.nan) -> None:
         """Capture spectra now and append rows for ``step``."""
         from .capture import collect_spectra
+        from .covariance import check_precision
 
         if step in self._measured:
             return
@@ -112,7 +113,8 @@ class SpectralTracker(Callback):
                 warnings.simplefilter("ignore", RankDeficientWarning)  # said once, at setup
                 warnings.simplefilter("ignore", OutlierTokenWarning)  # kept as rows instead
                 res = collect_spectra(model, self.batches, points=self.points, layers=self.layers,
-                                      max_tokens=self.max_tokens, gram_dtype=self.gram_dtype,
+                                      max_tokens=self.max_tokens,
+                                      precision=check_precision(gram_dtype=self.gram_dtype),
                                       progress=False, diagnostics=self.diagnostics,
                                       **self.exclude)
         finally:

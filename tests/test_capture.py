@@ -174,7 +174,8 @@ def test_skip_first_tokens_matches_raw_hooks():
     batches = [random_batch(seed=s) for s in range(2)]
     keep = [b["attention_mask"].bool() & (b["attention_mask"].cumsum(1) > 2) for b in batches]
     ref = raw_hook_points(model, batches, "plain", select=keep)
-    res = ni.collect_spectra(model, batches, skip_first=2, progress=False)
+    with pytest.warns(DeprecationWarning, match="skip_first"):  # exclude_positions=range(2)
+        res = ni.collect_spectra(model, batches, skip_first=2, progress=False)
     n = sum(int(b["attention_mask"].sum()) - 2 * b["attention_mask"].shape[0] for b in batches)
     assert res.metadata["n_tokens"] == n and res.metadata["skip_first"] == 2
     for (layer, point), x in ref.items():

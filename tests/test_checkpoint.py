@@ -157,6 +157,7 @@ def test_resume_matches_uninterrupted_and_records_position(run_ckpt):
     (dict(gram_dtype=torch.float32), r"options.precision: checkpoint 'fp64'"),
     (dict(exclude_token_ids=(3,)), r"options.exclusion"),
 ])
+@pytest.mark.filterwarnings("ignore:collect_spectra:DeprecationWarning")  # skip_first, gram_dtype
 def test_other_sites_or_options_are_refused(run_ckpt, change, match):
     model, batches, ckpt = run_ckpt
     kw = dict(layers=[0, 1]) | change

@@ -269,7 +269,8 @@ def test_exclusion_by_position_and_id_matches_raw_hooks(name, family):
         want = ref_eigenvalues(x)
         assert np.max(np.abs(res.eigenvalues(layer, point) - want)) / want[0] <= 1e-9
     # skip_first is exclude_positions=range(k)
-    a = ni.collect_spectra(model, batches, skip_first=2, progress=False, layers=[0])
+    with pytest.warns(DeprecationWarning, match="skip_first"):
+        a = ni.collect_spectra(model, batches, skip_first=2, progress=False, layers=[0])
     b = ni.collect_spectra(model, batches, exclude_positions=(0, 1), progress=False, layers=[0])
     np.testing.assert_array_equal(a.eigenvalues(0, "post"), b.eigenvalues(0, "post"))
     assert a.metadata["exclusion"]["positions"] == [0, 1]
@@ -364,7 +365,8 @@ def test_bad_exclusions_and_thresholds(tiny_tokenizer):
            ({"max_outlier_tokens": 0}, "max_outlier_tokens == 0, must be >= 1"),
            ({"skip_first": -1}, "skip_first == -1")]
     for args, match in bad:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=match), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # skip_first
             ni.collect_spectra(model, batches, **args, **kw)
     from test_sites import FunctionalNet
 

@@ -127,7 +127,8 @@ def test_collect_spectra_precision_pass_through():
     for (layer, point), spec in ref.items():
         lam = spec.eigenvalues
         assert np.max(np.abs(res.eigenvalues(layer, point) - lam)) <= 1e-5 * lam[0]
-    old = ni.collect_spectra(model, batches, progress=False, gram_dtype=torch.float32)
+    with pytest.warns(DeprecationWarning, match="gram_dtype"):
+        old = ni.collect_spectra(model, batches, progress=False, gram_dtype=torch.float32)
     assert old.metadata["precision"] == "fp32"
     with pytest.raises(ValueError, match="refused"):
         ni.collect_spectra(model, batches, progress=False, precision="bf16")

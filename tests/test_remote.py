@@ -29,7 +29,7 @@ def local_backend_calls(monkeypatch):
 
 @pytest.mark.parametrize("name, kw", [
     ("gpt2", {}),
-    ("llama", dict(points=("pre", "act", "up", "post"), max_tokens=150, skip_first=1)),
+    ("llama", dict(points=("pre", "act", "up", "post"), max_tokens=150, exclude_positions=(0,))),
 ])
 def test_remote_local_equals_local_capture(name, kw, tiny_tokenizer, local_backend_calls):
     from nnsight import TransformersModel

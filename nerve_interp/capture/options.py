@@ -1,0 +1,247 @@
+"""The options of one capture, validated once and kept in one frozen object.
+
+:class:`CaptureOptions` is built from ``collect_spectra``'s keywords by
+:meth:`CaptureOptions.build` (the only place they are checked, like scikit-learn's
+``_parameter_constraints``) and is then the single source for
+
+* the checkpoint manifest (:meth:`CaptureOptions.manifest`): what a resume must agree on;
+* the result metadata (:meth:`CaptureOptions.metadata`): what the capture was asked to do;
+* a multi-pass plan, which replays the capture with ``dataclasses.replace(opts, layers=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._validation import check_positive_int
+from .._warnings import user_stacklevel
+from ..covariance import resolve_precision
+from ..diagnostics import (
+    DEFAULT_MAX_OUTLIER_TOKENS,
+    DEFAULT_OUTLIER_FRACTION,
+    DEFAULT_OUTLIER_THRESHOLD,
+    ExclusionRule,
+    check_outlier_parameters,
+    exclusion_rule,
+)
+from ..errors import SiteError
+from ..sites import POINTS, FFNSite, site_name
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierOptions:
+    """Token diagnostics (outlier tokens), see ``collect_spectra(diagnostics=...)``.
+
+    Parameters
+    ----------
+    enabled : bool
+        Gather per-token norm statistics in the capture pass.
+    fraction : float in (0, 1)
+        Size of the top group, as a share of the tokens (``outlier_fraction``).
+    threshold : float in (0, 1)
+        Variance share of the top group above which a point is flagged.
+    max_tokens : int >= 1
+        Top tokens kept per point (``max_outlier_tokens``).
+    """
+
+    enabled: bool = True
+    fraction: float = DEFAULT_OUTLIER_FRACTION
+    threshold: float = DEFAULT_OUTLIER_THRESHOLD
+    max_tokens: int = DEFAULT_MAX_OUTLIER_TOKENS
+
+    def __post_init__(self) -> None:
+        check_outlier_parameters(self.fraction, self.threshold, self.max_tokens)
+
+    def to_dict(self, flagged: Sequence[str] = ()) -> dict[str, Any]:
+        """``metadata["diagnostics"]``."""
+        return {"enabled": bool(self.enabled), "outlier_fraction": self.fraction,
+                "outlier_threshold": self.threshold, "max_outlier_tokens": self.max_tokens,
+                "flagged": list(flagged)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureOptions:
+    """Everything ``collect_spectra`` was asked to do, checked (see its docstring).
+
+    ``precision`` is the concrete mode (``"auto"`` resolved for the model's device),
+    ``points`` are in forward order (:data:`nerve_interp.sites.POINTS`), ``rule`` is the
+    token exclusion rule with ``skip_first`` folded into its positions.
+    """
+
+    layers: Any = None  # None, a tuple of ints, or a predicate on FFNSite
+    points: tuple[str, ...] = ("pre", "post")
+    max_tokens: int | None = None
+    skip_first: int = 0
+    rule: ExclusionRule = ExclusionRule()
+    token_fraction: float | None = None
+    subsample_seed: int = 0
+    batch_size: int = 8
+    max_length: int = 256
+    eigenvectors: bool = False
+    precision: str = "fp64"
+    memory_budget: int | float | str | None = None
+    progress: bool = True
+    checkpoint: Path | None = None
+    checkpoint_every: int = 20
+    data_label: str = ""
+    outliers: OutlierOptions = OutlierOptions()
+    distributed: bool | None = None
+    remote: Any = None
+
+    # -------------------------------------------------------------- building
+    @classmethod
+    def build(cls, *, device: torch.device, vocab_size: int | None, as_strings: bool,
+              layers: Any = None, points: Any = ("pre", "post"), max_tokens: Any = None,
+              skip_first: Any = 0, exclude_positions: Any = (), exclude_token_ids: Any = (),
+              exclude_norm_above: Any = None, token_fraction: Any = None,
+              subsample_seed: Any = 0, batch_size: Any = 8, max_length: Any = 256,
+              eigenvectors: Any = False, gram_dtype: torch.dtype | None = None,
+              precision: str = "auto", memory_budget: Any = None, progress: Any = True,
+              checkpoint: Any = None, checkpoint_every: Any = 20, data_label: Any = "",
+              diagnostics: Any = True, outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
+              outlier_threshold: float = DEFAULT_OUTLIER_THRESHOLD,
+              max_outlier_tokens: int = DEFAULT_MAX_OUTLIER_TOKENS,
+              distributed: bool | None = None, remote: Any = None) -> CaptureOptions:
+        """Check ``collect_spectra``'s keywords and build the options.
+
+        ``device`` is where the model's inputs go (it resolves ``precision="auto"``),
+        ``vocab_size`` bounds ``exclude_token_ids``, ``as_strings`` says whether the data are
+        texts tokenised here (then positions beyond ``max_length`` are refused).
+
+        Raises
+        ------
+        TypeError, ValueError
+            An argument of the wrong type or out of range; the message names it.
+        """
+        _deprecated(skip_first=skip_first, gram_dtype=gram_dtype)
+        check_positive_int(batch_size, "batch_size")
+        check_positive_int(max_length, "max_length")
+        check_positive_int(checkpoint_every, "checkpoint_every",
+                           context=" (batches between checkpoints)")
+        if max_tokens is not None:
+            check_positive_int(max_tokens, "max_tokens", minimum=2,
+                               context=" (a covariance needs 2 rows)")
+        rule = exclusion_rule(exclude_positions, exclude_token_ids, exclude_norm_above,
+                              skip_first=skip_first, vocab_size=vocab_size,
+                              max_length=max_length if as_strings else None)
+        return cls(
+            layers=_layers(layers), points=_points(points),
+            max_tokens=None if max_tokens is None else int(max_tokens),
+            skip_first=int(skip_first), rule=rule,
+            token_fraction=check_token_fraction(token_fraction, subsample_seed),
+            subsample_seed=int(subsample_seed), batch_size=int(batch_size),
+            max_length=int(max_length), eigenvectors=_flag(eigenvectors, "eigenvectors"),
+            precision=resolve_precision(precision, device, gram_dtype=gram_dtype),
+            memory_budget=memory_budget, progress=_flag(progress, "progress"),
+            checkpoint=None if checkpoint is None else Path(os.fspath(checkpoint)),
+            checkpoint_every=int(checkpoint_every), data_label=str(data_label),
+            outliers=OutlierOptions(_flag(diagnostics, "diagnostics"), outlier_fraction,
+                                    outlier_threshold, max_outlier_tokens),
+            distributed=distributed, remote=remote)
+
+    def check_sites(self, sites: Sequence[FFNSite]) -> None:
+        """Every point exists at the chosen sites (``act`` / ``up`` need a gated FFN)."""
+        for p in self.points:
+            sites[0].path(p)  # raises a clear SiteError for act/up on a plain FFN
+
+    # -------------------------------------------------------------- what it records
+    def manifest(self, meta: dict, sites: Sequence[FFNSite], rank: int = 0,
+                 world_size: int = 1) -> dict[str, Any]:
+        """What a checkpoint must agree on with the run that resumes from it
+        (see :mod:`nerve_interp.checkpoint`): model, sites, the options that change the
+        statistics, and the data shard. JSON-serialisable."""
+        options: dict[str, Any] = {"points": list(self.points), "max_tokens": self.max_tokens,
+                                   "skip_first": self.skip_first, "precision": self.precision}
+        if self.rule.active:
+            options["exclusion"] = self.rule.to_dict()
+        if self.token_fraction is not None:
+            options.update(token_fraction=self.token_fraction,
+                           subsample_seed=self.subsample_seed)
+        return {"model": str(meta["model"]), "model_class": str(meta["model_class"]),
+                "sites": {site_name(s.layer, p): s.paths[p] for s in sites for p in self.points},
+                "options": options,
+                "shard": {"rank": int(rank), "world_size": int(world_size)}}
+
+    def metadata(self) -> dict[str, Any]:
+        """The options as they go into ``SpectraResult.metadata`` (the run adds counts)."""
+        return {"max_tokens": self.max_tokens, "skip_first": self.skip_first,
+                "token_fraction": self.token_fraction, "subsample_seed": self.subsample_seed,
+                "exclusion": {**self.rule.to_dict(), "skip_first": self.skip_first},
+                "precision": self.precision, "data": self.data_label,
+                "remote": self.remote, "points": list(self.points)}
+
+
+# ------------------------------------------------------------------ checks
+def check_token_fraction(token_fraction: Any, subsample_seed: Any) -> float | None:
+    """``token_fraction`` as a float in (0, 1] (or None); a TypeError (not a number) or a
+    ValueError (out of range) naming it otherwise, and the same for ``subsample_seed``."""
+    check_positive_int(subsample_seed, "subsample_seed", minimum=0)
+    if token_fraction is None:
+        return None
+    if isinstance(token_fraction, bool) or not isinstance(token_fraction, numbers.Real):
+        raise TypeError(
+            f"token_fraction must be a number in (0, 1] or None; got "
+            f"{type(token_fraction).__name__} {token_fraction!r}.")
+    p = float(token_fraction)
+    if not 0.0 < p <= 1.0:  # NaN fails too
+        raise ValueError(
+            f"token_fraction == {token_fraction!r}, must be in (0, 1]: the probability of "
+            "keeping each token. Pass e.g. 0.25 to keep about a quarter of the tokens, or None "
+            "(the default) to keep them all.")
+    return p
+
+
+def _deprecated(**given: Any) -> None:
+    """Synonym keywords: still accepted, with a DeprecationWarning naming the new spelling."""
+    new = {"skip_first": "exclude_positions=range(k)", "gram_dtype": "precision='fp64' / 'fp32'"}
+    for name, value in given.items():
+        if value not in (None, 0):
+            warnings.warn(f"collect_spectra({name}=...) is deprecated; pass {new[name]}.",
+                          DeprecationWarning, stacklevel=user_stacklevel())
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A yes/no option: a bool (or 0 / 1), never a string such as ``"no"``."""
+    if isinstance(value, (bool, numbers.Integral)) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}.")
+
+
+def _layers(layers: Any) -> Any:
+    """None / "all" (every layer), a predicate on FFNSite, or a tuple of ints."""
+    if layers is None or callable(layers) or (isinstance(layers, str) and layers == "all"):
+        return layers
+    items = (layers,) if isinstance(layers, numbers.Integral) else layers
+    if isinstance(items, str) or not isinstance(items, Iterable):
+        raise TypeError(f"layers must be an int, a sequence of ints, 'all' or None; got "
+                        f"{type(layers).__name__} {layers!r}.")
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"layers must be ints (negative counts from the end), e.g. "
+                            f"[0, -1]; got {type(v).__name__} {v!r} in {layers!r}.")
+        out.append(int(v))
+    return tuple(out)
+
+
+def _points(points: Any) -> tuple[str, ...]:
+    given = (points,) if isinstance(points, str) else tuple(points)
+    for p in given:
+        if p not in POINTS:
+            raise SiteError(
+                f"unknown point {p!r}. Points are pre and post (every FFN), plus act and up "
+                "(gated FFNs only).")
+    if not given:
+        raise SiteError("points is empty; pass e.g. points=('pre', 'post').")
+    return tuple(p for p in POINTS if p in given)
+
+
+__all__ = ["CaptureOptions", "OutlierOptions", "check_token_fraction"]

@@ -1,0 +1,79 @@
+"""Per-point sinks: what a capture keeps of each FFN point's activations.
+
+A :class:`PointSink` owns the statistics of one point: its
+:class:`~nerve_interp.covariance.CovarianceAccumulator` and, when token diagnostics or
+``exclude_norm_above`` are on, its :class:`~nerve_interp.diagnostics.TokenNormStats` (which
+sees the rows first and may drop some). :class:`Sinks` holds them in forward order. A new
+per-point statistic is a new field here with ``update``, ``merge`` and ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..covariance import CovarianceAccumulator
+from ..diagnostics import TokenNormStats
+from ..sites import FFNSite
+from .options import CaptureOptions
+
+Key = tuple[int, str]
+"""``(layer, point)``."""
+
+
+@dataclasses.dataclass
+class PointSink:
+    """The statistics of one point (``key``) read at nnsight ``path``."""
+
+    key: Key
+    path: str
+    acc: CovarianceAccumulator
+    tokens: TokenNormStats | None = None
+
+    @property
+    def name(self) -> str:
+        return self.acc.name
+
+    def update(self, rows: torch.Tensor, meta: torch.Tensor | None) -> None:
+        """Fold the kept rows ``[n, D]`` of one batch in (``meta``: their TOKEN_META)."""
+        if self.tokens is not None:
+            rows = self.tokens.observe(rows, meta)
+        self.acc.update(rows)
+
+
+class Sinks:
+    """The sinks of every captured point, in forward order (layer, then ``POINTS``)."""
+
+    def __init__(self, sites: Sequence[FFNSite], opts: CaptureOptions) -> None:
+        with_tokens = opts.outliers.enabled or opts.rule.norm_above is not None
+        self.points = []
+        for s in sites:
+            for p in opts.points:
+                acc = CovarianceAccumulator(s.name(p), precision=opts.precision)
+                tokens = (TokenNormStats(acc.name, max_outlier_tokens=opts.outliers.max_tokens,
+                                         norm_above=opts.rule.norm_above)
+                          if with_tokens else None)
+                self.points.append(PointSink((s.layer, p), s.paths[p], acc, tokens))
+
+    def __iter__(self) -> Iterator[PointSink]:
+        return iter(self.points)
+
+    @property
+    def accs(self) -> dict[Key, CovarianceAccumulator]:
+        return {p.key: p.acc for p in self.points}
+
+    @property
+    def token_stats(self) -> dict[Key, TokenNormStats]:
+        """The token statistics (empty when they are off)."""
+        return {p.key: p.tokens for p in self.points if p.tokens is not None}
+
+    def missing_token_stats(self) -> bool:
+        """Whether a resumed state has covariances but no token statistics (a checkpoint
+        written with ``diagnostics=False``)."""
+        return any(p.tokens.n_samples_seen_ == 0 and p.acc.n_samples_seen_
+                   for p in self.points if p.tokens is not None)
+
+
+__all__ = ["Key", "PointSink", "Sinks"]
