@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._validation import check_seeds
 from .errors import RankDeficientWarning
 
 SWEEP_METRICS = ("soft_rank", "hard_rank", "participation_ratio", "spectral_entropy", "eee",
@@ -116,7 +117,8 @@ def width_sweep(
         table). The old spellings ``"pre"``, ``"post"``, ``"mix"`` still work with a
         DeprecationWarning, and an ``out_dir`` written with them still resumes.
     seeds : sequence of int
-        Initialisation and data-order seeds.
+        Initialisation and data-order seeds, one run per seed (at least one, no repeats; a
+        sequence as in :func:`nerve_interp.ablation.ablation_sweep`, never a count).
     preset : str
         A :data:`nerve_interp.models.PRESETS` key; ``model_overrides`` replace its fields
         (``vocab_size`` should match the tokenizer).
@@ -147,6 +149,7 @@ def width_sweep(
     if len(set(widths)) < 3:
         raise ValueError(f"widths={list(widths)}: a power-law fit needs at least 3 distinct "
                          "widths.")
+    seeds = check_seeds(seeds, context=" (width_sweep trains one model per seed)")
     placements = []
     for n in norms:  # a loop, not a comprehension, so the warning points at the caller
         placements.append(norm_placement(n, stacklevel=2))

@@ -82,3 +82,12 @@ def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
         np.testing.assert_array_equal(again.spectra[key].eigenvalues(0, "post"),
                                       spectra.eigenvalues(0, "post"))
     assert width_sweep([32, 64, 128], blocks, blocks[:32], **kw).spectra == {}
+
+
+def test_width_sweep_seeds_are_a_sequence():
+    """seeds is a sequence of seeds (one model each), never a count; checked before training."""
+    blocks = torch.ones(4, 8, dtype=torch.long)
+    for bad, err, match in [(2, TypeError, r"seeds=range\(2\)"), ((), ValueError, "empty"),
+                            ((1, 1), ValueError, "repeats a seed")]:
+        with pytest.raises(err, match=match):
+            width_sweep([32, 64, 128], blocks, blocks, seeds=bad, progress=False)
