@@ -338,10 +338,12 @@ def ablate(
     text: Annotated[Path | None, typer.Option(
         help=".txt/.jsonl: first 90% of paragraphs for spectra, last 10% for evaluation; "
              "default: python-docs train / heldout.")] = None,
-    capture_tokens: Annotated[int, typer.Option(help="Tokens for the spectra.")] = 6000,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to measure the spectra on.")] = 6000,
     eval_texts: Annotated[int, typer.Option(help="Held-out texts to evaluate on.")] = 8,
     max_length: Annotated[int, typer.Option(help="Tokens per evaluation text.")] = 64,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    capture_tokens: Annotated[int | None, typer.Option(
+        hidden=True, help="Deprecated spelling of --max-tokens.")] = None,
 ) -> None:
     """Causal subspace ablations: keep / remove top, tail and random eigen-subspaces."""
     import matplotlib
@@ -352,6 +354,10 @@ def ablate(
     from . import ablation, capture, data, plotting, sites, zoo
 
     t0 = time.perf_counter()
+    if capture_tokens is not None:
+        typer.echo("note: --capture-tokens is deprecated; use --max-tokens (the same flag as "
+                   "in spectra and demo).", err=True)
+        max_tokens = capture_tokens
     seed_list = _parse_seeds(seeds)  # before the model loads: a bad flag fails at once
     lm, tokenizer = zoo.load_model(model, device=device)
     if text is None:
@@ -365,7 +371,7 @@ def ablate(
     chosen = _parse_ints(layers) or sorted({round(i * (n_layers - 1) / 5) for i in range(6)})
     spectra = capture.collect_spectra(
         lm, train, tokenizer=tokenizer, layers=chosen, points=(point,),
-        max_tokens=capture_tokens, eigenvectors=True, data_label=labels[0])
+        max_tokens=max_tokens, eigenvectors=True, data_label=labels[0])
     typer.echo(f"spectra of {len(spectra.layers)} layers from {spectra.metadata['n_tokens']} "
                f"tokens ({time.perf_counter() - t0:.0f} s)")
     result = ablation.ablation_sweep(
