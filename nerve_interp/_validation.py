@@ -67,6 +67,32 @@ def check_positive_int(value: Any, name: str, *, context: str = "", minimum: int
     return int(value)
 
 
+def check_seeds(seeds: Any, name: str = "seeds", *, context: str = "") -> tuple[int, ...]:
+    """``seeds`` (a sequence of distinct ints, at least one) as a tuple, or an error naming it.
+
+    ``seeds`` means the same everywhere: which seeds to run, never how many. A count is a
+    ``TypeError`` that shows the sequence to pass; an empty sequence or a repeated seed is a
+    ``ValueError`` (no run, or one run counted twice as if it were independent).
+    """
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        raise TypeError(f"{name}={seeds!r} is a count; {name} is a sequence of seeds, e.g. "
+                        f"{name}=range({seeds}){context}.")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"{name} must be a sequence of int seeds, e.g. (0, 1, 2); got "
+                        f"{type(seeds).__name__} {seeds!r}{context}.")
+    out = tuple(seeds)
+    for s in out:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"{name} must hold ints; got {type(s).__name__} {s!r} in "
+                            f"{name}={list(out)!r}{context}.")
+    if not out:
+        raise ValueError(f"{name} is empty; pass at least one seed, e.g. {name}=(0,){context}.")
+    if len(set(out)) < len(out):
+        raise ValueError(f"{name}={list(out)!r} repeats a seed; each seed is one independent "
+                         f"run, so a repeat would count one run twice{context}.")
+    return tuple(int(s) for s in out)
+
+
 def check_tidy(df: Any, columns: Iterable[str] = ("layer", "point", "metric", "value")) -> None:
     """Raise a ``KeyError`` listing which of the tidy columns ``df`` lacks."""
     missing = [c for c in columns if c not in df.columns]

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._validation import check_seeds
 from .capture import iter_batches, model_label, token_hash
 from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
@@ -537,6 +538,23 @@ def default_ks(d: int, n: int = 8) -> list[int]:
     return sorted({int(round(v)) for v in np.geomspace(1, d, n)})
 
 
+def _sweep_seeds(seeds: Any) -> tuple[int, ...]:
+    """``ablation_sweep``'s seeds as a tuple; an int ``n`` (the old count) is ``range(n)``
+    with a DeprecationWarning, and 0 or an empty sequence is refused."""
+    context = (" (one random subspace per seed and size: the control that top / tail "
+               "effects are compared with)")
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ValueError(f"seeds={seeds} would run no random subspaces, silently dropping "
+                             "the control that top / tail effects are compared with; pass a "
+                             "sequence of seeds, e.g. seeds=(0, 1, 2).")
+        warnings.warn(f"ablation_sweep(seeds={seeds}) as a count is deprecated: seeds is a "
+                      f"sequence of seeds everywhere (as in width_sweep); use "
+                      f"seeds=range({seeds}), the same seeds.", DeprecationWarning, stacklevel=3)
+        seeds = range(int(seeds))
+    return check_seeds(seeds, context=context)
+
+
 def ablation_sweep(
     model: Any,
     spectra: Any,
@@ -547,7 +565,7 @@ def ablation_sweep(
     ks: Sequence[int] | None = None,
     subspaces: Sequence[str] = ("top", "tail", "random"),
     modes: Sequence[str] = ("keep", "remove"),
-    seeds: int = 3,
+    seeds: Sequence[int] = (0, 1, 2),
     center: bool = True,
     tokenizer: Any = None,
     **kwargs: Any,
@@ -557,7 +575,10 @@ def ablation_sweep(
     Every layer is ablated on its own. ``ks`` defaults to :func:`default_ks` of the point's
     width; tail sizes are capped at the number of directions with variance; ``top``/``keep``
     always includes k = 0 (mean ablation), the baseline of :meth:`AblationResult.summary`.
-    Random subspaces use ``seeds`` seeds each.
+    Random subspaces are drawn once per seed in ``seeds`` (a sequence of ints, as in
+    :func:`nerve_interp.sweeps.width_sweep`; at least one, since the random subspaces are the
+    control for top / tail). An int ``n`` still means ``range(n)``, with a
+    DeprecationWarning.
 
     Returns
     -------
@@ -565,6 +586,7 @@ def ablation_sweep(
         ``.table`` with columns ``layer, point, subspace, mode, k, variance_fraction, metric,
         value, ci_low, ci_high``; ``.summary()``; plot with ``plotting.plot_ablation``.
     """
+    seeds = _sweep_seeds(seeds)
     layers = spectra.layers if layers is None else list(layers)
     ablations = []
     for layer in layers:
@@ -577,8 +599,7 @@ def ablation_sweep(
                 sizes = sorted({0, *sizes})
             for mode in modes:
                 for k in sizes:
-                    n_seeds = seeds if subspace == "random" else 1
-                    for seed in range(n_seeds):
+                    for seed in seeds if subspace == "random" else (0,):
                         ablations.append(Ablation((parse_site(spec.name)[0],), point,
                                                   subspace, k, mode, seed, center))
     return run_ablations(model, spectra, batches, ablations, tokenizer=tokenizer, **kwargs)

@@ -64,6 +64,25 @@ def _parse_ints(text: str | None, what: str = "layers") -> list[int] | None:
                                  "e.g. 0,1") from None
 
 
+def _parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2``: the seeds themselves. A bare ``--seeds N`` (no comma) is the old
+    count, ``range(N)``, with a deprecation note; ``--seeds 5,`` is the one seed 5."""
+    seeds = _parse_ints(text, "seeds") or []
+    if "," not in text and len(seeds) == 1:
+        n = seeds[0]
+        if n < 1:
+            raise typer.BadParameter(f"--seeds {n} as a count would run no random subspaces "
+                                     "(the control for top / tail); give the seeds, e.g. "
+                                     f"0,1,2 (or {n}, for the one seed {n}).")
+        typer.echo(f"note: --seeds {n} as a count is deprecated; --seeds takes the seeds: "
+                   f"--seeds {','.join(map(str, range(n)))} (one seed s: --seeds s,)", err=True)
+        return list(range(n))
+    if not seeds:
+        raise typer.BadParameter(f"--seeds {text!r} has no seed; give at least one, e.g. 0,1,2 "
+                                 "(random subspaces are the control for top / tail).")
+    return seeds
+
+
 def format_table(reinjection) -> str:
     """The per-layer pre/post table printed by the CLI."""
     df = reinjection[[c for c in TABLE_COLUMNS if c in reinjection]].rename(
@@ -323,14 +342,17 @@ def ablate(
         help="Comma-separated subspace sizes (default: 8 on a log grid up to D).")] = None,
     subspaces: Annotated[str, typer.Option(help="Comma-separated.")] = "top,tail,random",
     modes: Annotated[str, typer.Option(help="Comma-separated.")] = "keep,remove",
-    seeds: Annotated[int, typer.Option(help="Random subspaces per size.")] = 3,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds of the random subspaces "
+                                            "(one per seed and size), e.g. 0,1,2.")] = "0,1,2",
     text: Annotated[Path | None, typer.Option(
         help=".txt/.jsonl: first 90% of paragraphs for spectra, last 10% for evaluation; "
              "default: python-docs train / heldout.")] = None,
-    capture_tokens: Annotated[int, typer.Option(help="Tokens for the spectra.")] = 6000,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to measure the spectra on.")] = 6000,
     eval_texts: Annotated[int, typer.Option(help="Held-out texts to evaluate on.")] = 8,
     max_length: Annotated[int, typer.Option(help="Tokens per evaluation text.")] = 64,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    capture_tokens: Annotated[int | None, typer.Option(
+        hidden=True, help="Deprecated spelling of --max-tokens.")] = None,
 ) -> None:
     """Causal subspace ablations: keep / remove top, tail and random eigen-subspaces."""
     import matplotlib
@@ -341,6 +363,11 @@ def ablate(
     from . import ablation, capture, data, plotting, sites, zoo
 
     t0 = time.perf_counter()
+    if capture_tokens is not None:
+        typer.echo("note: --capture-tokens is deprecated; use --max-tokens (the same flag as "
+                   "in spectra and demo).", err=True)
+        max_tokens = capture_tokens
+    seed_list = _parse_seeds(seeds)  # before the model loads: a bad flag fails at once
     lm, tokenizer = zoo.load_model(model, device=device)
     if text is None:
         train, held = data.load_corpus("python-docs", "train"), data.load_corpus(
@@ -353,13 +380,13 @@ def ablate(
     chosen = _parse_ints(layers) or sorted({round(i * (n_layers - 1) / 5) for i in range(6)})
     spectra = capture.collect_spectra(
         lm, train, tokenizer=tokenizer, layers=chosen, points=(point,),
-        max_tokens=capture_tokens, eigenvectors=True, data_label=labels[0])
+        max_tokens=max_tokens, eigenvectors=True, data_label=labels[0])
     typer.echo(f"spectra of {len(spectra.layers)} layers from {spectra.metadata['n_tokens']} "
                f"tokens ({time.perf_counter() - t0:.0f} s)")
     result = ablation.ablation_sweep(
         lm, spectra, held[:eval_texts], tokenizer=tokenizer, point=point,
         ks=_parse_ints(ks), subspaces=[s for s in subspaces.split(",") if s],
-        modes=[m for m in modes.split(",") if m], seeds=seeds, max_length=max_length,
+        modes=[m for m in modes.split(",") if m], seeds=seed_list, max_length=max_length,
         data_label=labels[1])
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "ablation.csv")

@@ -1,4 +1,4 @@
-r"""Massive activations and outlier tokens: per-token statistics gathered in the capture pass.
+r"""Outlier tokens: per-token statistics gathered in the capture pass.
 
 A spectrum should describe an FFN, not a handful of tokens. In many language models the
 first token of every sequence (an *attention sink*) has FFN activations hundreds of times
@@ -64,7 +64,7 @@ DEFAULT_MAX_OUTLIER_TOKENS = 256
 
 #: Besides the top ``k``, a kept top token counts as an outlier token when its centred squared
 #: norm exceeds this multiple of the mean token's, ``‖x − μ‖² > 20 · trace(M2) / N``, the
-#: mean taken over the tokens not yet marked, iterated (:func:`massive_tokens`)
+#: mean taken over the tokens not yet marked, iterated (:func:`outlier_tokens_mask`)
 #: (typical tokens' largest is 5-10×; SmolLM2's attention sinks are 70-250×).
 MASSIVE_TOKEN_FACTOR = 20.0
 
@@ -473,11 +473,11 @@ class TokenNormStats:
             np.zeros(d2.shape[0])
         k = min(k, token_share.size)
         share = float(token_share[:k].sum())
-        massive = massive_tokens(self.top_vectors_.to(torch.float64), mu, n,
-                                 float(scatter_trace), k)
+        outliers = outlier_tokens_mask(self.top_vectors_.to(torch.float64), mu, n,
+                                       float(scatter_trace), k)
         hist = self.histogram_.cpu().numpy()
         return TokenDiagnostics(
-            name=self.name, n_tokens=n, k=k, n_outliers=int(massive.sum()),
+            name=self.name, n_tokens=n, k=k, n_outliers=int(outliers.sum()),
             capped=math.ceil(outlier_fraction * n - 1e-9) > k,
             outlier_fraction=float(outlier_fraction), outlier_threshold=float(outlier_threshold),
             outlier_share=share, outlier_flag=share > outlier_threshold,
@@ -486,16 +486,17 @@ class TokenNormStats:
             norm_threshold=self.norm_threshold_, n_excluded_norm=self.n_excluded_norm_,
             top_norms=self.top_norms_.cpu().numpy().astype(np.float64),
             top_meta=self.top_meta_.cpu().numpy().astype(np.int64),
-            top_share=token_share.astype(np.float64), top_outlier=massive)
+            top_share=token_share.astype(np.float64), top_outlier=outliers)
 
 
-def massive_tokens(vectors: torch.Tensor, mean: torch.Tensor, n_tokens: int,
-                   scatter_trace: float, k: int, *, factor: float = MASSIVE_TOKEN_FACTOR,
-                   max_rounds: int = 100) -> np.ndarray:
+def outlier_tokens_mask(vectors: torch.Tensor, mean: torch.Tensor, n_tokens: int,
+                        scatter_trace: float, k: int, *,
+                        factor: float = MASSIVE_TOKEN_FACTOR,
+                        max_rounds: int = 100) -> np.ndarray:
     """Which of the top tokens are outlier tokens: the top ``k`` and, iterated, every other
     whose centred squared norm exceeds ``factor`` × the mean of the tokens that remain.
 
-    Round 1 compares ``‖x − μ‖²`` with ``factor · trace(M2) / N`` over all tokens. Massive
+    Round 1 compares ``‖x − μ‖²`` with ``factor · trace(M2) / N`` over all tokens. Outlier
     tokens inflate that mean (one attention sink 600× the median norm holds more variance
     than thousands of ordinary tokens), which hides the next tier, so the test is repeated
     with the mean ``μ'`` and ``trace(M2')`` of the tokens not yet marked (exact:
@@ -539,6 +540,10 @@ def massive_tokens(vectors: torch.Tensor, mean: torch.Tensor, n_tokens: int,
     return marked.cpu().numpy()
 
 
+#: The old name of :func:`outlier_tokens_mask`, kept as an alias.
+massive_tokens = outlier_tokens_mask
+
+
 @dataclass
 class TokenDiagnostics:
     """Summary of the tokens of one point (what :class:`SpectraResult` keeps and saves).
@@ -546,7 +551,8 @@ class TokenDiagnostics:
     Norms are Euclidean norms ``‖x_n‖`` of the activation vectors (activation units).
     ``top_*`` arrays describe the ``m`` tokens of largest norm, descending; the first ``k``
     are the top group whose summed ``top_share`` is ``outlier_share``; ``n_outliers`` counts
-    the *outlier tokens* (:attr:`outlier_mask`: the top ``k`` and any other massive one).
+    the *outlier tokens* (:attr:`outlier_mask`: the top ``k`` and any other over the
+    ``MASSIVE_TOKEN_FACTOR`` test).
     """
 
     name: str
@@ -714,7 +720,7 @@ def warn_outliers(diagnostics: dict[tuple[int, str], TokenDiagnostics], model: s
     warnings.warn(
         f"{model}: at {len(flagged)} point(s) a few tokens dominate the spectrum (the top "
         f"{100 * any_d.outlier_fraction:g}% of tokens by norm hold more than "
-        f"{100 * any_d.outlier_threshold:g}% of the variance; massive activations):\n"
+        f"{100 * any_d.outlier_threshold:g}% of the variance; outlier tokens):\n"
         + "\n".join(lines) + "\n" + hint.strip(),
         OutlierTokenWarning, stacklevel=stacklevel)
 

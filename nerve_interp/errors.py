@@ -48,7 +48,7 @@ class NegativeEigenvalueWarning(UserWarning):
 
 
 class OutlierTokenWarning(UserWarning):
-    """A few tokens (massive activations, e.g. attention sinks) hold most of a point's variance."""
+    """A few outlier tokens (e.g. attention sinks) hold most of a point's variance."""
 
 
 __all__ = [

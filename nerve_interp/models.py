@@ -22,9 +22,9 @@ projections scaled by ``1/sqrt(2 * n_layers)``); nothing is downloaded.
 Examples
 --------
 >>> import nerve_interp as ni
->>> model = make_lm("tiny", activation="swiglu", norm="mix", n_layers=4)
+>>> model = make_lm("tiny", activation="swiglu", norm="mix_ln", n_layers=4)
 >>> model.config.model_type, [blk.norm_position for blk in model.layers]
-('nerve_llama', ['post', 'pre', 'pre', 'pre'])
+('nerve_llama', ['post_ln', 'pre_ln', 'pre_ln', 'pre_ln'])
 >>> [s.kind for s in ni.find_ffn_sites(model)]
 ['gated', 'gated', 'gated', 'gated']
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS: tuple[str, ...] = ("pre", "post", "mix", "none")
+#: Norm placements: Pre-LN, Post-LN, Mix-LN, no norm layers. Deliberately not ``pre`` /
+#: ``post``, which name FFN points (before / after the nonlinearity) everywhere else.
+NORMS: tuple[str, ...] = ("pre_ln", "post_ln", "mix_ln", "none")
+#: Old spellings of :data:`NORMS`, still accepted with a DeprecationWarning.
+DEPRECATED_NORMS: dict[str, str] = {"pre": "pre_ln", "post": "post_ln", "mix": "mix_ln"}
 NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
 PLAIN_ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "silu")
 GATED_ACTIVATIONS: tuple[str, ...] = ("swiglu", "geglu")
@@ -93,6 +98,28 @@ def _seeded(seed: int | None):
         yield
 
 
+def norm_placement(norm: Any, *, warn: bool = True, stacklevel: int = 2) -> Any:
+    """The current spelling of a norm placement: ``"pre"`` -> ``"pre_ln"``, ``"post"`` ->
+    ``"post_ln"``, ``"mix"`` -> ``"mix_ln"``; any other value is returned unchanged (and
+    validated by the config).
+
+    The one place old spellings are mapped. With ``warn`` an old spelling raises a
+    :class:`DeprecationWarning` naming the new one (``stacklevel`` as in
+    :func:`warnings.warn`, counted from the caller); loaders of saved results map silently.
+
+    >>> norm_placement("pre_ln"), norm_placement("post", warn=False)
+    ('pre_ln', 'post_ln')
+    """
+    if not isinstance(norm, str) or norm not in DEPRECATED_NORMS:
+        return norm
+    new = DEPRECATED_NORMS[norm]
+    if warn:
+        warnings.warn(f"norm={norm!r} is deprecated: norm placements are spelled "
+                      f"{', '.join(map(repr, NORMS))} ('pre' / 'post' name FFN points); "
+                      f"use norm={new!r}.", DeprecationWarning, stacklevel=stacklevel + 1)
+    return new
+
+
 # ------------------------------------------------------------------------------ configs
 class _HFAliases:
     """Hugging Face config names for the fields generic code reads (both configs)."""
@@ -129,11 +156,12 @@ class LMConfig(_HFAliases):
         ``d_ff`` nor ``ffn_mult`` is given. If both are given they must agree.
     max_seq_len : int
         Longest sequence (size of the learned position table; a bound for RoPE / NoPE too).
-    norm : {"pre", "post", "mix", "none"}
-        Norm placement. ``"pre"``: ``x + f(norm(x))``; ``"post"``: ``norm(x + f(x))``;
-        ``"mix"`` (Mix-LN, Li et al. 2024): Post-LN in the first ``mix_post_layers`` blocks,
-        Pre-LN after; ``"none"``: no norm layers at all ([NerVE]'s "free").
-        A final norm before the LM head exists when the last block is Pre-LN.
+    norm : {"pre_ln", "post_ln", "mix_ln", "none"}
+        Norm placement. ``"pre_ln"``: ``x + f(norm(x))``; ``"post_ln"``: ``norm(x + f(x))``;
+        ``"mix_ln"`` (Mix-LN, Li et al. 2024): Post-LN in the first ``mix_post_layers``
+        blocks, Pre-LN after; ``"none"``: no norm layers at all ([NerVE]'s "free").
+        A final norm before the LM head exists when the last block is Pre-LN. The old
+        spellings ``"pre"``, ``"post"``, ``"mix"`` still work with a DeprecationWarning.
     norm_type : {"layernorm", "rmsnorm"}
         ``nn.LayerNorm`` (eps 1e-5, with a bias when ``bias``) or ``nn.RMSNorm`` (eps 1e-6).
     activation : {"gelu", "relu", "silu", "swiglu", "geglu"}
@@ -152,7 +180,7 @@ class LMConfig(_HFAliases):
     dropout : float
         Dropout on attention weights and on each residual branch (training only).
     mix_post_layers : int, optional
-        Only for ``norm="mix"``: how many leading blocks are Post-LN; default
+        Only for ``norm="mix_ln"``: how many leading blocks are Post-LN; default
         ``max(1, n_layers // 4)``.
 
     Attributes
@@ -171,7 +199,7 @@ class LMConfig(_HFAliases):
     d_ff: int | None = None
     ffn_mult: float | None = None
     max_seq_len: int = 64
-    norm: str = "pre"
+    norm: str = "pre_ln"
     norm_type: str = "layernorm"
     activation: str = "gelu"
     pos: str = "learned"
@@ -183,6 +211,8 @@ class LMConfig(_HFAliases):
 
     def __post_init__(self) -> None:
         c = "LMConfig"
+        # user -> __init__ -> __post_init__: the warning points at the user's line
+        self.norm = norm_placement(self.norm, stacklevel=3)
         _check_int(c, "vocab_size", self.vocab_size, 2)
         _check_int(c, "d_model", self.d_model, 1)
         _check_int(c, "n_layers", self.n_layers, 1)
@@ -216,9 +246,9 @@ class LMConfig(_HFAliases):
                       f"{round(self.ffn_mult * self.d_model)}, or pass only one of d_ff and "
                       "ffn_mult")
         if self.mix_post_layers is not None:
-            if self.norm != "mix":
+            if self.norm != "mix_ln":
                 _fail(c, "mix_post_layers", self.mix_post_layers,
-                      f"None when norm={self.norm!r} (it only applies to norm='mix')")
+                      f"None when norm={self.norm!r} (it only applies to norm='mix_ln')")
             _check_int(c, "mix_post_layers", self.mix_post_layers, 0)
             if self.mix_post_layers > self.n_layers:
                 _fail(c, "mix_post_layers", self.mix_post_layers,
@@ -246,20 +276,21 @@ class LMConfig(_HFAliases):
 
     @property
     def n_post_layers(self) -> int:
-        """Number of leading Post-LN blocks (all for ``"post"``, none for ``"pre"``/``"none"``)."""
-        if self.norm == "post":
+        """Number of leading Post-LN blocks (all for ``"post_ln"``, none for ``"pre_ln"`` /
+        ``"none"``)."""
+        if self.norm == "post_ln":
             return self.n_layers
-        if self.norm == "mix":
+        if self.norm == "mix_ln":
             if self.mix_post_layers is None:
                 return max(1, self.n_layers // 4)
             return self.mix_post_layers
         return 0
 
     def block_norm(self, layer: int) -> str:
-        """Norm placement of block ``layer``: ``"pre"``, ``"post"`` or ``"none"``."""
+        """Norm placement of block ``layer``: ``"pre_ln"``, ``"post_ln"`` or ``"none"``."""
         if self.norm == "none":
             return "none"
-        return "post" if layer < self.n_post_layers else "pre"
+        return "post_ln" if layer < self.n_post_layers else "pre_ln"
 
     # Hugging Face-style aliases, read by generic code (e.g. ablations read vocab_size).
     is_decoder = True
@@ -274,8 +305,9 @@ class LMConfig(_HFAliases):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LMConfig:
-        """Inverse of :meth:`to_dict` (``model_type`` is derived, so it is ignored)."""
-        return cls(**{k: v for k, v in d.items() if k != "model_type"})
+        """Inverse of :meth:`to_dict` (``model_type`` is derived, so it is ignored). A dict
+        saved with an old norm spelling (``"pre"``, ...) loads as the new one, silently."""
+        return cls(**_load_fields(d))
 
 
 @dataclass
@@ -303,8 +335,9 @@ class MixerConfig(_HFAliases):
         Hidden width of the channel-mixing MLP (FFN2, the ``ffn`` site).
     activation : {"gelu", "relu", "silu"}
         Activation of both MLPs.
-    norm : {"pre", "post", "none"}
-        Norm placement in each block (Mixer uses ``"pre"``).
+    norm : {"pre_ln", "post_ln", "none"}
+        Norm placement in each block (Mixer uses ``"pre_ln"``). The old spellings ``"pre"``,
+        ``"post"`` still work with a DeprecationWarning.
     norm_type : {"layernorm", "rmsnorm"}
         Norm type.
     dropout : float
@@ -320,18 +353,19 @@ class MixerConfig(_HFAliases):
     token_mlp_dim: int = 32
     channel_mlp_dim: int = 256
     activation: str = "gelu"
-    norm: str = "pre"
+    norm: str = "pre_ln"
     norm_type: str = "layernorm"
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         c = "MixerConfig"
+        self.norm = norm_placement(self.norm, stacklevel=3)
         for name in ("image_size", "patch_size", "channels", "d_model", "n_layers",
                      "token_mlp_dim", "channel_mlp_dim"):
             _check_int(c, name, getattr(self, name), 1)
         _check_int(c, "n_classes", self.n_classes, 2)
         _check_choice(c, "activation", self.activation, PLAIN_ACTIVATIONS)
-        _check_choice(c, "norm", self.norm, ("pre", "post", "none"))
+        _check_choice(c, "norm", self.norm, ("pre_ln", "post_ln", "none"))
         _check_choice(c, "norm_type", self.norm_type, NORM_TYPES)
         _check_dropout(c, self.dropout)
         if self.image_size % self.patch_size:
@@ -356,8 +390,16 @@ class MixerConfig(_HFAliases):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MixerConfig:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{k: v for k, v in d.items() if k != "model_type"})
+        """Inverse of :meth:`to_dict` (old norm spellings load as the new ones)."""
+        return cls(**_load_fields(d))
+
+
+def _load_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Config fields of a saved dict: without ``model_type``, old norm spellings mapped."""
+    fields = {k: v for k, v in d.items() if k != "model_type"}
+    if "norm" in fields:
+        fields["norm"] = norm_placement(fields["norm"], warn=False)
+    return fields
 
 
 # ------------------------------------------------------------------------------ layers
@@ -508,17 +550,17 @@ class Block(nn.Module):
     Attributes
     ----------
     norm_position : str
-        ``"pre"`` (``x + f(ln(x))``), ``"post"`` (``ln(x + f(x))``) or ``"none"``; under nGPT
-        ``"none"`` and the update is ``normalize(x + alpha * (normalize(f(x)) - x))``.
+        ``"pre_ln"`` (``x + f(ln(x))``), ``"post_ln"`` (``ln(x + f(x))``) or ``"none"``; under
+        nGPT ``"none"`` and the update is ``normalize(x + alpha * (normalize(f(x)) - x))``.
     post_ln : bool
-        ``norm_position == "post"``.
+        ``norm_position == "post_ln"``.
     """
 
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.norm_position = cfg.block_norm(layer)
-        self.post_ln = self.norm_position == "post"
+        self.post_ln = self.norm_position == "post_ln"
         self.ngpt = cfg.ngpt
         make = (lambda: _norm(cfg.norm_type, cfg.d_model, cfg.bias)) \
             if self.norm_position != "none" else nn.Identity
@@ -638,7 +680,7 @@ class TinyLM(nn.Module):
                                 if cfg.pos == "learned" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        final_pre = not cfg.ngpt and cfg.block_norm(cfg.n_layers - 1) == "pre"
+        final_pre = not cfg.ngpt and cfg.block_norm(cfg.n_layers - 1) == "pre_ln"
         self.norm = _norm(cfg.norm_type, cfg.d_model, cfg.bias) if final_pre else nn.Identity()
         self.lm_head = (NormLinear(cfg.d_model, cfg.vocab_size, False, norm_dim=1) if cfg.ngpt
                         else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
@@ -721,13 +763,13 @@ PRESETS: dict[str, LMConfig] = {
     "small": LMConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, ffn_mult=4.0,
                       max_seq_len=128),
     "llama-70m": LMConfig(vocab_size=32000, d_model=512, n_layers=12, n_heads=8, d_ff=1368,
-                          max_seq_len=1024, norm="pre", norm_type="rmsnorm",
+                          max_seq_len=1024, norm="pre_ln", norm_type="rmsnorm",
                           activation="swiglu", pos="rope", bias=False, tie_embeddings=False),
     "llama-130m": LMConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, d_ff=2048,
-                           max_seq_len=1024, norm="pre", norm_type="rmsnorm",
+                           max_seq_len=1024, norm="pre_ln", norm_type="rmsnorm",
                            activation="swiglu", pos="rope", bias=False, tie_embeddings=False),
     "gpt2-small": LMConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
-                           ffn_mult=4.0, max_seq_len=1024, norm="pre", norm_type="layernorm",
+                           ffn_mult=4.0, max_seq_len=1024, norm="pre_ln", norm_type="layernorm",
                            activation="gelu", pos="learned", bias=True, tie_embeddings=True),
 }
 
@@ -745,13 +787,16 @@ def _resolve_config(preset_or_config: str | LMConfig, overrides: dict[str, Any])
     if unknown:
         raise TypeError(f"make_lm() got unknown config field(s) {', '.join(unknown)}; "
                         f"LMConfig fields are {', '.join(sorted(names))}.")
+    if "norm" in overrides:
+        # user -> make_lm -> _resolve_config: the warning points at the user's line
+        overrides["norm"] = norm_placement(overrides["norm"], stacklevel=3)
     fields = dataclasses.asdict(base)
     if "d_ff" in overrides and "ffn_mult" not in overrides:
         fields["ffn_mult"] = None  # an explicit width replaces the preset's multiplier
     if ("d_model" in overrides or "ffn_mult" in overrides) and "d_ff" not in overrides \
             and (overrides.get("ffn_mult", fields["ffn_mult"]) is not None):
         fields["d_ff"] = None  # recompute from the multiplier
-    if "norm" in overrides and overrides["norm"] != "mix" and "mix_post_layers" not in overrides:
+    if "norm" in overrides and overrides["norm"] != "mix_ln" and "mix_post_layers" not in overrides:
         fields["mix_post_layers"] = None
     if overrides.get("ngpt") and "norm" not in overrides:
         fields["norm"] = "none"
@@ -772,7 +817,7 @@ def make_lm(preset_or_config: str | LMConfig = "tiny", *, seed: int | None = 0,
     seed : int or None, default 0
         Seed of the initial weights (None: torch's global RNG).
     **overrides
-        LMConfig fields to replace, e.g. ``activation="relu", norm="post", d_ff=512``.
+        LMConfig fields to replace, e.g. ``activation="relu", norm="post_ln", d_ff=512``.
         Overriding ``d_model`` or ``ffn_mult`` recomputes ``d_ff`` when the base sets the
         width by a multiplier; ``d_ff`` alone drops the multiplier; ``ngpt=True`` without
         ``norm`` sets ``norm="none"``.
@@ -785,9 +830,9 @@ def make_lm(preset_or_config: str | LMConfig = "tiny", *, seed: int | None = 0,
 
     Examples
     --------
-    >>> model = make_lm("tiny", activation="relu", norm="post", d_ff=512)
+    >>> model = make_lm("tiny", activation="relu", norm="post_ln", d_ff=512)
     >>> model.config.d_ff, model.config.model_type, model.nerve_interp_info["name"]
-    (512, 'nerve_gpt', 'tiny(activation=relu,norm=post,d_ff=512)')
+    (512, 'nerve_gpt', 'tiny(activation=relu,norm=post_ln,d_ff=512)')
     """
     cfg = _resolve_config(preset_or_config, overrides)
     base = preset_or_config if isinstance(preset_or_config, str) else "TinyLM"
@@ -816,7 +861,7 @@ class MixerBlock(nn.Module):
     ffn : FeedForward
         [NerVE]'s FFN2 (channel mixing), applied to ``[B, n_patches, d_model]``.
     norm_position : str
-        ``"pre"``, ``"post"`` or ``"none"``.
+        ``"pre_ln"``, ``"post_ln"`` or ``"none"``.
     """
 
     def __init__(self, cfg: MixerConfig) -> None:
@@ -834,7 +879,7 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, n_patches, d_model] -> [B, n_patches, d_model]``."""
-        if self.norm_position == "post":
+        if self.norm_position == "post_ln":
             x = self.norm_1(x + self._tokens(x))
             return self.norm_2(x + self.drop(self.ffn(x)))
         x = x + self._tokens(self.norm_1(x))
@@ -970,9 +1015,11 @@ __all__ = [
     "LMConfig",
     "MixerConfig",
     "MLPMixer",
+    "NORMS",
     "PRESETS",
     "TinyLM",
     "count_parameters",
     "load_digits_tensors",
     "make_lm",
+    "norm_placement",
 ]

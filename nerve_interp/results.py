@@ -199,7 +199,7 @@ class SpectraResult:
         A flagged point (``outlier_flag``) gets the spectrum of its tokens minus its outlier
         tokens (``TokenDiagnostics.outlier_mask``: the top ``k`` by norm and any other kept
         top token with ``‖x − μ‖²`` over 20× the mean of the tokens not yet marked, iterated
-        (:func:`nerve_interp.diagnostics.massive_tokens`); computed exactly in the capture
+        (:func:`nerve_interp.diagnostics.outlier_tokens_mask`); computed exactly in the capture
         pass, no second forward);
         other points are unchanged. ``metadata["exclusion"]["outliers_removed"]`` lists
         ``{site: k}``. The result has no diagnostics of its own; to measure (and diagnose)
@@ -227,7 +227,8 @@ class SpectraResult:
         ``norm_ratio`` (norm / the point's median norm), ``share`` (that token's share of the
         point's variance, ``‖x − μ‖² / trace(M2)``), ``batch, row, position, token_id,
         token`` and ``outlier`` (an outlier token: among the top ``k`` whose shares sum to
-        ``outlier_share``, or massive, see ``TokenDiagnostics.outlier_mask``).
+        ``outlier_share``, or over the iterated variance test, see
+        ``TokenDiagnostics.outlier_mask``).
         ``flagged_only=True`` keeps only the outlier tokens of flagged points.
         """
         from .diagnostics import TOKEN_META

@@ -1,8 +1,8 @@
 """Experiments that train many small models: the width sweep behind spectral scaling laws.
 
-:func:`width_sweep` trains one model per (normalisation, FFN width, seed), measures the final
+:func:`width_sweep` trains one model per (norm placement, FFN width, seed), measures the final
 spectra of every layer's FFN on fixed held-out batches, and fits ``soft_rank ∝ D^β`` and
-``hard_rank ∝ D^β`` per normalisation scheme ([SSL]'s LayerNorm table, at whatever scale the
+``hard_rank ∝ D^β`` per norm placement ([SSL]'s LayerNorm table, at whatever scale the
 hardware allows). Every finished run is written to ``out_dir`` so an interrupted sweep resumes
 where it stopped.
 """
@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._validation import check_seeds
 from .errors import RankDeficientWarning
 
 SWEEP_METRICS = ("soft_rank", "hard_rank", "participation_ratio", "spectral_entropy", "eee",
@@ -52,12 +53,46 @@ def _run_key(norm: str, width: int, seed: int) -> str:
     return f"{norm}-D{width}-s{seed}"
 
 
+def _finished_run(out: Path | None, norm: str, width: int, seed: int) -> Path | None:
+    """The JSON of a finished run in ``out``: under its key, or under the key an older
+    version wrote with the old norm spelling (``pre-D64-s0.json``); None if there is none."""
+    from .models import DEPRECATED_NORMS
+
+    if out is None:
+        return None
+    spellings = [norm, *(old for old, new in DEPRECATED_NORMS.items() if new == norm)]
+    paths = [out / f"{_run_key(n, width, seed)}.json" for n in spellings]
+    return next((p for p in paths if p.exists()), None)
+
+
+def _train_run(preset: str, model_kw: dict[str, Any], cfg: Any, train_blocks: torch.Tensor,
+               val_blocks: torch.Tensor, eval_set: torch.Tensor,
+               point: str) -> tuple[list[dict], Any]:
+    """Train one model of the sweep; its tidy rows (``norm, width, seed, layer, point,
+    metric, value, val_loss``) and final spectra on ``eval_set``."""
+    from .capture import collect_spectra
+    from .models import make_lm
+    from .training import train
+
+    model = make_lm(preset, seed=cfg.seed, **model_kw)
+    run = train(model, train_blocks, val_blocks, cfg, progress=False)
+    val_loss = float(run.history.query("split == 'val'")["loss"].iloc[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankDeficientWarning)
+        spectra = collect_spectra(model, [eval_set], points=(point,), progress=False)
+    rows = [{"norm": model_kw["norm"], "width": model_kw["d_ff"], "seed": int(cfg.seed),
+             "layer": int(r.layer), "point": r.point, "metric": r.metric,
+             "value": float(r.value), "val_loss": val_loss}
+            for r in spectra.metrics().itertuples(index=False) if r.metric in SWEEP_METRICS]
+    return rows, spectra
+
+
 def width_sweep(
     widths: Sequence[int],
     train_blocks: torch.Tensor,
     val_blocks: torch.Tensor,
     *,
-    norms: Sequence[str] = ("pre", "post", "mix"),
+    norms: Sequence[str] = ("pre_ln", "post_ln", "mix_ln"),
     seeds: Sequence[int] = (0,),
     preset: str = "tiny",
     model_overrides: dict[str, Any] | None = None,
@@ -69,7 +104,7 @@ def width_sweep(
     keep_spectra: bool = False,
     progress: bool = True,
 ) -> WidthSweepResult:
-    """Train one model per normalisation × FFN width × seed and fit spectral scaling laws.
+    """Train one model per norm placement × FFN width × seed and fit spectral scaling laws.
 
     Parameters
     ----------
@@ -77,9 +112,13 @@ def width_sweep(
         FFN widths D (``d_ff``), at least 3 distinct values for a fit.
     train_blocks, val_blocks : LongTensor (n_blocks, seq_len)
         From :func:`nerve_interp.data.token_blocks`.
-    norms : sequence of {"pre", "post", "mix", "none"}
+    norms : sequence of {"pre_ln", "post_ln", "mix_ln", "none"}
+        Norm placements (:data:`nerve_interp.models.NORMS`; the ``norm`` column of the
+        table). The old spellings ``"pre"``, ``"post"``, ``"mix"`` still work with a
+        DeprecationWarning, and an ``out_dir`` written with them still resumes.
     seeds : sequence of int
-        Initialisation and data-order seeds.
+        Initialisation and data-order seeds, one run per seed (at least one, no repeats; a
+        sequence as in :func:`nerve_interp.ablation.ablation_sweep`, never a count).
     preset : str
         A :data:`nerve_interp.models.PRESETS` key; ``model_overrides`` replace its fields
         (``vocab_size`` should match the tokenizer).
@@ -91,7 +130,8 @@ def width_sweep(
     point : str, default "post"
         [SSL] measures the post-activation spectrum.
     out_dir : path, optional
-        One JSON per finished run; runs already there are not retrained (resume).
+        One JSON per finished run (``<norm>-D<width>-s<seed>.json``); runs already there
+        are not retrained (resume).
     keep_spectra : bool, default False
         Keep every run's final spectra in ``WidthSweepResult.spectra`` (to plot them
         without retraining); with ``out_dir`` they are also saved there
@@ -101,50 +141,45 @@ def width_sweep(
     -------
     WidthSweepResult
     """
-    from .capture import collect_spectra
-    from .models import make_lm
+    from .models import norm_placement
     from .results import SpectraResult
     from .scaling import fit_table
-    from .training import TrainConfig, train
+    from .training import TrainConfig
 
     if len(set(widths)) < 3:
         raise ValueError(f"widths={list(widths)}: a power-law fit needs at least 3 distinct "
                          "widths.")
+    seeds = check_seeds(seeds, context=" (width_sweep trains one model per seed)")
+    placements = []
+    for n in norms:  # a loop, not a comprehension, so the warning points at the caller
+        placements.append(norm_placement(n, stacklevel=2))
     base_cfg = train_config or TrainConfig()
-    overrides = dict(model_overrides or {})
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    eval_set = val_blocks[:eval_blocks]
-    runs = [(n, w, s) for n in norms for w in widths for s in seeds]
+    runs = [(n, w, s) for n in placements for w in widths for s in seeds]
     rows: list[dict] = []
     kept: dict[tuple[str, int, int], Any] = {}
     bar = tqdm(runs, disable=not progress, desc="width sweep", unit="model", dynamic_ncols=True)
     for norm, width, seed in bar:
         bar.set_postfix(run=_run_key(norm, width, seed))
-        path = out / f"{_run_key(norm, width, seed)}.json" if out is not None else None
-        saved = path.with_suffix(".safetensors") if path is not None else None
-        if path is not None and path.exists() and (not keep_spectra or saved.exists()):
-            rows.extend(json.loads(path.read_text())["rows"])
+        done = _finished_run(out, norm, width, seed)
+        if done is not None and (not keep_spectra or done.with_suffix(".safetensors").exists()):
+            rows.extend({**r, "norm": norm} for r in json.loads(done.read_text())["rows"])
             if keep_spectra:
-                kept[(norm, int(width), int(seed))] = SpectraResult.load(saved)
+                kept[(norm, int(width), int(seed))] = SpectraResult.load(
+                    done.with_suffix(".safetensors"))
             continue
-        model = make_lm(preset, seed=seed, norm=norm, d_ff=int(width), **overrides)
         cfg = TrainConfig(**{**asdict(base_cfg), "seed": seed})
-        run = train(model, train_blocks, val_blocks, cfg, progress=False)
-        val_loss = float(run.history.query("split == 'val'")["loss"].iloc[-1])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RankDeficientWarning)
-            spectra = collect_spectra(model, [eval_set], points=(point,), progress=False)
-        new = [{"norm": norm, "width": int(width), "seed": int(seed), "layer": int(r.layer),
-                "point": r.point, "metric": r.metric, "value": float(r.value),
-                "val_loss": val_loss}
-               for r in spectra.metrics().itertuples(index=False) if r.metric in SWEEP_METRICS]
+        model_kw = {**(model_overrides or {}), "norm": norm, "d_ff": int(width)}
+        new, spectra = _train_run(preset, model_kw, cfg, train_blocks, val_blocks,
+                                  val_blocks[:eval_blocks], point)
         rows.extend(new)
+        path = out / f"{_run_key(norm, width, seed)}.json" if out is not None else None
         if keep_spectra:
             kept[(norm, int(width), int(seed))] = spectra
-            if saved is not None:
-                spectra.save(saved)
+            if path is not None:
+                spectra.save(path.with_suffix(".safetensors"))
         if path is not None:
             path.write_text(json.dumps({"rows": new, "train_config": asdict(cfg),
                                         "n_tokens": spectra.metadata["n_tokens"]}))

@@ -3,7 +3,7 @@
 Deterministic for a seed (on CPU), resumable exactly from a checkpoint, and instrumented by
 callbacks such as :class:`nerve_interp.tracking.SpectralTracker`::
 
-    model = ni.models.make_lm("small", activation="gelu", norm="pre")
+    model = ni.models.make_lm("small", activation="gelu", norm="pre_ln")
     tok = ni.data.train_tokenizer()
     train_blocks = ni.data.token_blocks(ni.load_corpus(split="train"), tok, 128)
     val_blocks = ni.data.token_blocks(ni.load_corpus(split="heldout"), tok, 128)

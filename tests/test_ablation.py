@@ -111,7 +111,7 @@ def test_copies_do_not_change_results(llama):
 
 def test_sweep_table_and_summary(llama):
     model, spectra = llama
-    res = ablation_sweep(model, spectra, HELD, layers=[1], progress=False, seeds=2)
+    res = ablation_sweep(model, spectra, HELD, layers=[1], progress=False, seeds=(0, 1))
     t = res.table
     assert {"layer", "point", "subspace", "mode", "k", "variance_fraction", "metric", "value",
             "ci_low", "ci_high"} <= set(t.columns)
@@ -181,6 +181,28 @@ def test_energy_matched_k(llama):
     assert res.table["variance_fraction"].iloc[0] >= 0.5
     with pytest.raises(ValueError, match="exactly one of k="):
         ablate(model, spectra, HELD, layers=1, progress=False)
+
+
+def test_sweep_seeds_are_a_sequence(llama):
+    """seeds names the seeds (as in width_sweep); the old count still works with a
+    DeprecationWarning and means range(n); 0, empty or repeated seeds are refused, since
+    they would drop (or double-count) the random controls."""
+    model, spectra = llama
+    kw = dict(layers=[1], ks=[2], subspaces=("random",), modes=("remove",), progress=False)
+    new = ablation_sweep(model, spectra, HELD, seeds=(0, 1), **kw).table
+    assert (new["n_seeds"] == 2).all()
+    with pytest.warns(DeprecationWarning, match=r"seeds=range\(2\)") as rec:
+        old = ablation_sweep(model, spectra, HELD, seeds=2, **kw).table
+    assert rec[0].filename == __file__
+    assert old.equals(new)
+    other = ablation_sweep(model, spectra, HELD, seeds=[5, 6], **kw).table
+    assert not other["value"].equals(new["value"])  # the seeds pick the subspaces
+    for bad, match in [(0, "no random subspaces"), ((), "seeds is empty"),
+                       ([3, 3], "repeats a seed")]:
+        with pytest.raises(ValueError, match=match):
+            ablation_sweep(model, spectra, HELD, seeds=bad, **kw)
+    with pytest.raises(TypeError, match="seeds must hold ints"):
+        ablation_sweep(model, spectra, HELD, seeds=[0.5], **kw)
 
 
 def test_save_load(llama, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 import nerve_interp as ni
@@ -34,10 +35,10 @@ def test_ablate_command(local_model, tmp_path):
     out = tmp_path / "abl"
     res = CliRunner().invoke(app, ["ablate", "--model", str(folder), "--text", str(text),
                                    "--out", str(out), "--layers", "1", "--ks", "1,8,128",
-                                   "--seeds", "2", "--capture-tokens", "800",
+                                   "--seeds", "0,1", "--max-tokens", "800",
                                    "--eval-texts", "4"])
     assert res.exit_code == 0, res.output
-    assert "k90" in res.output
+    assert "k90" in res.output and "from 800 tokens" in res.output
     import pandas as pd
 
     table = pd.read_csv(out / "ablation.csv")
@@ -62,3 +63,44 @@ def test_spectra_command_reports_outliers_and_excludes(run_spectra, tmp_path):
     assert back.metadata["n_excluded"]["positions"] == 48  # 3 batches of 8 texts read × 2
     bad = run_spectra("--out", str(tmp_path / "o"), "--exclude-positions", "x")
     assert bad.exit_code != 0 and "give positions as comma-separated" in bad.output
+
+
+def test_ablate_seeds_flag_takes_the_seeds(capsys):
+    """--seeds 0,1,2 names the seeds; a bare count (the old meaning) is range(N) with a
+    deprecation note; a count of 0 or no seed at all is refused before the model loads."""
+    import typer
+
+    from nerve_interp.cli import _parse_seeds
+
+    assert _parse_seeds("0,1,2") == [0, 1, 2] and _parse_seeds("5,") == [5]
+    assert _parse_seeds("3") == [0, 1, 2]
+    assert "--seeds 3 as a count is deprecated" in capsys.readouterr().err
+    for bad, match in [("0", "no random subspaces"), (",", "no seed"),
+                       ("a,b", "comma-separated integers")]:
+        with pytest.raises(typer.BadParameter, match=match):
+            _parse_seeds(bad)
+    res = CliRunner().invoke(app, ["ablate", "--model", "not-loaded", "--out", "x",
+                                   "--seeds", "0"])
+    assert res.exit_code != 0 and "no random subspaces" in res.output
+
+
+def test_ablate_capture_tokens_is_a_hidden_alias_of_max_tokens(local_model, monkeypatch):
+    """One flag for the token budget in every command: --max-tokens. The old ablate spelling
+    --capture-tokens still sets it, with a deprecation note, and is not in --help."""
+    import nerve_interp.capture
+
+    folder, text = local_model
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after the arguments are known")
+
+    monkeypatch.setattr(nerve_interp.capture, "collect_spectra", stop)
+    base = ["ablate", "--model", str(folder), "--text", str(text), "--out", "x"]
+    res = CliRunner().invoke(app, [*base, "--capture-tokens", "700"])
+    assert seen["max_tokens"] == 700 and "--capture-tokens is deprecated" in res.output
+    CliRunner().invoke(app, [*base, "--max-tokens", "900"])
+    assert seen["max_tokens"] == 900
+    help_text = CliRunner().invoke(app, ["ablate", "--help"]).output
+    assert "--max-tokens" in help_text and "--capture-tokens" not in help_text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def check_against_reference(res, ref):
 
 @pytest.mark.parametrize("activation,kind", [("gelu", "plain"), ("swiglu", "gated")])
 def test_lm_sites_and_spectra_match_raw_hooks(activation, kind):
-    model = make_lm("tiny", activation=activation, norm="mix", pos="rope", n_layers=3,
+    model = make_lm("tiny", activation=activation, norm="mix_ln", pos="rope", n_layers=3,
                     d_model=32, d_ff=48, vocab_size=V).eval()
     sites = ni.find_ffn_sites(model)
     assert len(sites) == 3 and {s.kind for s in sites} == {kind}
@@ -211,8 +212,8 @@ def test_mixer_loss_decreases_and_digits_split():
     ("dropout", 1.5, {}),
     ("bias", "yes", {}),
     ("ngpt", 1, {}),
-    ("mix_post_layers", 5, {"norm": "mix"}),
-    ("mix_post_layers", 1, {"norm": "pre"}),
+    ("mix_post_layers", 5, {"norm": "mix_ln"}),
+    ("mix_post_layers", 1, {"norm": "pre_ln"}),
 ])
 def test_bad_lm_config_names_the_field(field, value, extra):
     kw = {**SMALL, **extra, field: value}
@@ -224,13 +225,13 @@ def test_config_cross_checks():
     LMConfig(d_model=36, n_heads=4, pos="learned")  # odd head dim is fine without RoPE
     with pytest.raises(ValueError, match=r"d_ff=100 .*ffn_mult"):
         LMConfig(d_model=32, d_ff=100, ffn_mult=4.0)
-    with pytest.raises(ValueError, match=r"LMConfig\.norm='pre'.*ngpt"):
+    with pytest.raises(ValueError, match=r"LMConfig\.norm='pre_ln'.*ngpt"):
         LMConfig(ngpt=True)
     with pytest.raises(ValueError, match="preset_or_config"):
         make_lm("gpt-5")
     with pytest.raises(TypeError, match="widht"):
         make_lm("tiny", widht=3)
-    for field, value in [("activation", "swiglu"), ("patch_size", 3), ("norm", "mix"),
+    for field, value in [("activation", "swiglu"), ("patch_size", 3), ("norm", "mix_ln"),
                          ("n_classes", 1)]:
         with pytest.raises(ValueError, match=rf"MixerConfig\.{field}="):
             MixerConfig(**{field: value})
@@ -242,9 +243,37 @@ def test_rope_head_dim_check_message():
         LMConfig(d_model=36, n_heads=4, pos="rope")
 
 
+def test_norm_placements_have_their_own_names():
+    """Norm placements are pre_ln / post_ln / mix_ln / none (pre / post name FFN points);
+    the old spellings still work with a DeprecationWarning that names the new one, pointed
+    at the caller's line; saved configs with old spellings load silently."""
+    assert NORMS == ("pre_ln", "post_ln", "mix_ln", "none")
+    for old, new in [("pre", "pre_ln"), ("post", "post_ln"), ("mix", "mix_ln")]:
+        with pytest.warns(DeprecationWarning, match=rf"norm='{old}'.*norm='{new}'") as rec:
+            m = make_lm("tiny", norm=old, n_layers=4)
+        assert rec[0].filename == __file__
+        assert m.config.norm == new
+        assert m.nerve_interp_info["name"] == f"tiny(norm={new},n_layers=4)"
+        with pytest.warns(DeprecationWarning, match=f"norm='{new}'") as rec:
+            cfg = LMConfig(norm=old)
+        assert cfg.norm == new and rec[0].filename == __file__
+    assert [b.norm_position for b in make_lm("tiny", norm="mix_ln", n_layers=4).layers] == \
+        ["post_ln", "pre_ln", "pre_ln", "pre_ln"]
+    with pytest.warns(DeprecationWarning, match="norm='post_ln'"):
+        assert MixerConfig(norm="post").norm == "post_ln"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading an old saved config does not warn
+        old_dict = {**LMConfig(norm="mix_ln").to_dict(), "norm": "mix"}
+        assert LMConfig.from_dict(old_dict) == LMConfig(norm="mix_ln")
+        assert MixerConfig.from_dict({**MixerConfig().to_dict(), "norm": "pre"}).norm == "pre_ln"
+        assert ni.models.norm_placement("none") == "none"
+    with pytest.raises(ValueError, match=r"LMConfig\.norm='side'.*'pre_ln', 'post_ln'"):
+        LMConfig(norm="side")
+
+
 def test_make_lm_overrides_and_presets():
-    m = make_lm("tiny", activation="relu", norm="post", d_ff=512)
-    assert (m.config.d_ff, m.config.ffn_mult, m.config.norm) == (512, None, "post")
+    m = make_lm("tiny", activation="relu", norm="post_ln", d_ff=512)
+    assert (m.config.d_ff, m.config.ffn_mult, m.config.norm) == (512, None, "post_ln")
     assert isinstance(m.layers[0].mlp.act, torch.nn.ReLU)
     assert make_lm("tiny", d_model=32).config.d_ff == 128  # width follows the multiplier
     assert make_lm("tiny", ffn_mult=2.5).config.d_ff == 160
@@ -256,7 +285,7 @@ def test_make_lm_overrides_and_presets():
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert not torch.equal(a.embed_tokens.weight, make_lm("tiny", seed=4).embed_tokens.weight)
-    assert PRESETS["tiny"].norm == "pre"  # presets are not mutated by overrides
+    assert PRESETS["tiny"].norm == "pre_ln"  # presets are not mutated by overrides
     d = m.config.to_dict()
     assert d["model_type"] == "nerve_gpt" and LMConfig.from_dict(d) == m.config
     assert MixerConfig.from_dict(MixerConfig().to_dict()) == MixerConfig()
@@ -283,16 +312,16 @@ def test_tied_embeddings_and_ngpt_are_normalised():
 
 # ------------------------------------------------------------------ Mix-LN
 def test_mix_ln_is_post_then_pre():
-    m = make_lm("tiny", norm="mix", n_layers=8, norm_type="layernorm").eval()
-    assert [b.norm_position for b in m.layers] == ["post"] * 2 + ["pre"] * 6
+    m = make_lm("tiny", norm="mix_ln", n_layers=8, norm_type="layernorm").eval()
+    assert [b.norm_position for b in m.layers] == ["post_ln"] * 2 + ["pre_ln"] * 6
     assert [b.post_ln for b in m.layers] == [True] * 2 + [False] * 6
     assert isinstance(m.norm, torch.nn.LayerNorm)  # last block Pre-LN: a final norm
-    m3 = make_lm("tiny", norm="mix", n_layers=8, mix_post_layers=3)
+    m3 = make_lm("tiny", norm="mix_ln", n_layers=8, mix_post_layers=3)
     assert [b.post_ln for b in m3.layers] == [True] * 3 + [False] * 5
-    assert make_lm("tiny", norm="mix", n_layers=2).config.n_post_layers == 1
-    assert all(b.post_ln for b in make_lm("tiny", norm="post").layers)
-    assert isinstance(make_lm("tiny", norm="post").norm, torch.nn.Identity)
-    assert not any(b.post_ln for b in make_lm("tiny", norm="pre").layers)
+    assert make_lm("tiny", norm="mix_ln", n_layers=2).config.n_post_layers == 1
+    assert all(b.post_ln for b in make_lm("tiny", norm="post_ln").layers)
+    assert isinstance(make_lm("tiny", norm="post_ln").norm, torch.nn.Identity)
+    assert not any(b.post_ln for b in make_lm("tiny", norm="pre_ln").layers)
     assert all(isinstance(b.ln_1, torch.nn.Identity) for b in make_lm("tiny", norm="none").layers)
 
     # behaviour: a Post-LN block's output is layer-normalised per token, a Pre-LN one's is not

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from nerve_interp.scaling import fit_power_law
@@ -13,7 +16,7 @@ def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
     cfg = TrainConfig(steps=6, batch_size=8, warmup=1, eval_every=6)
-    kw = dict(norms=("pre",), preset="tiny", model_overrides={"vocab_size": 64},
+    kw = dict(norms=("pre_ln",), preset="tiny", model_overrides={"vocab_size": 64},
               train_config=cfg, eval_blocks=32, out_dir=tmp_path, progress=False)
     res = width_sweep([32, 64, 128], blocks, blocks[:32], **kw)
     t = res.table
@@ -32,6 +35,18 @@ def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(nerve_interp.training, "train", no_training)
     again = width_sweep([32, 64, 128], blocks, blocks[:32], **kw)
     assert again.table.equals(t)
+    assert set(t["norm"]) == {"pre_ln"} and set(res.fits["norm"]) == {"pre_ln"}
+    # an out_dir written by an older version (norm "pre" in file names and rows) resumes,
+    # and the old spelling still works with a DeprecationWarning; rows come back renamed
+    for f in tmp_path.glob("pre_ln-*.json"):
+        saved = json.loads(f.read_text())
+        saved["rows"] = [{**r, "norm": "pre"} for r in saved["rows"]]
+        (tmp_path / f.name.replace("pre_ln-", "pre-")).write_text(json.dumps(saved))
+        f.unlink()
+    with pytest.warns(DeprecationWarning, match="norm='pre_ln'") as rec:
+        old = width_sweep([32, 64, 128], blocks, blocks[:32], **{**kw, "norms": ("pre",)})
+    assert rec[0].filename == __file__
+    assert old.table.equals(t) and old.fits.equals(res.fits)
 
 
 def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
@@ -45,12 +60,12 @@ def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
     cfg = TrainConfig(steps=4, batch_size=8, warmup=1, eval_every=4)
-    kw = dict(norms=("pre",), preset="tiny", model_overrides={"vocab_size": 64},
+    kw = dict(norms=("pre_ln",), preset="tiny", model_overrides={"vocab_size": 64},
               train_config=cfg, eval_blocks=32, out_dir=tmp_path, progress=False)
     width_sweep([32, 64, 128], blocks, blocks[:32], **kw)  # metrics only
     assert not list(tmp_path.glob("*.safetensors"))
     res = width_sweep([32, 64, 128], blocks, blocks[:32], keep_spectra=True, **kw)
-    assert sorted(res.spectra) == [("pre", 32, 0), ("pre", 64, 0), ("pre", 128, 0)]
+    assert sorted(res.spectra) == [("pre_ln", 32, 0), ("pre_ln", 64, 0), ("pre_ln", 128, 0)]
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
     for (_, width, _), spectra in res.spectra.items():
         m = spectra.metrics().query("metric == 'soft_rank'")["value"].to_numpy()
@@ -67,3 +82,12 @@ def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
         np.testing.assert_array_equal(again.spectra[key].eigenvalues(0, "post"),
                                       spectra.eigenvalues(0, "post"))
     assert width_sweep([32, 64, 128], blocks, blocks[:32], **kw).spectra == {}
+
+
+def test_width_sweep_seeds_are_a_sequence():
+    """seeds is a sequence of seeds (one model each), never a count; checked before training."""
+    blocks = torch.ones(4, 8, dtype=torch.long)
+    for bad, err, match in [(2, TypeError, r"seeds=range\(2\)"), ((), ValueError, "empty"),
+                            ((1, 1), ValueError, "repeats a seed")]:
+        with pytest.raises(err, match=match):
+            width_sweep([32, 64, 128], blocks, blocks, seeds=bad, progress=False)
