@@ -15,9 +15,15 @@ def user_stacklevel() -> int:
     Python 3.12's ``warnings.warn(skip_file_prefixes=...)`` does this; 3.11 does not have it.
     """
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and _ours(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _ours(filename: str) -> bool:
+    """A frame of nerve_interp, or of code generated for it (a dataclass ``__init__`` is
+    compiled from ``"<string>"``)."""
+    return filename == "<string>" or os.path.abspath(filename).startswith(_PACKAGE)
 
 
 __all__ = ["user_stacklevel"]

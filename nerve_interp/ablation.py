@@ -18,7 +18,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ._validation import check_seeds
+from ._validation import check_positive_int, check_seeds
 from .capture import iter_batches, model_label, token_hash
 from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
@@ -312,6 +312,255 @@ def _projections(spectra: Any, sites_by_layer: dict, ab: Ablation) -> tuple[dict
     return projs, float(np.mean(fracs))
 
 
+@dataclass(frozen=True)
+class AblationOptions:
+    """How :func:`run_ablations` evaluates; each field is also a keyword of
+    :func:`run_ablations`, :func:`ablate` and :func:`ablation_sweep`.
+
+    Attributes
+    ----------
+    batch_size, max_length : int
+        Tokenization of the evaluation texts (as in ``collect_spectra``).
+    max_batches : int, optional
+        Evaluate on the first ``max_batches`` batches only.
+    copies : int, optional
+        Ablations run together in one forward pass (the batch repeated once per ablation);
+        default: as many as fit ~2 GB of logits, at most 16. Results do not depend on it.
+    n_boot : int
+        Bootstrap resamples of the 95% intervals.
+    progress : bool
+        Show a progress bar.
+    data_label : str
+        A name for the evaluation data, kept in the metadata.
+    skip_clean_prefix : bool
+        Do not recompute the blocks before the first ablated layer: nnsight's ``skip`` feeds
+        them the clean residual stream saved from the clean run (same result, less time).
+    """
+
+    batch_size: int = 8
+    max_length: int = 128
+    max_batches: int | None = None
+    copies: int | None = None
+    n_boot: int = 1000
+    progress: bool = True
+    data_label: str = ""
+    skip_clean_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.copies is not None:
+            check_positive_int(self.copies, "copies", context=" (ablations per forward pass)")
+        check_positive_int(self.n_boot, "n_boot", context=" (bootstrap resamples)")
+
+    @classmethod
+    def from_keywords(cls, options: AblationOptions | None, keywords: dict) -> AblationOptions:
+        """``options`` (or the defaults) with ``keywords`` replacing its fields."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(keywords) - set(names))
+        if unknown:
+            raise TypeError(f"run_ablations() got unexpected keyword argument(s) {unknown}; "
+                            f"its options are {names}.")
+        return replace(options or cls(), **keywords)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The model under ablation: nnsight wrapper, its FFN sites, task and device."""
+
+    wrapper: Any
+    label: str
+    sites: list
+    task: str
+    device: torch.device
+
+    @property
+    def root(self) -> torch.nn.Module:
+        return self.wrapper._module
+
+
+def _target(model: Any, spectra: Any, ablations: Sequence[Ablation]) -> _Target:
+    """Wrap ``model`` and check that the spectra and every ablation fit it."""
+    wrapper = as_nnsight(model)
+    root = wrapper._module
+    label = model_label(root)
+    if spectra.metadata.get("model") not in (None, label):
+        raise SiteError(f"the spectra were captured on {spectra.metadata.get('model')!r}, not "
+                        f"on {label!r}; capture spectra of this model first.")
+    sites = find_ffn_sites(wrapper)
+    for ab in ablations:
+        if ab.point not in POINTS:
+            raise SiteError(f"unknown point {ab.point!r}; use one of {', '.join(POINTS)}.")
+        for layer in ab.layers:
+            select_sites(sites, [layer])
+    return _Target(wrapper, label, sites, _task(root), next(root.parameters()).device)
+
+
+@dataclass(frozen=True)
+class _EvalSet:
+    """The evaluation batches, their token hash and whether they differ from the spectra's."""
+
+    batches: list[dict]
+    sha1: str
+    held_out: bool
+
+
+def _eval_set(batches: Any, tokenizer: Any, spectra: Any, opts: AblationOptions) -> _EvalSet:
+    batch_list = list(iter_batches(batches, tokenizer, batch_size=opts.batch_size,
+                                   max_length=opts.max_length))
+    if opts.max_batches is not None:
+        batch_list = batch_list[:opts.max_batches]
+    if not batch_list:
+        raise CaptureError("no evaluation batches: pass held-out texts or batches.")
+    sha1 = token_hash(batch_list)
+    held_out = sha1 != spectra.metadata.get("data_sha1")
+    if not held_out:
+        warnings.warn("the evaluation tokens are exactly the tokens the spectra were captured "
+                      "on; effects measured on the same text overstate how general they are. "
+                      "Evaluate on held-out text (e.g. load_corpus(split='heldout')).",
+                      HeldOutWarning, stacklevel=4)
+    return _EvalSet(batch_list, sha1, held_out)
+
+
+def _resolve(spectra: Any, target: _Target, ablations: Sequence[Ablation]) -> list[tuple]:
+    """Per ablation: ({site path: Projection on the model's device}, variance fraction).
+
+    Projections are built once (CPU, float64) and moved to the model's device."""
+    by_layer = {s.layer: s for s in target.sites}
+    resolved = []
+    for ab in ablations:
+        projs, frac = _projections(spectra, by_layer, ab)
+        resolved.append(({p: pr.to(target.device) for p, pr in projs.items()}, frac))
+    return resolved
+
+
+def _default_copies(target: _Target, batch: dict) -> int:
+    """As many copies as fit ~2 GB of float32 logits (x3 for the softmaxes), 1 to 16."""
+    vocab = getattr(getattr(target.root, "config", None), "vocab_size", 1024) or 1024
+    per_copy = batch["input_ids"].numel() * (vocab if target.task == "causal-lm" else 1024) * 4 * 3
+    return int(max(1, min(16, 2e9 // max(per_copy, 1))))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which ablations share a forward pass, and which clean blocks each pass can skip."""
+
+    copies: int
+    order: list[str]  # every site path, in forward order
+    blocks: list[str]  # block path of each layer
+    first_layer: dict[int, int]  # group start -> first ablated layer of the group
+    save_blocks: list[str]  # clean block outputs to keep for skipping
+
+    @property
+    def starts(self) -> list[int]:
+        """Index of the first ablation of each group."""
+        return list(self.first_layer)
+
+    def skip(self, start: int, residuals: dict) -> tuple[list[str], torch.Tensor] | None:
+        """The blocks before the group's first ablated layer and the clean residual after
+        them, from the clean run's saved ``residuals``; None when there is nothing to skip
+        (the group starts at layer 0, or ``skip_clean_prefix`` is off and nothing was saved).
+        """
+        first = self.first_layer[start]
+        residual = residuals.get(self.blocks[first - 1]) if first > 0 else None
+        return (self.blocks[:first], residual) if isinstance(residual, torch.Tensor) else None
+
+
+def _plan(target: _Target, ablations: Sequence[Ablation], first_batch: dict,
+          opts: AblationOptions) -> _Plan:
+    copies = opts.copies if opts.copies is not None else _default_copies(target, first_batch)
+    sites = target.sites
+    order = [s.path(p) for s in sites for p in POINTS if p in s.paths]
+    blocks = [_block_path(s.paths["pre"], s.layer) for s in sites]
+    first_layer = {start: min(lay for ab in ablations[start:start + copies] for lay in ab.layers)
+                   for start in range(0, len(ablations), copies)}
+    save_blocks = sorted({blocks[f - 1] for f in first_layer.values() if f > 0},
+                         key=blocks.index) if opts.skip_clean_prefix else []
+    return _Plan(copies, order, blocks, first_layer, save_blocks)
+
+
+def _copy_effects(ref: _LMReference | None, clean: Any, out: Any, mask: torch.Tensor,
+                  n: int, j: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Effects of copy ``j`` of ``n`` in the ablated output ``out``."""
+    if ref is not None:
+        return ref.effects(out.logits.chunk(n, dim=0)[j])
+    return _encoder_effects(_hidden(clean), _hidden(out).chunk(n, dim=0)[j], mask)
+
+
+@dataclass
+class _Tally:
+    """What the evaluation accumulates: per-ablation stats, the clean loss, tokens seen."""
+
+    stats: list[_Stats]
+    clean: _Stats = field(default_factory=_Stats)
+    n_tokens: int = 0
+
+    def add(self, start: int, j: int, effects: dict) -> None:
+        for name, (s, n) in effects.items():
+            if name != "clean_loss":
+                self.stats[start + j].add(name, s, n)
+            elif start == 0 and j == 0:  # the clean loss once per batch
+                self.clean.add(name, s, n)
+
+
+def _run_batch(target: _Target, plan: _Plan, resolved: list[tuple], batch: dict,
+               tally: _Tally, bar: Any) -> None:
+    """One clean forward of ``batch``, then one forward per group of ``plan.copies``."""
+    inputs = {k: v.to(target.device) for k, v in batch.items()}
+    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+    tally.n_tokens += int(mask.sum())
+    clean, residuals = _run_copies(target.wrapper, inputs, [{}], [],
+                                   save_blocks=plan.save_blocks)
+    ref = (_LMReference(clean.logits, inputs["input_ids"], mask)
+           if target.task == "causal-lm" else None)
+    bar.update(1)
+    for start in plan.starts:
+        group = resolved[start:start + plan.copies]
+        paths = {p for projs, _ in group for p in projs}
+        out, _ = _run_copies(target.wrapper, inputs, [projs for projs, _ in group],
+                             [p for p in plan.order if p in paths],
+                             skip=plan.skip(start, residuals))
+        for j in range(len(group)):
+            tally.add(start, j, _copy_effects(ref, clean, out, mask, len(group), j))
+        bar.update(1)
+
+
+def _evaluate(target: _Target, plan: _Plan, resolved: list[tuple], eval_set: _EvalSet,
+              opts: AblationOptions) -> _Tally:
+    tally = _Tally([_Stats() for _ in resolved])
+    n_runs = len(eval_set.batches) * (1 + math.ceil(len(resolved) / plan.copies))
+    bar = tqdm(total=n_runs, disable=not opts.progress, unit="fwd",
+               desc=f"ablations {target.label}", dynamic_ncols=True)
+    try:
+        for batch in eval_set.batches:
+            _run_batch(target, plan, resolved, batch, tally, bar)
+    finally:
+        bar.close()
+    return tally
+
+
+def _metadata(target: _Target, spectra: Any, ablations: Sequence[Ablation], eval_set: _EvalSet,
+              tally: _Tally, plan: _Plan, opts: AblationOptions) -> dict:
+    clean_loss = None
+    if tally.clean.sums:
+        clean_loss = _ratio_ci(np.array([tally.clean.sums["clean_loss"]]),
+                               np.array(tally.clean.counts["clean_loss"]), n_boot=opts.n_boot,
+                               rng=np.random.default_rng(0))
+    return {
+        "clean_loss": clean_loss,
+        "model": target.label, "task": target.task, "eval_tokens": tally.n_tokens,
+        "eval_sequences": sum(int(b["input_ids"].shape[0]) for b in eval_set.batches),
+        "eval_data": opts.data_label, "eval_sha1": eval_set.sha1,
+        "spectra_data": spectra.metadata.get("data", ""),
+        "spectra_tokens": spectra.metadata.get("n_tokens"), "held_out": eval_set.held_out,
+        # which tokens the spectra (and so the eigen-subspaces) were measured on
+        "spectra_exclusion": spectra.metadata.get("exclusion"),
+        "copies_per_forward": plan.copies,
+        "spectrum_metrics": {
+            f"{layer}/{point}": {k: v for k, v in spectra.spectrum(layer, point).metrics().items()
+                                 if k in ("participation_ratio", "soft_rank")}
+            for layer, point in {(lay, ab.point) for ab in ablations for lay in ab.layers}},
+    }
+
+
 def run_ablations(
     model: Any,
     spectra: Any,
@@ -319,14 +568,8 @@ def run_ablations(
     ablations: Sequence[Ablation],
     *,
     tokenizer: Any = None,
-    batch_size: int = 8,
-    max_length: int = 128,
-    max_batches: int | None = None,
-    copies: int | None = None,
-    n_boot: int = 1000,
-    progress: bool = True,
-    data_label: str = "",
-    skip_clean_prefix: bool = True,
+    options: AblationOptions | None = None,
+    **keywords: Any,
 ) -> AblationResult:
     """Run many ablations over the same evaluation batches (the engine behind
     :func:`ablate` and :func:`ablation_sweep`).
@@ -336,114 +579,23 @@ def run_ablations(
     row with a confidence interval over seeds and sequences. With ``skip_clean_prefix`` the
     blocks before the first ablated layer are not recomputed: nnsight's ``skip`` feeds them
     the clean residual stream saved from the clean run (same result, less time).
+
+    Parameters
+    ----------
+    options : AblationOptions, optional
+        How to evaluate; ``keywords`` (``batch_size``, ``max_length``, ``max_batches``,
+        ``copies``, ``n_boot``, ``progress``, ``data_label``, ``skip_clean_prefix``) replace
+        its fields.
     """
-    wrapper = as_nnsight(model)
-    root = wrapper._module
-    label = model_label(root)
-    if spectra.metadata.get("model") not in (None, label):
-        raise SiteError(f"the spectra were captured on {spectra.metadata.get('model')!r}, not "
-                        f"on {label!r}; capture spectra of this model first.")
-    sites = find_ffn_sites(wrapper)
-    by_layer = {s.layer: s for s in sites}
-    for ab in ablations:
-        if ab.point not in POINTS:
-            raise SiteError(f"unknown point {ab.point!r}; use one of {', '.join(POINTS)}.")
-        for layer in ab.layers:
-            select_sites(sites, [layer])
-    task = _task(root)
-    batch_list = list(iter_batches(batches, tokenizer, batch_size=batch_size,
-                                   max_length=max_length))
-    if max_batches is not None:
-        batch_list = batch_list[:max_batches]
-    if not batch_list:
-        raise CaptureError("no evaluation batches: pass held-out texts or batches.")
-    eval_hash = token_hash(batch_list)
-    held_out = eval_hash != spectra.metadata.get("data_sha1")
-    if not held_out:
-        warnings.warn("the evaluation tokens are exactly the tokens the spectra were captured "
-                      "on; effects measured on the same text overstate how general they are. "
-                      "Evaluate on held-out text (e.g. load_corpus(split='heldout')).",
-                      HeldOutWarning, stacklevel=3)
-    # resolve projections once (CPU, float64), move to the model's device lazily
-    device = next(root.parameters()).device
-    resolved = []
-    for ab in ablations:
-        projs, frac = _projections(spectra, by_layer, ab)
-        resolved.append(({p: pr.to(device) for p, pr in projs.items()}, frac))
-    order = [s.path(p) for s in sites for p in POINTS if p in s.paths]
-    if copies is None:
-        b0 = batch_list[0]["input_ids"]
-        vocab = getattr(getattr(root, "config", None), "vocab_size", 1024) or 1024
-        per_copy = b0.numel() * (vocab if task == "causal-lm" else 1024) * 4 * 3
-        copies = int(max(1, min(16, 2e9 // max(per_copy, 1))))
-    stats = [_Stats() for _ in ablations]
-    clean_stats = _Stats()
-    # blocks before the first ablated layer of a group compute the clean run: skip them
-    blocks = [_block_path(s.paths["pre"], s.layer) for s in sites]
-    first_layer = {start: min(lay for ab in ablations[start:start + copies] for lay in ab.layers)
-                   for start in range(0, len(ablations), copies)}
-    save_blocks = sorted({blocks[f - 1] for f in first_layer.values() if f > 0},
-                         key=blocks.index) if skip_clean_prefix else []
-    n_runs = len(batch_list) * (1 + math.ceil(len(ablations) / copies))
-    bar = tqdm(total=n_runs, disable=not progress, unit="fwd", desc=f"ablations {label}",
-               dynamic_ncols=True)
-    n_tokens = 0
-    try:
-        for batch in batch_list:
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
-            n_tokens += int(mask.sum())
-            clean, residuals = _run_copies(wrapper, inputs, [{}], [], save_blocks=save_blocks)
-            ref = (_LMReference(clean.logits, inputs["input_ids"], mask)
-                   if task == "causal-lm" else None)
-            bar.update(1)
-            for start in range(0, len(ablations), copies):
-                group = resolved[start:start + copies]
-                paths = {p for projs, _ in group for p in projs}
-                first = first_layer[start]
-                skip = None
-                if skip_clean_prefix and first > 0 and isinstance(
-                        residuals.get(blocks[first - 1]), torch.Tensor):
-                    skip = ([blocks[j] for j in range(first)], residuals[blocks[first - 1]])
-                out, _ = _run_copies(wrapper, inputs, [projs for projs, _ in group],
-                                     [p for p in order if p in paths], skip=skip)
-                for j in range(len(group)):
-                    if task == "causal-lm":
-                        eff = ref.effects(out.logits.chunk(len(group), dim=0)[j])
-                    else:
-                        ab_h = _hidden(out).chunk(len(group), dim=0)[j]
-                        eff = _encoder_effects(_hidden(clean), ab_h, mask)
-                    for name, (s, n) in eff.items():
-                        if name == "clean_loss":
-                            if start == 0 and j == 0:
-                                clean_stats.add(name, s, n)
-                        else:
-                            stats[start + j].add(name, s, n)
-                bar.update(1)
-    finally:
-        bar.close()
-    table = _tabulate(label, ablations, resolved, stats, spectra, n_boot)
-    clean_loss = None
-    if clean_stats.sums:
-        clean_loss = _ratio_ci(np.array([clean_stats.sums["clean_loss"]]),
-                               np.array(clean_stats.counts["clean_loss"]), n_boot=n_boot,
-                               rng=np.random.default_rng(0))
-    metadata = {
-        "clean_loss": clean_loss,
-        "model": label, "task": task, "eval_tokens": n_tokens,
-        "eval_sequences": sum(int(b["input_ids"].shape[0]) for b in batch_list),
-        "eval_data": data_label, "eval_sha1": eval_hash,
-        "spectra_data": spectra.metadata.get("data", ""),
-        "spectra_tokens": spectra.metadata.get("n_tokens"), "held_out": held_out,
-        # which tokens the spectra (and so the eigen-subspaces) were measured on
-        "spectra_exclusion": spectra.metadata.get("exclusion"),
-        "copies_per_forward": copies,
-        "spectrum_metrics": {
-            f"{layer}/{point}": {k: v for k, v in spectra.spectrum(layer, point).metrics().items()
-                                 if k in ("participation_ratio", "soft_rank")}
-            for layer, point in {(lay, ab.point) for ab in ablations for lay in ab.layers}},
-    }
-    return AblationResult(table, metadata)
+    opts = AblationOptions.from_keywords(options, keywords)
+    target = _target(model, spectra, ablations)
+    eval_set = _eval_set(batches, tokenizer, spectra, opts)
+    resolved = _resolve(spectra, target, ablations)
+    plan = _plan(target, ablations, eval_set.batches[0], opts)
+    tally = _evaluate(target, plan, resolved, eval_set, opts)
+    table = _tabulate(target.label, ablations, resolved, tally.stats, spectra, opts.n_boot)
+    return AblationResult(table, _metadata(target, spectra, ablations, eval_set, tally, plan,
+                                           opts))
 
 
 def _tabulate(label, ablations, resolved, stats, spectra, n_boot) -> pd.DataFrame:
@@ -511,7 +663,8 @@ def ablate(
     seed : int
         Seed of the random subspace.
     **kwargs
-        Passed to :func:`run_ablations` (``batch_size``, ``max_length``, ``progress``, ...).
+        Passed to :func:`run_ablations`: ``options=AblationOptions(...)`` or its fields
+        (``batch_size``, ``max_length``, ``progress``, ...).
 
     Returns
     -------
@@ -605,5 +758,5 @@ def ablation_sweep(
     return run_ablations(model, spectra, batches, ablations, tokenizer=tokenizer, **kwargs)
 
 
-__all__ = ["ENCODER_METRICS", "LM_METRICS", "Ablation", "AblationResult", "HeldOutWarning",
-           "ablate", "ablation_sweep", "default_ks", "run_ablations"]
+__all__ = ["ENCODER_METRICS", "LM_METRICS", "Ablation", "AblationOptions", "AblationResult",
+           "HeldOutWarning", "ablate", "ablation_sweep", "default_ks", "run_ablations"]

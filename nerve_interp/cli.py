@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -184,6 +184,21 @@ def _with_skip_first(exclude: dict, skip_first: int) -> dict:
     return {**exclude, "exclude_positions": tuple(sorted(positions))}
 
 
+def _echo_reinjection(result: Any, echo: Any) -> None:
+    """The per-layer pre -> post table and its means (when both points were captured)."""
+    if not {"pre", "post"} <= set(result.points):
+        return
+    reinj = result.reinjection()
+    echo("\nPer layer, pre -> post (PR = participation ratio = hard rank; "
+         "soft = soft rank = exp(spectral entropy)):")
+    echo(format_table(reinj))
+    mean = reinj.mean(numeric_only=True)
+    echo(f"\nmean over layers: PR gain {mean['pr_gain']:.2f}×, "
+         f"soft-rank gain {mean['soft_rank_gain']:.2f}×, "
+         f"ΔSE {mean['delta_spectral_entropy']:+.3f} nats, "
+         f"ΔEEE {mean['delta_eee']:+.3f}, JS {mean['js_divergence']:.4f}")
+
+
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          skip_first: int, exclude: dict,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
@@ -230,16 +245,7 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
              + (f", norm > {ex['norm_above']:g}× median "
                 f"({sum(n_ex['norm'].values())} token-points)"
                 if ex["norm_above"] is not None else ""))
-    reinj = result.reinjection() if {"pre", "post"} <= set(result.points) else None
-    if reinj is not None:
-        echo("\nPer layer, pre -> post (PR = participation ratio = hard rank; "
-             "soft = soft rank = exp(spectral entropy)):")
-        echo(format_table(reinj))
-        mean = reinj.mean(numeric_only=True)
-        echo(f"\nmean over layers: PR gain {mean['pr_gain']:.2f}×, "
-             f"soft-rank gain {mean['soft_rank_gain']:.2f}×, "
-             f"ΔSE {mean['delta_spectral_entropy']:+.3f} nats, "
-             f"ΔEEE {mean['delta_eee']:+.3f}, JS {mean['js_divergence']:.4f}")
+    _echo_reinjection(result, echo)
     if result.diagnostics:
         echo("\n" + format_outliers(result))
     if rank > 0:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._warnings import user_stacklevel
+
 #: Norm placements: Pre-LN, Post-LN, Mix-LN, no norm layers. Deliberately not ``pre`` /
 #: ``post``, which name FFN points (before / after the nonlinearity) everywhere else.
 NORMS: tuple[str, ...] = ("pre_ln", "post_ln", "mix_ln", "none")
@@ -98,14 +100,14 @@ def _seeded(seed: int | None):
         yield
 
 
-def norm_placement(norm: Any, *, warn: bool = True, stacklevel: int = 2) -> Any:
+def norm_placement(norm: Any, *, warn: bool = True) -> Any:
     """The current spelling of a norm placement: ``"pre"`` -> ``"pre_ln"``, ``"post"`` ->
     ``"post_ln"``, ``"mix"`` -> ``"mix_ln"``; any other value is returned unchanged (and
     validated by the config).
 
     The one place old spellings are mapped. With ``warn`` an old spelling raises a
-    :class:`DeprecationWarning` naming the new one (``stacklevel`` as in
-    :func:`warnings.warn`, counted from the caller); loaders of saved results map silently.
+    :class:`DeprecationWarning` naming the new one, at the user's line; loaders of saved
+    results map silently.
 
     >>> norm_placement("pre_ln"), norm_placement("post", warn=False)
     ('pre_ln', 'post_ln')
@@ -116,7 +118,7 @@ def norm_placement(norm: Any, *, warn: bool = True, stacklevel: int = 2) -> Any:
     if warn:
         warnings.warn(f"norm={norm!r} is deprecated: norm placements are spelled "
                       f"{', '.join(map(repr, NORMS))} ('pre' / 'post' name FFN points); "
-                      f"use norm={new!r}.", DeprecationWarning, stacklevel=stacklevel + 1)
+                      f"use norm={new!r}.", DeprecationWarning, stacklevel=user_stacklevel())
     return new
 
 
@@ -212,7 +214,7 @@ class LMConfig(_HFAliases):
     def __post_init__(self) -> None:
         c = "LMConfig"
         # user -> __init__ -> __post_init__: the warning points at the user's line
-        self.norm = norm_placement(self.norm, stacklevel=3)
+        self.norm = norm_placement(self.norm)
         _check_int(c, "vocab_size", self.vocab_size, 2)
         _check_int(c, "d_model", self.d_model, 1)
         _check_int(c, "n_layers", self.n_layers, 1)
@@ -359,7 +361,7 @@ class MixerConfig(_HFAliases):
 
     def __post_init__(self) -> None:
         c = "MixerConfig"
-        self.norm = norm_placement(self.norm, stacklevel=3)
+        self.norm = norm_placement(self.norm)
         for name in ("image_size", "patch_size", "channels", "d_model", "n_layers",
                      "token_mlp_dim", "channel_mlp_dim"):
             _check_int(c, name, getattr(self, name), 1)
@@ -789,7 +791,7 @@ def _resolve_config(preset_or_config: str | LMConfig, overrides: dict[str, Any])
                         f"LMConfig fields are {', '.join(sorted(names))}.")
     if "norm" in overrides:
         # user -> make_lm -> _resolve_config: the warning points at the user's line
-        overrides["norm"] = norm_placement(overrides["norm"], stacklevel=3)
+        overrides["norm"] = norm_placement(overrides["norm"])
     fields = dataclasses.asdict(base)
     if "d_ff" in overrides and "ffn_mult" not in overrides:
         fields["ffn_mult"] = None  # an explicit width replaces the preset's multiplier

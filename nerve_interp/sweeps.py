@@ -9,10 +9,12 @@ where it stopped.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,13 @@ from tqdm.auto import tqdm
 
 from ._validation import check_seeds
 from .errors import RankDeficientWarning
+from .training import TrainConfig
 
 SWEEP_METRICS = ("soft_rank", "hard_rank", "participation_ratio", "spectral_entropy", "eee",
                  "soft_rank_utilization", "hard_rank_utilization")
+
+#: Metrics of :attr:`WidthSweepResult.fits` (others: :meth:`WidthSweepResult.fit`).
+FIT_METRICS = ("soft_rank", "hard_rank")
 
 
 @dataclass
@@ -47,6 +53,17 @@ class WidthSweepResult:
     table: pd.DataFrame
     fits: pd.DataFrame
     spectra: dict = field(default_factory=dict, repr=False)
+
+    def fit(self, metrics: Sequence[str] = FIT_METRICS) -> pd.DataFrame:
+        """Power-law fits of ``metrics`` against width, one per ``norm``, ``point`` and
+        ``metric`` (each width × seed is one point: the median over layers); ``fits`` is
+        ``fit(FIT_METRICS)``. Any of :data:`SWEEP_METRICS` can be fitted."""
+        from .scaling import fit_table
+
+        per_model = (self.table.groupby(["norm", "width", "seed", "point", "metric"],
+                                        as_index=False)["value"].median())
+        return fit_table(per_model[per_model["metric"].isin(metrics)], x="width", y="value",
+                         by=("norm", "point", "metric"))
 
 
 def _run_key(norm: str, width: int, seed: int) -> str:
@@ -87,6 +104,46 @@ def _train_run(preset: str, model_kw: dict[str, Any], cfg: Any, train_blocks: to
     return rows, spectra
 
 
+def _old_keywords(sweep: Callable) -> Callable:
+    """Keep the keywords of ``width_sweep`` from before its model fields became keywords:
+    ``model_overrides={...}`` is the same as passing those LMConfig fields as keywords, and
+    ``fit_metrics=`` (deprecated) sets ``fits`` to :meth:`WidthSweepResult.fit` of them.
+    Checks the LMConfig field names and ``train_config`` before anything is trained."""
+    own = {name for name, p in inspect.signature(sweep).parameters.items()
+           if p.kind is not p.VAR_KEYWORD}
+
+    @functools.wraps(sweep)
+    def width_sweep(*args: Any, model_overrides: dict[str, Any] | None = None,
+                    fit_metrics: Sequence[str] | None = None, **kwargs: Any) -> WidthSweepResult:
+        if model_overrides:
+            kwargs = {**model_overrides, **kwargs}
+        _check_keywords(kwargs, own)
+        if fit_metrics is not None:
+            warnings.warn("width_sweep(fit_metrics=...) is deprecated; the sweep fits "
+                          f"{list(FIT_METRICS)} and result.fit(metrics) fits others.",
+                          DeprecationWarning, stacklevel=2)
+        result = sweep(*args, **kwargs)
+        if fit_metrics is not None:
+            result.fits = result.fit(fit_metrics)
+        return result
+
+    return width_sweep
+
+
+def _check_keywords(kwargs: dict[str, Any], own: set[str]) -> None:
+    from .models import LMConfig
+
+    lm_fields = {f.name for f in fields(LMConfig)}
+    unknown = sorted(set(kwargs) - own - lm_fields)
+    if unknown:
+        raise TypeError(f"width_sweep() got unknown keyword(s) {unknown}: neither its own "
+                        f"{sorted(own)} nor LMConfig fields {sorted(lm_fields)}.")
+    cfg = kwargs.get("train_config")
+    if cfg is not None and not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig; got {type(cfg).__name__}.")
+
+
+@_old_keywords
 def width_sweep(
     widths: Sequence[int],
     train_blocks: torch.Tensor,
@@ -95,14 +152,13 @@ def width_sweep(
     norms: Sequence[str] = ("pre_ln", "post_ln", "mix_ln"),
     seeds: Sequence[int] = (0,),
     preset: str = "tiny",
-    model_overrides: dict[str, Any] | None = None,
-    train_config: Any = None,
+    train_config: TrainConfig | None = None,
     eval_blocks: int = 16,
     point: str = "post",
-    fit_metrics: Sequence[str] = ("soft_rank", "hard_rank"),
     out_dir: str | Path | None = None,
     keep_spectra: bool = False,
     progress: bool = True,
+    **model_overrides: Any,
 ) -> WidthSweepResult:
     """Train one model per norm placement × FFN width × seed and fit spectral scaling laws.
 
@@ -123,7 +179,8 @@ def width_sweep(
         A :data:`nerve_interp.models.PRESETS` key; ``model_overrides`` replace its fields
         (``vocab_size`` should match the tokenizer).
     train_config : TrainConfig, optional
-        Same for every run (its seed is replaced by each run's seed).
+        The training options, the same for every run (its seed is replaced by each run's
+        seed).
     eval_blocks : int
         The first ``eval_blocks`` validation blocks are the fixed tokens spectra are
         measured on (N = eval_blocks · seq_len tokens; keep N >> D).
@@ -136,23 +193,27 @@ def width_sweep(
         Keep every run's final spectra in ``WidthSweepResult.spectra`` (to plot them
         without retraining); with ``out_dir`` they are also saved there
         (``<norm>-D<width>-s<seed>.safetensors``) and reloaded on resume.
+    **model_overrides
+        :class:`nerve_interp.models.LMConfig` fields that replace the preset's, as in
+        :func:`nerve_interp.models.make_lm` (e.g. ``vocab_size=len(tok)``); also accepted as
+        one dict, ``model_overrides={...}``.
 
     Returns
     -------
     WidthSweepResult
+        ``fits`` holds the soft- and hard-rank fits (:data:`FIT_METRICS`); ``fit(metrics)``
+        fits others (``fit_metrics=`` is deprecated).
     """
     from .models import norm_placement
     from .results import SpectraResult
-    from .scaling import fit_table
-    from .training import TrainConfig
 
     if len(set(widths)) < 3:
         raise ValueError(f"widths={list(widths)}: a power-law fit needs at least 3 distinct "
                          "widths.")
     seeds = check_seeds(seeds, context=" (width_sweep trains one model per seed)")
     placements = []
-    for n in norms:  # a loop, not a comprehension, so the warning points at the caller
-        placements.append(norm_placement(n, stacklevel=2))
+    for n in norms:
+        placements.append(norm_placement(n))
     base_cfg = train_config or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -183,12 +244,9 @@ def width_sweep(
         if path is not None:
             path.write_text(json.dumps({"rows": new, "train_config": asdict(cfg),
                                         "n_tokens": spectra.metadata["n_tokens"]}))
-    table = pd.DataFrame(rows)
-    per_model = (table.groupby(["norm", "width", "seed", "point", "metric"], as_index=False)
-                 ["value"].median())
-    fits = fit_table(per_model[per_model["metric"].isin(fit_metrics)], x="width", y="value",
-                     by=("norm", "point", "metric"))
-    return WidthSweepResult(table, fits, kept)
+    result = WidthSweepResult(pd.DataFrame(rows), pd.DataFrame(), kept)
+    result.fits = result.fit(FIT_METRICS)
+    return result
 
 
-__all__ = ["SWEEP_METRICS", "WidthSweepResult", "width_sweep"]
+__all__ = ["FIT_METRICS", "SWEEP_METRICS", "WidthSweepResult", "width_sweep"]

@@ -285,6 +285,120 @@ def accuracy(model: torch.nn.Module, data: tuple, *, batch_size: int = 256) -> f
     return correct / _n(data)
 
 
+class _CallbackList:
+    """The callbacks of a run, called hook by hook; their time is summed in ``seconds``."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        self.callbacks = list(callbacks)
+        self.seconds = 0.0
+
+    def __call__(self, hook: str, model: torch.nn.Module, state: TrainState) -> None:
+        t = time.perf_counter()
+        for cb in self.callbacks:
+            getattr(cb, hook)(model, state)
+        self.seconds += time.perf_counter() - t
+
+    def state_dict(self) -> list[dict]:
+        return [cb.state_dict() for cb in self.callbacks]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for cb, cb_state in zip(self.callbacks, states, strict=False):
+            cb.load_state_dict(cb_state)
+
+
+@dataclass
+class _Run:
+    """What one training run updates, and what its checkpoint holds."""
+
+    model: torch.nn.Module
+    cfg: TrainConfig
+    optimizer: Any
+    generator: torch.Generator  # the data order
+    callbacks: _CallbackList
+    checkpoint: Path | None
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg) | {"betas": list(cfg.betas)}
+
+
+def _resume(run: _Run) -> None:
+    """Load ``run.checkpoint``: model, optimizer, data order, RNG, step, history, callbacks."""
+    ckpt = run.checkpoint
+    try:
+        saved = torch.load(ckpt, weights_only=True)
+    except Exception as err:
+        raise ResultsFileError(f"checkpoint {ckpt} cannot be read ({err}); delete it to "
+                               "start afresh.") from None
+    if saved.get("config") != _config_dict(run.cfg):
+        raise ResultsFileError(f"checkpoint {ckpt} was written with another TrainConfig; "
+                               "delete it or pass the same config.")
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    run.state.step, run.state.history = int(saved["step"]), list(saved["history"])
+    run.callbacks.load_state_dict(saved.get("callbacks", []))
+
+
+def _save_checkpoint(run: _Run) -> None:
+    with atomic_path(run.checkpoint) as tmp:
+        torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                    "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "step": run.state.step, "history": run.state.history,
+                    "config": _config_dict(run.cfg), "callbacks": run.callbacks.state_dict()},
+                   tmp)
+
+
+def _start(model: torch.nn.Module, cfg: TrainConfig, callbacks: Sequence[Callback],
+           checkpoint: str | os.PathLike | None) -> _Run:
+    """Seed, build the optimizer and resume from ``checkpoint`` when it exists."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    run = _Run(model, cfg, make_optimizer(model, cfg), gen, _CallbackList(callbacks), ckpt)
+    if ckpt is not None and ckpt.exists():
+        _resume(run)
+    return run
+
+
+def _due(step: int, every: int, steps: int) -> bool:
+    """Every ``every`` steps, and at the last step."""
+    return step % every == 0 or step == steps
+
+
+def _step(run: _Run, train_blocks: Data, val_blocks: Data | None) -> None:
+    """One optimizer step at the scheduled learning rate, then the validation loss if due."""
+    cfg, state = run.cfg, run.state
+    lr = lr_at(state.step, cfg)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    idx = torch.randint(0, _n(train_blocks), (cfg.batch_size,), generator=run.generator)
+    loss = _loss(run.model, _take(train_blocks, idx, run.device))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {float(loss)} at step "
+                                 f"{state.step}; lower lr (now {lr:.3g}) or clip harder.")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    state.step += 1
+    state.train_loss = float(loss.detach())
+    state.history.append({"step": state.step, "split": "train", "loss": state.train_loss,
+                          "lr": lr})
+    if val_blocks is not None and _due(state.step, cfg.eval_every, cfg.steps):
+        state.val_loss = evaluate(run.model, val_blocks, batch_size=cfg.batch_size,
+                                  max_batches=cfg.eval_batches)
+        state.history.append({"step": state.step, "split": "val", "loss": state.val_loss,
+                              "lr": lr})
+
+
 def train(
     model: torch.nn.Module,
     train_blocks: torch.Tensor,
@@ -321,86 +435,27 @@ def train(
     _check_data(train_blocks, "train_blocks")
     if val_blocks is not None:
         _check_data(val_blocks, "val_blocks")
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg)
-    state = TrainState()
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
-        try:
-            saved = torch.load(ckpt, weights_only=True)
-        except Exception as err:
-            raise ResultsFileError(f"checkpoint {ckpt} cannot be read ({err}); delete it to "
-                                   "start afresh.") from None
-        if saved.get("config") != asdict(cfg) | {"betas": list(cfg.betas)}:
-            raise ResultsFileError(f"checkpoint {ckpt} was written with another TrainConfig; "
-                                   "delete it or pass the same config.")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        state.step, state.history = int(saved["step"]), list(saved["history"])
-        for cb, cb_state in zip(callbacks, saved.get("callbacks", []), strict=False):
-            cb.load_state_dict(cb_state)
-    device = next(model.parameters()).device
+    run = _start(model, cfg, callbacks, checkpoint)
     model.train()
-    cb_time = 0.0
     t0 = time.perf_counter()
-    for cb in callbacks:
-        t = time.perf_counter()
-        cb.on_train_begin(model, state)
-        cb_time += time.perf_counter() - t
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, unit="step",
+    run.callbacks("on_train_begin", model, run.state)
+    bar = tqdm(total=cfg.steps, initial=run.state.step, disable=not progress, unit="step",
                desc=f"train {cfg.optimizer}", dynamic_ncols=True)
     try:
-        while state.step < cfg.steps:
-            lr = lr_at(state.step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = torch.randint(0, _n(train_blocks), (cfg.batch_size,), generator=gen)
-            batch = _take(train_blocks, idx, device)
-            loss = _loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step "
-                                         f"{state.step}; lower lr (now {lr:.3g}) or clip harder.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            state.step += 1
-            state.train_loss = float(loss.detach())
-            state.history.append({"step": state.step, "split": "train", "loss": state.train_loss,
-                                  "lr": lr})
-            if val_blocks is not None and (state.step % cfg.eval_every == 0
-                                           or state.step == cfg.steps):
-                state.val_loss = evaluate(model, val_blocks, batch_size=cfg.batch_size,
-                                          max_batches=cfg.eval_batches)
-                state.history.append({"step": state.step, "split": "val",
-                                      "loss": state.val_loss, "lr": lr})
-            t = time.perf_counter()
-            for cb in callbacks:
-                cb.on_step_end(model, state)
-            cb_time += time.perf_counter() - t
+        while run.state.step < cfg.steps:
+            _step(run, train_blocks, val_blocks)
+            run.callbacks("on_step_end", model, run.state)
             bar.update(1)
-            bar.set_postfix(loss=f"{state.train_loss:.3f}")
-            if ckpt is not None and (state.step % cfg.checkpoint_every == 0
-                                     or state.step == cfg.steps):
-                with atomic_path(ckpt) as tmp:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                                "step": state.step, "history": state.history,
-                                "config": asdict(cfg) | {"betas": list(cfg.betas)},
-                                "callbacks": [cb.state_dict() for cb in callbacks]}, tmp)
+            bar.set_postfix(loss=f"{run.state.train_loss:.3f}")
+            if run.checkpoint is not None and _due(run.state.step, cfg.checkpoint_every,
+                                                   cfg.steps):
+                _save_checkpoint(run)
     finally:
         bar.close()
-    for cb in callbacks:
-        t = time.perf_counter()
-        cb.on_train_end(model, state)
-        cb_time += time.perf_counter() - t
+    run.callbacks("on_train_end", model, run.state)
     model.eval()
-    return TrainResult(model, pd.DataFrame(state.history), cfg, time.perf_counter() - t0,
-                       cb_time)
+    return TrainResult(model, pd.DataFrame(run.state.history), cfg, time.perf_counter() - t0,
+                       run.callbacks.seconds)
 
 
 __all__ = ["OPTIMIZERS", "Callback", "Lion", "TrainConfig", "TrainResult", "TrainState",

@@ -220,3 +220,22 @@ def test_save_load(llama, tmp_path):
     pd.testing.assert_frame_equal(back.summary(), res.summary(), check_dtype=False)
     with pytest.raises(ResultsFileError, match="cannot read ablation results"):
         AblationResult.load(tmp_path / "missing.csv")
+
+
+def test_options_object_and_keywords(llama):
+    from nerve_interp.ablation import AblationOptions
+
+    model, spectra = llama
+    abls = [Ablation((1,), "post", "top", 3, "keep"), Ablation((2,), "pre", "tail", 2, "remove")]
+    opts = AblationOptions(copies=1, n_boot=50, progress=False, data_label="held")
+    a = run_ablations(model, spectra, HELD, abls, options=opts)
+    b = run_ablations(model, spectra, HELD, abls, copies=1, n_boot=50, progress=False,
+                      data_label="held")
+    c = run_ablations(model, spectra, HELD, abls, options=opts, copies=2)  # keyword wins
+    assert a.table.equals(b.table) and a.metadata == b.metadata
+    assert c.metadata["copies_per_forward"] == 2
+    np.testing.assert_allclose(a.table["value"], c.table["value"], atol=1e-6)
+    with pytest.raises(TypeError, match=r"\['batchsize'\]; its options are"):
+        run_ablations(model, spectra, HELD, abls, batchsize=4)
+    with pytest.raises(ValueError, match="copies == 0, must be >= 1"):
+        ablate(model, spectra, HELD, layers=1, k=1, copies=0)

@@ -250,7 +250,7 @@ def test_plot_power_law_one_line_per_hue():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nerve_interp.scaling_plots import plot_power_law
+    from nerve_interp.plotting import plot_power_law
 
     df = _sweep().query("metric == 'soft_rank'")
     layers = pd.concat([df.assign(layer=i, value=df.value * (1 + 0.05 * i)) for i in range(3)])
@@ -274,6 +274,21 @@ def test_plot_power_law_one_line_per_hue():
     with pytest.warns(UserWarning, match="needs 3"):
         plot_power_law(df[df.width < 2000], hue="point", ax=plt.subplots()[1])
     plt.close("all")
+
+
+def test_scaling_plots_is_a_deprecated_alias():
+    """Old code importing plot_power_law from scaling_plots gets the same function, warned."""
+    import nerve_interp.scaling_plots as old
+    from nerve_interp import plotting
+
+    with pytest.warns(DeprecationWarning, match="import plot_power_law from nerve_interp.plotting"):
+        from nerve_interp.scaling_plots import plot_power_law
+    assert plot_power_law is plotting.plot_power_law
+    with pytest.warns(DeprecationWarning) as record:
+        assert old.plot_power_law is plotting.plot_power_law
+    assert record[0].filename == __file__  # points at the caller's line
+    with pytest.raises(AttributeError, match="no attribute 'plot_spectra'"):
+        old.plot_spectra  # noqa: B018
 
 
 def test_fit_table_row_back_to_a_power_law_fit():

@@ -48,6 +48,12 @@ def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
     assert rec[0].filename == __file__
     assert old.table.equals(t) and old.fits.equals(res.fits)
 
+    # fit_metrics= still works, deprecated for result.fit(metrics)
+    with pytest.warns(DeprecationWarning, match=r"fit_metrics=\.\.\.\) is deprecated") as rec:
+        old = width_sweep([32, 64, 128], blocks, blocks[:32], fit_metrics=["eee"], **kw)
+    assert rec[0].filename == __file__
+    assert old.fits.equals(res.fit(["eee"])) and list(old.fits["metric"]) == ["eee"]
+
 
 def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
     """keep_spectra: each run's final spectra, equal to the table's metrics, saved next to
@@ -91,3 +97,39 @@ def test_width_sweep_seeds_are_a_sequence():
                             ((1, 1), ValueError, "repeats a seed")]:
         with pytest.raises(err, match=match):
             width_sweep([32, 64, 128], blocks, blocks, seeds=bad, progress=False)
+def test_width_sweep_keywords(monkeypatch):
+    """LMConfig fields are keywords of their own (as in make_lm) or one model_overrides dict;
+    fit_metrics is deprecated for WidthSweepResult.fit; bad keywords fail before training."""
+    import pandas as pd
+
+    import nerve_interp.models
+    from nerve_interp.sweeps import WidthSweepResult
+
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def fake_make_lm(preset, **kw):
+        seen.append((preset, kw))
+        raise Built
+
+    monkeypatch.setattr(nerve_interp.models, "make_lm", fake_make_lm)
+    blocks = torch.ones(4, 8, dtype=torch.long)
+    for kw in ({"vocab_size": 64}, {"model_overrides": {"vocab_size": 64}}):
+        with pytest.raises(Built):
+            width_sweep([32, 64, 128], blocks, blocks, norms=("pre_ln",), progress=False, **kw)
+    assert seen[0] == seen[1] == ("tiny", {"seed": 0, "norm": "pre_ln", "d_ff": 32,
+                                           "vocab_size": 64})
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['eval_block'\]"):
+        width_sweep([32, 64, 128], blocks, blocks, eval_block=4)
+    with pytest.raises(TypeError, match="train_config must be a TrainConfig; got dict"):
+        width_sweep([32, 64, 128], blocks, blocks, train_config={"steps": 3})
+    assert len(seen) == 2
+
+    table = pd.DataFrame({"norm": "pre_ln", "width": [32, 64, 128] * 2, "seed": 0, "layer": 0,
+                          "point": "post", "metric": ["soft_rank"] * 3 + ["eee"] * 3,
+                          "value": [2.0, 3.1, 4.0, 0.5, 0.6, 0.7], "val_loss": 1.0})
+    res = WidthSweepResult(table, pd.DataFrame())
+    assert list(res.fit()["metric"]) == ["soft_rank"]
+    assert list(res.fit(["eee", "soft_rank"])["metric"]) == ["eee", "soft_rank"]
