@@ -295,47 +295,12 @@ def all_gather_token_stats(stats: Sequence[TokenNormStats], group: Any = None) -
     stats = list(stats)
     if not stats:
         return
-    p, nb, nm = len(stats), NORM_HISTOGRAM_SIZE, len(TOKEN_META)
     m = max(st.max_outlier_tokens for st in stats)
-    ints = torch.zeros(p, 5 + nb, dtype=torch.int64)
-    floats = torch.zeros(p, 2 + m, dtype=torch.float64)
-    metas = torch.full((p, m, nm), -1, dtype=torch.int64)
-    for j, st in enumerate(stats):
-        k = 0 if st.top_norms_ is None else int(st.top_norms_.shape[0])
-        d = int(st.top_vectors_.shape[1]) if k else 0
-        code = 0 if not k else 2 if st.top_vectors_.dtype == torch.float64 else 1
-        ints[j, :5] = torch.tensor([st.n_samples_seen_, st.n_excluded_norm_, k, d, code])
-        if st.histogram_ is not None:
-            ints[j, 5:] = st.histogram_.cpu()
-        nt = -1.0 if st.norm_threshold_ is None else st.norm_threshold_
-        floats[j, :2] = torch.tensor([st.max_norm_, nt], dtype=torch.float64)
-        if k:
-            floats[j, 2:2 + k] = st.top_norms_.cpu()
-            metas[j, :k] = st.top_meta_.cpu()
-    got = []
-    for t in (ints, floats, metas):
-        t = t.to(dev)
-        parts = [torch.empty_like(t) for _ in range(w)]
-        dist.all_gather(parts, t, group=group)
-        got.append(torch.stack(parts).cpu())  # (w, p, ...)
-    g_ints, g_floats, g_metas = got
+    packed = _pack_token_stats(stats, m)
+    g_ints, g_floats, g_metas = (_all_gather_stacked(t, dev, w, group) for t in packed)
     for j, st in enumerate(stats):
         ks, ds, codes = g_ints[:, j, 2], g_ints[:, j, 3], g_ints[:, j, 4]
-        widths = {int(d) for d, k in zip(ds, ks, strict=True) if k}
-        if len(widths) > 1:
-            raise CaptureError(
-                f"{st.name}: ranks kept top tokens of widths {sorted(widths)}; every rank must "
-                "capture the same sites of the same model.")
-        vectors = None
-        if widths:
-            d = widths.pop()
-            dtype = torch.float64 if int(codes.max()) == 2 else torch.float32
-            own = torch.zeros(m, d, dtype=dtype, device=dev)
-            k = int(ks[dist.get_rank(group)])
-            if k:
-                own[:k] = st.top_vectors_.to(dev, dtype)
-            vectors = [torch.empty_like(own) for _ in range(w)]
-            dist.all_gather(vectors, own, group=group)
+        vectors = _gather_top_vectors(st, ks, ds, codes, m, dev, w, group)
         home = st.top_norms_.device if st.top_norms_ is not None else dev
         merged = TokenNormStats(st.name, max_outlier_tokens=st.max_outlier_tokens,
                                 norm_above=st.norm_above)
@@ -352,10 +317,63 @@ def all_gather_token_stats(stats: Sequence[TokenNormStats], group: Any = None) -
                          .load_state_dict(state))
         st.load_state_dict(merged.state_dict())
         if st.top_norms_ is not None:
-            st.histogram_ = st.histogram_.to(home)
-            st.top_norms_ = st.top_norms_.to(home)
-            st.top_vectors_ = st.top_vectors_.to(home)
-            st.top_meta_ = st.top_meta_.to(home)
+            for attr in ("histogram_", "top_norms_", "top_vectors_", "top_meta_"):
+                setattr(st, attr, getattr(st, attr).to(home))
+
+
+def _pack_token_stats(stats: Sequence[TokenNormStats], m: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every point's record but its top vectors, in three tensors with one row per point:
+    int64 ``(P, 5 + bins)`` (count, norm-excluded, k, D, dtype code; histogram), float64
+    ``(P, 2 + m)`` (max norm, threshold or -1; top norms), int64 ``(P, m, 4)`` (top meta)."""
+    p, nb, nm = len(stats), NORM_HISTOGRAM_SIZE, len(TOKEN_META)
+    ints = torch.zeros(p, 5 + nb, dtype=torch.int64)
+    floats = torch.zeros(p, 2 + m, dtype=torch.float64)
+    metas = torch.full((p, m, nm), -1, dtype=torch.int64)
+    for j, st in enumerate(stats):
+        k = 0 if st.top_norms_ is None else int(st.top_norms_.shape[0])
+        d = int(st.top_vectors_.shape[1]) if k else 0
+        code = 0 if not k else 2 if st.top_vectors_.dtype == torch.float64 else 1
+        ints[j, :5] = torch.tensor([st.n_samples_seen_, st.n_excluded_norm_, k, d, code])
+        if st.histogram_ is not None:
+            ints[j, 5:] = st.histogram_.cpu()
+        nt = -1.0 if st.norm_threshold_ is None else st.norm_threshold_
+        floats[j, :2] = torch.tensor([st.max_norm_, nt], dtype=torch.float64)
+        if k:
+            floats[j, 2:2 + k] = st.top_norms_.cpu()
+            metas[j, :k] = st.top_meta_.cpu()
+    return ints, floats, metas
+
+
+def _all_gather_stacked(t: torch.Tensor, dev: torch.device, w: int, group: Any
+                        ) -> torch.Tensor:
+    """Every rank's ``t``, stacked on the host: shape ``(w, *t.shape)``."""
+    t = t.to(dev)
+    parts = [torch.empty_like(t) for _ in range(w)]
+    _dist().all_gather(parts, t, group=group)
+    return torch.stack(parts).cpu()
+
+
+def _gather_top_vectors(st: TokenNormStats, ks: torch.Tensor, ds: torch.Tensor,
+                        codes: torch.Tensor, m: int, dev: torch.device, w: int, group: Any
+                        ) -> list[torch.Tensor] | None:
+    """Every rank's top vectors of one point (padded to ``m`` rows), or None when no rank
+    kept any."""
+    widths = {int(d) for d, k in zip(ds, ks, strict=True) if k}
+    if len(widths) > 1:
+        raise CaptureError(
+            f"{st.name}: ranks kept top tokens of widths {sorted(widths)}; every rank must "
+            "capture the same sites of the same model.")
+    if not widths:
+        return None
+    dtype = torch.float64 if int(codes.max()) == 2 else torch.float32
+    own = torch.zeros(m, widths.pop(), dtype=dtype, device=dev)
+    k = int(ks[_dist().get_rank(group)])
+    if k:
+        own[:k] = st.top_vectors_.to(dev, dtype)
+    vectors = [torch.empty_like(own) for _ in range(w)]
+    _dist().all_gather(vectors, own, group=group)
+    return vectors
 
 
 __all__ = ["all_gather_token_stats", "all_reduce_accumulators", "all_reduce_count",

@@ -35,22 +35,23 @@ class SpectralTracker(Callback):
     every : int, default 50
         Interval in optimizer steps; step 0 (before training) and the last step are
         measured too.
-    points : sequence of str, default ("pre", "post")
-    layers : list of int, optional
-    max_tokens : int, optional
-    gram_dtype : torch.dtype, default torch.float32
-        Tracking favours speed; statistics are still centred and merged in float64.
     reinjection : bool, default True
         Add the pre -> post reinjection metrics.
-    exclude_positions, exclude_token_ids, exclude_norm_above : optional
-        Tokens left out of every measurement, as in :func:`collect_spectra` (e.g.
-        ``exclude_positions=(0,)`` for attention sinks).
-    token_fraction, subsample_seed : optional
-        Token subsampling, as in :func:`collect_spectra` (off by default). The batches are
-        fixed and the draw depends only on the seed and the batch index, so every
-        measurement uses the same tokens.
+    precision : str, default "fp32"
+        Tracking favours speed; statistics are still centred and merged in float64 (see
+        :func:`collect_spectra`).
     diagnostics : bool, default False
         Token diagnostics at every measurement (adds an ``outlier_share`` row per point).
+    gram_dtype : torch.dtype, optional
+        Deprecated synonym of ``precision``.
+    **capture
+        Any other option of :func:`collect_spectra`, the same at every measurement:
+        ``points`` (default ``("pre", "post")``), ``layers``, ``max_tokens``,
+        ``exclude_positions`` / ``exclude_token_ids`` / ``exclude_norm_above`` (e.g.
+        ``exclude_positions=(0,)`` for attention sinks), ``token_fraction`` /
+        ``subsample_seed`` (the batches are fixed and the draw depends only on the seed and
+        the batch index, so every measurement uses the same tokens), ... They are checked
+        here, before any training step.
 
     Attributes
     ----------
@@ -61,32 +62,30 @@ class SpectralTracker(Callback):
         ``token_fraction`` and ``subsample_seed``: the token subsampling.
     """
 
-    def __init__(self, batches: Sequence[Any], *, every: int = 50,
-                 points: Sequence[str] = ("pre", "post"), layers: Sequence[int] | None = None,
-                 max_tokens: int | None = None, gram_dtype: torch.dtype = torch.float32,
-                 reinjection: bool = True, exclude_positions: Sequence[int] = (),
-                 exclude_token_ids: Sequence[int] = (), exclude_norm_above: float | None = None,
-                 token_fraction: float | None = None, subsample_seed: int = 0,
-                 diagnostics: bool = False):
+    def __init__(self, batches: Sequence[Any], *, every: int = 50, reinjection: bool = True,
+                 precision: str = "fp32", diagnostics: bool = False,
+                 gram_dtype: torch.dtype | None = None, **capture: Any):
+        from .capture import CaptureOptions
+        from .covariance import check_precision
+
         if every < 1:
             raise ValueError(f"every == {every}, must be >= 1 (steps between measurements).")
         self.batches = list(batches)
         if not self.batches:
             raise ValueError("SpectralTracker needs at least one evaluation batch.")
+        if "checkpoint" in capture or "progress" in capture:
+            raise TypeError("SpectralTracker measures in one short pass each time: it takes no "
+                            "checkpoint= or progress= (checkpoint the training run instead).")
+        if gram_dtype is not None:
+            warnings.warn("SpectralTracker(gram_dtype=...) is deprecated; pass precision="
+                          "'fp32' / 'fp64'.", DeprecationWarning, stacklevel=2)
+            precision = check_precision(gram_dtype=gram_dtype)
         self.every = every
-        self.points = tuple(points)
-        self.layers = layers
-        self.max_tokens = max_tokens
-        self.gram_dtype = gram_dtype
+        self.capture = {"points": ("pre", "post"), **capture, "precision": precision,
+                        "diagnostics": diagnostics, "progress": False}
+        opts = CaptureOptions.build(self.capture)  # every option checked before training
+        self.points = opts.points
         self.reinjection = reinjection and {"pre", "post"} <= set(self.points)
-        from .capture import check_token_fraction as _check_token_fraction
-
-        self.exclude = {"exclude_positions": tuple(exclude_positions),
-                        "exclude_token_ids": tuple(exclude_token_ids),
-                        "exclude_norm_above": exclude_norm_above,
-                        "token_fraction": _check_token_fraction(token_fraction, subsample_seed),
-                        "subsample_seed": int(subsample_seed)}
-        self.diagnostics = diagnostics
         self.metadata: dict = {}
         self.rows: list[dict] = []
         self.seconds = 0.0
@@ -101,7 +100,6 @@ class SpectralTracker(Callback):
                 val_loss: float = math.nan) -> None:
         """Capture spectra now and append rows for ``step``."""
         from .capture import collect_spectra
-        from .covariance import check_precision
 
         if step in self._measured:
             return
@@ -112,11 +110,7 @@ class SpectralTracker(Callback):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RankDeficientWarning)  # said once, at setup
                 warnings.simplefilter("ignore", OutlierTokenWarning)  # kept as rows instead
-                res = collect_spectra(model, self.batches, points=self.points, layers=self.layers,
-                                      max_tokens=self.max_tokens,
-                                      precision=check_precision(gram_dtype=self.gram_dtype),
-                                      progress=False, diagnostics=self.diagnostics,
-                                      **self.exclude)
+                res = collect_spectra(model, self.batches, **self.capture)
         finally:
             model.train(was_training)
         self.metadata["exclusion"] = res.metadata["exclusion"]

@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def build(**kw):
-    return CaptureOptions.build(device=CPU, vocab_size=97, as_strings=False, **kw)
+    return CaptureOptions.build(kw, device=CPU, vocab_size=97)
 
 
 # ------------------------------------------------------------------ options
@@ -46,6 +46,7 @@ def build(**kw):
     (dict(token_fraction="0.5"), TypeError, "token_fraction must be a number"),
     (dict(outlier_fraction=1.5), ValueError, "outlier_fraction"),
     (dict(precision="bf16"), ValueError, "refused"),
+    (dict(max_token=5), TypeError, r"unknown capture option\(s\) \['max_token'\]"),
 ])
 def test_options_refuse_bad_input_once(kw, err, match):
     with pytest.raises(err, match=match):

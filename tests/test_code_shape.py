@@ -29,12 +29,6 @@ ALLOWED = {
     "cli.py:ablate": "CLI command",
     # kept for users: every keyword they know; checked once by CaptureOptions.build
     "capture/collect.py:collect_spectra": "29 parameters",
-    "capture/options.py:CaptureOptions.build": "30 parameters",
-    # not yet split: the torchrun merge of token statistics (pack, gather, merge per point
-    # are its pieces)
-    "distributed.py:all_gather_token_stats": "67 lines",
-    # mirrors collect_spectra's token options; could take a CaptureOptions
-    "tracking.py:SpectralTracker.__init__": "13 parameters",
 }
 
 

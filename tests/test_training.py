@@ -126,3 +126,20 @@ def test_hf_trainer_callback(tmp_path):
     f = tracker.frame
     assert sorted(f["step"].unique()) == [0, 2, 4]
     assert f[f["step"] == 4]["train_loss"].notna().all()
+
+
+def test_tracker_checks_its_capture_options_before_training():
+    """SpectralTracker passes any collect_spectra option on, checked when it is built (a
+    typo must not surface after the first training steps)."""
+    from nerve_interp.tracking import SpectralTracker
+
+    val = torch.ones(2, 8, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"unknown capture option\(s\) \['max_token'\]"):
+        SpectralTracker([val], max_token=100)
+    with pytest.raises(TypeError, match="max_tokens must be an int"):
+        SpectralTracker([val], max_tokens="100")
+    with pytest.raises(TypeError, match="checkpoint="):
+        SpectralTracker([val], checkpoint="x.ckpt")
+    with pytest.warns(DeprecationWarning, match="gram_dtype"):
+        t = SpectralTracker([val], gram_dtype=torch.float64, layers=[0], points=("post",))
+    assert t.capture["precision"] == "fp64" and t.points == ("post",) and not t.reinjection

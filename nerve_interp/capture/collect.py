@@ -212,18 +212,18 @@ def collect_spectra(
     wrapper = as_nnsight(model)
     all_sites = list(sites) if sites is not None else find_ffn_sites(wrapper)
     device = input_device(wrapper._module)
-    opts = CaptureOptions.build(
+    opts = CaptureOptions.build(dict(
+        layers=layers, points=points, max_tokens=max_tokens, skip_first=skip_first,
+        exclude_positions=exclude_positions, exclude_token_ids=exclude_token_ids,
+        exclude_norm_above=exclude_norm_above, token_fraction=token_fraction,
+        subsample_seed=subsample_seed, batch_size=batch_size, max_length=max_length,
+        eigenvectors=eigenvectors, gram_dtype=gram_dtype, precision=precision,
+        memory_budget=memory_budget, progress=progress, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, data_label=data_label, diagnostics=diagnostics,
+        outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold,
+        max_outlier_tokens=max_outlier_tokens, distributed=distributed, remote=remote),
         device=device, vocab_size=vocab_size(wrapper._module, tokenizer),
-        as_strings=is_texts(batches), layers=layers, points=points, max_tokens=max_tokens,
-        skip_first=skip_first, exclude_positions=exclude_positions,
-        exclude_token_ids=exclude_token_ids, exclude_norm_above=exclude_norm_above,
-        token_fraction=token_fraction, subsample_seed=subsample_seed, batch_size=batch_size,
-        max_length=max_length, eigenvectors=eigenvectors, gram_dtype=gram_dtype,
-        precision=precision, memory_budget=memory_budget, progress=progress,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, data_label=data_label,
-        diagnostics=diagnostics, outlier_fraction=outlier_fraction,
-        outlier_threshold=outlier_threshold, max_outlier_tokens=max_outlier_tokens,
-        distributed=distributed, remote=remote)
+        as_strings=is_texts(batches))
     opts.check_sites(select_sites(all_sites, opts.layers))
 
     def capture(data: Any, opts: CaptureOptions) -> Any:

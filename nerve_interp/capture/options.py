@@ -15,7 +15,7 @@ import dataclasses
 import numbers
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,19 @@ from ..diagnostics import (
 )
 from ..errors import SiteError
 from ..sites import POINTS, FFNSite, site_name
+
+KEYWORDS: dict[str, Any] = {
+    "layers": None, "points": ("pre", "post"), "max_tokens": None, "skip_first": 0,
+    "exclude_positions": (), "exclude_token_ids": (), "exclude_norm_above": None,
+    "token_fraction": None, "subsample_seed": 0, "batch_size": 8, "max_length": 256,
+    "eigenvectors": False, "gram_dtype": None, "precision": "auto", "memory_budget": None,
+    "progress": True, "checkpoint": None, "checkpoint_every": 20, "data_label": "",
+    "diagnostics": True, "outlier_fraction": DEFAULT_OUTLIER_FRACTION,
+    "outlier_threshold": DEFAULT_OUTLIER_THRESHOLD,
+    "max_outlier_tokens": DEFAULT_MAX_OUTLIER_TOKENS, "distributed": None, "remote": None,
+}
+"""The capture options of ``collect_spectra`` (every keyword but ``tokenizer`` and
+``sites``) and their defaults."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,19 +111,10 @@ class CaptureOptions:
 
     # -------------------------------------------------------------- building
     @classmethod
-    def build(cls, *, device: torch.device, vocab_size: int | None, as_strings: bool,
-              layers: Any = None, points: Any = ("pre", "post"), max_tokens: Any = None,
-              skip_first: Any = 0, exclude_positions: Any = (), exclude_token_ids: Any = (),
-              exclude_norm_above: Any = None, token_fraction: Any = None,
-              subsample_seed: Any = 0, batch_size: Any = 8, max_length: Any = 256,
-              eigenvectors: Any = False, gram_dtype: torch.dtype | None = None,
-              precision: str = "auto", memory_budget: Any = None, progress: Any = True,
-              checkpoint: Any = None, checkpoint_every: Any = 20, data_label: Any = "",
-              diagnostics: Any = True, outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
-              outlier_threshold: float = DEFAULT_OUTLIER_THRESHOLD,
-              max_outlier_tokens: int = DEFAULT_MAX_OUTLIER_TOKENS,
-              distributed: bool | None = None, remote: Any = None) -> CaptureOptions:
-        """Check ``collect_spectra``'s keywords and build the options.
+    def build(cls, keywords: Mapping[str, Any], *, device: torch.device | str = "cpu",
+              vocab_size: int | None = None, as_strings: bool = False) -> CaptureOptions:
+        """Check ``collect_spectra``'s keywords (those of :data:`KEYWORDS`; the rest take
+        their defaults) and build the options.
 
         ``device`` is where the model's inputs go (it resolves ``precision="auto"``),
         ``vocab_size`` bounds ``exclude_token_ids``, ``as_strings`` says whether the data are
@@ -119,33 +123,44 @@ class CaptureOptions:
         Raises
         ------
         TypeError, ValueError
-            An argument of the wrong type or out of range; the message names it.
+            An unknown keyword, or an argument of the wrong type or out of range; the
+            message names it.
+
+        Examples
+        --------
+        >>> CaptureOptions.build({"max_tokens": 4096, "exclude_positions": (0,)}).rule
+        ExclusionRule(positions=(0,), token_ids=(), norm_above=None)
         """
-        _deprecated(skip_first=skip_first, gram_dtype=gram_dtype)
-        check_positive_int(batch_size, "batch_size")
-        check_positive_int(max_length, "max_length")
-        check_positive_int(checkpoint_every, "checkpoint_every",
-                           context=" (batches between checkpoints)")
-        if max_tokens is not None:
-            check_positive_int(max_tokens, "max_tokens", minimum=2,
+        unknown = sorted(set(keywords) - set(KEYWORDS))
+        if unknown:
+            raise TypeError(f"unknown capture option(s) {unknown}; the options are "
+                            f"{sorted(KEYWORDS)} (see collect_spectra).")
+        k = {**KEYWORDS, **keywords}
+        _deprecated(skip_first=k["skip_first"], gram_dtype=k["gram_dtype"])
+        for name in ("batch_size", "max_length", "checkpoint_every"):
+            check_positive_int(k[name], name)
+        if k["max_tokens"] is not None:
+            check_positive_int(k["max_tokens"], "max_tokens", minimum=2,
                                context=" (a covariance needs 2 rows)")
-        rule = exclusion_rule(exclude_positions, exclude_token_ids, exclude_norm_above,
-                              skip_first=skip_first, vocab_size=vocab_size,
-                              max_length=max_length if as_strings else None)
         return cls(
-            layers=_layers(layers), points=_points(points),
-            max_tokens=None if max_tokens is None else int(max_tokens),
-            skip_first=int(skip_first), rule=rule,
-            token_fraction=check_token_fraction(token_fraction, subsample_seed),
-            subsample_seed=int(subsample_seed), batch_size=int(batch_size),
-            max_length=int(max_length), eigenvectors=_flag(eigenvectors, "eigenvectors"),
-            precision=resolve_precision(precision, device, gram_dtype=gram_dtype),
-            memory_budget=memory_budget, progress=_flag(progress, "progress"),
-            checkpoint=None if checkpoint is None else Path(os.fspath(checkpoint)),
-            checkpoint_every=int(checkpoint_every), data_label=str(data_label),
-            outliers=OutlierOptions(_flag(diagnostics, "diagnostics"), outlier_fraction,
-                                    outlier_threshold, max_outlier_tokens),
-            distributed=distributed, remote=remote)
+            layers=_layers(k["layers"]), points=_points(k["points"]),
+            max_tokens=None if k["max_tokens"] is None else int(k["max_tokens"]),
+            skip_first=int(k["skip_first"]),
+            rule=exclusion_rule(k["exclude_positions"], k["exclude_token_ids"],
+                                k["exclude_norm_above"], skip_first=k["skip_first"],
+                                vocab_size=vocab_size,
+                                max_length=k["max_length"] if as_strings else None),
+            token_fraction=check_token_fraction(k["token_fraction"], k["subsample_seed"]),
+            subsample_seed=int(k["subsample_seed"]), batch_size=int(k["batch_size"]),
+            max_length=int(k["max_length"]), eigenvectors=_flag(k["eigenvectors"], "eigenvectors"),
+            precision=resolve_precision(k["precision"], device, gram_dtype=k["gram_dtype"]),
+            memory_budget=k["memory_budget"], progress=_flag(k["progress"], "progress"),
+            checkpoint=None if k["checkpoint"] is None else Path(os.fspath(k["checkpoint"])),
+            checkpoint_every=int(k["checkpoint_every"]), data_label=str(k["data_label"]),
+            outliers=OutlierOptions(_flag(k["diagnostics"], "diagnostics"),
+                                    k["outlier_fraction"], k["outlier_threshold"],
+                                    k["max_outlier_tokens"]),
+            distributed=k["distributed"], remote=k["remote"])
 
     def check_sites(self, sites: Sequence[FFNSite]) -> None:
         """Every point exists at the chosen sites (``act`` / ``up`` need a gated FFN)."""
@@ -244,4 +259,4 @@ def _points(points: Any) -> tuple[str, ...]:
     return tuple(p for p in POINTS if p in given)
 
 
-__all__ = ["CaptureOptions", "OutlierOptions", "check_token_fraction"]
+__all__ = ["KEYWORDS", "CaptureOptions", "OutlierOptions", "check_token_fraction"]
