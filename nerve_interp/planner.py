@@ -41,6 +41,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .sites import POINTS, site_name
+
 AUTO_FRACTION = {"cuda": 0.9, "cpu": 0.5}
 """Share of free CUDA memory / available host RAM that ``budget="auto"`` plans with."""
 
@@ -206,7 +208,7 @@ def _as_dims(dims: Mapping[tuple[int, str], int] | Sequence[tuple[int, str, int]
     out: dict[tuple[int, str], int] = {}
     for (layer, point), d in items:
         if int(d) < 1:
-            raise ValueError(f"D == {d} for layers.{layer}.ffn.{point}, must be >= 1.")
+            raise ValueError(f"D == {d} for {site_name(layer, point)}, must be >= 1.")
         out[(int(layer), str(point))] = int(d)
     if not out:
         raise ValueError("plan_capture needs at least one (layer, point) with its width D.")
@@ -280,7 +282,7 @@ def plan_capture(
     if cost([worst]) > total:
         d = dims[worst]
         raise MemoryPlanError(
-            f"layers.{worst[0]}.ffn.{worst[1]} (D = {d}) alone needs {_gb(state_bytes(d))} of "
+            f"{site_name(*worst)} (D = {d}) alone needs {_gb(state_bytes(d))} of "
             f"float64 state + {_gb(work(d))} of workspace ({prec}, {tokens_per_batch} tokens "
             f"per batch) = {_gb(cost([worst]))}, more than the budget of {_gb(total)} on {dev}. "
             "Raise memory_budget, use smaller batches (workspace grows with tokens per "
@@ -313,11 +315,9 @@ def plan_capture(
     )
 
 
-_POINT_ORDER = {"pre": 0, "act": 1, "up": 2, "post": 3}
-
-
 def _order(key: tuple[int, str]) -> tuple[int, int, str]:
-    return key[0], _POINT_ORDER.get(key[1], 9), key[1]
+    """Forward order: layer, then the points in ``sites.POINTS`` order."""
+    return key[0], POINTS.index(key[1]) if key[1] in POINTS else len(POINTS), key[1]
 
 
 def _pack(units: list[list[tuple[int, str]]], cost, total: int) -> list[list[tuple[int, str]]]:
