@@ -3,8 +3,13 @@
 A :class:`PointSink` owns the statistics of one point: its
 :class:`~nerve_interp.covariance.CovarianceAccumulator` and, when token diagnostics or
 ``exclude_norm_above`` are on, its :class:`~nerve_interp.diagnostics.TokenNormStats` (which
-sees the rows first and may drop some). :class:`Sinks` holds them in forward order. A new
-per-point statistic is a new field here with ``update``, ``merge`` and ``state_dict``.
+sees the rows first and may drop some). :class:`Sinks` holds them in forward order.
+
+A new per-point statistic (per-group accumulators, direction heaps, ...) is a class with
+``update`` (or ``observe``), ``merge``, ``state_dict`` / ``load_state_dict``, a field of
+:class:`PointSink` fed in :meth:`PointSink.update`, and one line in each of the two places
+that see every statistic: the checkpoint (``Checkpointer._save`` / ``resume``, under its own
+key prefix) and the cross-process reduction (``Shard.reduce``).
 """
 
 from __future__ import annotations
