@@ -83,6 +83,18 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _finite_sample_line(result: Any) -> str:
+    """N/D of the widest point and what white noise gives there (the metrics' floor)."""
+    from .marchenko_pastur import white_noise_metrics
+
+    spec = max((result.spectrum(lay, p) for lay in result.layers for p in result.points),
+               key=lambda s: s.dim)
+    m = white_noise_metrics(int(spec.n_samples), int(spec.dim))
+    return (f"N/D     {spec.n_samples / spec.dim:.1f} (D = {spec.dim}): white noise would give "
+            f"PR {m['participation_ratio_fraction']:.2f}·D, soft rank "
+            f"{m['soft_rank_fraction']:.2f}·D, EEE {m['eee']:.2f} (true: D, D, 0)")
+
+
 def format_table(reinjection) -> str:
     """The per-layer pre/post table printed by the CLI."""
     df = reinjection[[c for c in TABLE_COLUMNS if c in reinjection]].rename(
@@ -235,6 +247,7 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     meta = result.metadata
     echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
          f"{len(result.points)} points in {t_cap:.1f} s")
+    echo(_finite_sample_line(result))
     if meta.get("token_fraction") is not None:
         echo(f"subsampled token fraction {meta['token_fraction']:g} (seed "
              f"{meta['subsample_seed']}): {meta['n_excluded']['subsampled']} tokens left out")

@@ -130,8 +130,10 @@ class SpectraResult:
         Returns
         -------
         DataFrame with columns ``model, layer, point, metric, value``, plus for context
-        ``n_tokens``, ``dim``, ``outlier_share`` (share of the variance held by the point's
-        top tokens by norm, see :mod:`nerve_interp.diagnostics`; NaN without diagnostics)
+        ``n_tokens``, ``dim``, ``n_over_d`` (tokens per dimension: every metric depends on it,
+        see :func:`nerve_interp.marchenko_pastur.white_noise_metrics`), ``outlier_share``
+        (share of the variance held by the point's top tokens by norm, see
+        :mod:`nerve_interp.diagnostics`; NaN without diagnostics)
         and ``outlier_flag`` (that share is above the threshold: the spectrum is dominated
         by a few tokens; NA without diagnostics). Pivot it for a wide view::
 
@@ -142,9 +144,10 @@ class SpectraResult:
             share, flag = self._outlier((layer, point))
             for name, value in spec.metrics(concentration_k=concentration_k).items():
                 rows.append((self.model, layer, point, name, value, spec.n_samples, spec.dim,
-                             share, flag))
+                             spec.n_samples / spec.dim, share, flag))
         df = pd.DataFrame(rows, columns=["model", "layer", "point", "metric", "value",
-                                         "n_tokens", "dim", "outlier_share", "outlier_flag"])
+                                         "n_tokens", "dim", "n_over_d", "outlier_share",
+                                         "outlier_flag"])
         df["outlier_flag"] = df["outlier_flag"].astype("boolean")
         return df
 
@@ -165,7 +168,9 @@ class SpectraResult:
             One row per layer: ``model, layer, pr_gain, delta_spectral_entropy, delta_eee,
             js_divergence, soft_rank_gain, hard_rank_gain``, plus the four inputs
             ``participation_ratio_pre/_post`` and ``soft_rank_pre/_post``, and
-            ``outlier_share_pre/_post``, ``outlier_flag_pre/_post`` (see :meth:`metrics`).
+            ``outlier_share_pre/_post``, ``outlier_flag_pre/_post`` (see :meth:`metrics`), and
+            ``n_tokens`` / ``n_over_d``: the tokens of the two spectra (the smaller count when
+            ``exclude_norm_above`` left them different) and that per dimension (the larger D).
         """
         rows = []
         for layer in self.layers:
@@ -182,6 +187,8 @@ class SpectraResult:
                 f"outlier_share_{post}": self._outlier((layer, post))[0],
                 f"outlier_flag_{pre}": self._outlier((layer, pre))[1],
                 f"outlier_flag_{post}": self._outlier((layer, post))[1],
+                "n_tokens": min(a.n_samples, b.n_samples),
+                "n_over_d": min(a.n_samples, b.n_samples) / max(a.dim, b.dim),
             })
         df = pd.DataFrame(rows)
         for p in (pre, post):

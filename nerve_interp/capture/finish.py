@@ -104,8 +104,8 @@ def warn_once(spectra: list, neg_tol: float = NEGATIVE_WARN_TOL) -> None:
         warnings.warn(
             f"N = {short[0].n_samples} tokens <= D = {short[0].dim} at {len(short)} of "
             f"{len(spectra)} points ({names}): those spectra are rank-deficient "
-            f"(rank <= N - 1) and every metric depends on N/D. Raise max_tokens (the papers "
-            "use ~65k tokens, N >> D) before comparing metrics.",
+            f"(rank <= N - 1) and every metric depends on N/D. {_floor(short[0])} Raise "
+            "max_tokens (the papers use ~65k tokens, N >> D) before comparing metrics.",
             RankDeficientWarning, stacklevel=user_stacklevel())
     bad = [s for s in spectra
            if s.min_eigenvalue < -neg_tol * max(float(s.eigenvalues[0]), 1e-300)]
@@ -116,6 +116,16 @@ def warn_once(spectra: list, neg_tol: float = NEGATIVE_WARN_TOL) -> None:
             f"{worst.min_eigenvalue:.3e}, λ_1 = {worst.eigenvalues[0]:.3e}); clipped to 0. "
             "This is more than round-off: report it with the model and dtype.",
             NegativeEigenvalueWarning, stacklevel=user_stacklevel())
+
+
+def _floor(spec: Any) -> str:
+    """What white noise gives at this N and D (the finite-sample floor), in words."""
+    from ..marchenko_pastur import white_noise_metrics
+
+    m = white_noise_metrics(int(spec.n_samples), int(spec.dim))
+    return (f"At N/D = {spec.n_samples / spec.dim:.2g} white noise (true PR = soft rank = D, "
+            f"EEE = 0) gives PR {m['participation_ratio_fraction']:.2f}·D, soft rank "
+            f"{m['soft_rank_fraction']:.2f}·D, EEE {m['eee']:.2f}.")
 
 
 # ------------------------------------------------------------------ model metadata
