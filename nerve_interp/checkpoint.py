@@ -54,6 +54,8 @@ def shard_path(path: Path, rank: int, world_size: int) -> Path:
 
 TOKEN_STATS_PREFIX = "token_stats."
 """Key prefix of the token diagnostics' state inside a checkpoint."""
+MOMENTS_PREFIX = "moments."
+"""Key prefix of the fourth-moment statistics' state inside a checkpoint."""
 
 
 def _pack(states: Mapping[tuple[int, str], Any], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -72,7 +74,8 @@ def _unpack(tensors: Mapping[str, torch.Tensor], layer: int, point: str,
 
 def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
                     manifest: Mapping[str, Any], position: Mapping[str, Any], *,
-                    token_stats: Mapping[tuple[int, str], Any] | None = None) -> Path:
+                    token_stats: Mapping[tuple[int, str], Any] | None = None,
+                    moments: Mapping[tuple[int, str], Any] | None = None) -> Path:
     """Write the accumulators, manifest and data position to ``path`` atomically.
 
     Parameters
@@ -89,6 +92,8 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     token_stats : mapping (layer, point) → TokenNormStats, optional
         The token diagnostics' state, written into the same file (one atomic write, so a
         kill cannot leave statistics and diagnostics from different batches).
+    moments : mapping (layer, point) → NormMoments, optional
+        The fourth-moment statistics, in the same file.
 
     Returns
     -------
@@ -97,7 +102,8 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {**_pack(accs), **_pack(token_stats or {}, TOKEN_STATS_PREFIX)}
+    tensors = {**_pack(accs), **_pack(token_stats or {}, TOKEN_STATS_PREFIX),
+               **_pack(moments or {}, MOMENTS_PREFIX)}
     state = {"format_version": FORMAT_VERSION, "nerve_interp": __version__,
              "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
              "manifest": dict(manifest), "position": dict(position)}
@@ -150,7 +156,8 @@ def _diff(want: Any, got: Any, prefix: str = "") -> list[str]:
 
 def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
                     manifest: Mapping[str, Any], *,
-                    token_stats: Mapping[tuple[int, str], Any] | None = None
+                    token_stats: Mapping[tuple[int, str], Any] | None = None,
+                    moments: Mapping[tuple[int, str], Any] | None = None
                     ) -> dict[str, Any]:
     """Restore accumulators from ``path`` after checking it belongs to this run.
 
@@ -165,6 +172,9 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     token_stats : mapping (layer, point) → TokenNormStats, optional
         Empty token diagnostics of this run; filled in place where the file holds them (a
         checkpoint written with ``diagnostics=False`` leaves them empty).
+    moments : mapping (layer, point) → NormMoments, optional
+        Empty fourth-moment statistics of this run; filled in place where the file holds
+        them (a checkpoint of an older version leaves them empty).
 
     Returns
     -------
@@ -211,10 +221,11 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
             )
         if sub:
             acc.load_state_dict(sub)
-    for (layer, point), st in (token_stats or {}).items():
-        sub = _unpack(tensors, layer, point, TOKEN_STATS_PREFIX)
-        if sub:
-            st.load_state_dict(sub)
+    for prefix, objs in ((TOKEN_STATS_PREFIX, token_stats), (MOMENTS_PREFIX, moments)):
+        for (layer, point), obj in (objs or {}).items():
+            sub = _unpack(tensors, layer, point, prefix)
+            if sub:
+                obj.load_state_dict(sub)
     return position
 
 

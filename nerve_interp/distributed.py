@@ -211,6 +211,47 @@ def all_reduce_accumulators(accs: Sequence[CovarianceAccumulator], group: Any = 
         acc.load_state_dict({"n": n, "mean": mean, "scatter": m2}).to(home)
 
 
+def all_reduce_moments(pairs: Sequence[tuple[Any, CovarianceAccumulator]],
+                       group: Any = None) -> None:
+    """Merge every rank's fourth-moment statistics (:class:`nerve_interp.moments.NormMoments`)
+    exactly, in place, on every rank; call it *before* :func:`all_reduce_accumulators`
+    (each rank re-centres its part with its own scatter).
+
+    Three all-reduces for all points: the widths, the token counts and sums (the common
+    mean), then the re-centred ``(Σ‖x − μ‖⁴, Σ‖x − μ‖²(x − μ))``, which add up.
+    """
+    dist = _dist()
+    dev = _comm_device(group)
+    dims_t = torch.tensor([int(acc.dim or 0) for _, acc in pairs], dtype=torch.int64).to(dev)
+    dist.all_reduce(dims_t, op=dist.ReduceOp.MAX, group=group)  # a rank may have seen none
+    dims = [int(v) for v in dims_t.cpu()]
+    d = max(dims)
+    sums = torch.zeros(len(pairs), 1 + d, dtype=torch.float64)
+    for j, (mom, acc) in enumerate(pairs):
+        if acc.n_samples_seen_:
+            sums[j, 0] = acc.n_samples_seen_
+            sums[j, 1:1 + dims[j]] = mom.mean_.cpu() * mom.n_samples_seen_
+    sums = sums.to(dev)
+    dist.all_reduce(sums, group=group)
+    sums = sums.cpu()
+    parts = torch.zeros(len(pairs), 1 + d, dtype=torch.float64)
+    means = []
+    for j, (mom, acc) in enumerate(pairs):
+        n = float(sums[j, 0])
+        mean = sums[j, 1:1 + dims[j]] / max(n, 1.0)
+        means.append(mean)
+        if acc.n_samples_seen_:
+            a, v = mom.recentred(mean, acc.scatter_)
+            parts[j, 0], parts[j, 1:1 + dims[j]] = a.cpu(), v.cpu()
+    parts = parts.to(dev)
+    dist.all_reduce(parts, group=group)
+    parts = parts.cpu()
+    for j, (mom, acc) in enumerate(pairs):
+        home = acc.mean_.device if acc.n_samples_seen_ else torch.device("cpu")
+        mom.set_state(int(sums[j, 0]), means[j].to(home), parts[j, 0].to(home),
+                      parts[j, 1:1 + dims[j]].to(home))
+
+
 def all_reduce_norm_thresholds(stats: Sequence[TokenNormStats], group: Any = None) -> None:
     """Give every rank the norm thresholds of ``exclude_norm_above``, in place.
 
@@ -377,5 +418,6 @@ def _gather_top_vectors(st: TokenNormStats, ks: torch.Tensor, ds: torch.Tensor,
 
 
 __all__ = ["all_gather_token_stats", "all_reduce_accumulators", "all_reduce_count",
+           "all_reduce_moments",
            "all_reduce_norm_thresholds",
            "furthest_position", "init_from_env", "rank_budget", "world"]

@@ -17,6 +17,9 @@ name                         formula                                            
 ``js_divergence``            Jensen-Shannon of two rank-ordered spectra           [0, ln 2]
 ===========================  ===================================================  ===========
 
+``participation_ratio_corrected`` (:func:`participation_ratio_corrected`) needs the number of
+tokens and the streamed fourth moment besides the eigenvalues.
+
 Every function takes eigenvalues in any order (they are sorted descending here), as a list,
 numpy array or torch tensor, and returns a Python float. This module imports numpy only.
 """
@@ -44,6 +47,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "spectral_concentration",
     "sui",
 )
+CORRECTED_NAMES: tuple[str, ...] = ("participation_ratio_corrected",)
+"""Finite-sample-corrected metrics: in a spectrum's metrics when the capture streamed the
+fourth moment they need (:class:`nerve_interp.moments.NormMoments`; local captures)."""
 
 #: Columns of the variance-reinjection table (SPEC.md §4), pre -> post.
 REINJECTION_NAMES: tuple[str, ...] = (
@@ -279,6 +285,68 @@ def js_divergence(eigenvalues_p: ArrayLike, eigenvalues_q: ArrayLike) -> float:
     return float(np.clip(0.5 * kl(p) + 0.5 * kl(q), 0.0, math.log(2.0)))
 
 
+def trace_estimators(eigenvalues: ArrayLike, n_samples: int, fourth_moment: float
+                     ) -> tuple[float, float]:
+    """Unbiased estimators of ``(tr Σ)²`` and ``tr Σ²`` from a sample covariance.
+
+    Himeno & Yamada (2014), which assume finite fourth moments but not Gaussian data; with
+    ``S`` the sample covariance (eigenvalues ``λ``), ``N`` tokens and
+    ``K = Σ_i ‖x_i − x̄‖⁴ / (N − 1)``, ``c = (N − 1) / (N (N − 2)(N − 3))``:
+
+    - ``tr Σ²  ≈ c · ((N − 1)(N − 2) tr S² + (tr S)² − N K)``,
+    - ``(tr Σ)² ≈ c · (2 tr S² + (N² − 3N + 1)(tr S)² − N K)``.
+
+    Both equal the U-statistics ``E[((x₁ − x₂)ᵀ(x₃ − x₄))²] / 4`` and
+    ``E[‖x₁ − x₂‖² ‖x₃ − x₄‖²] / 4`` over distinct samples (tested).
+
+    Parameters
+    ----------
+    eigenvalues : array-like of shape (D,)
+        Of the sample covariance ``S`` (denominator ``N − 1``).
+    n_samples : int >= 4
+    fourth_moment : float
+        ``Σ_i ‖x_i − x̄‖⁴`` (streamed by :class:`nerve_interp.moments.NormMoments`).
+
+    Returns
+    -------
+    (trace_squared, trace_of_square) : tuple of float
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    n = int(n_samples)
+    if n < 4:
+        raise ValueError(f"n_samples == {n}; the unbiased estimators need N >= 4.")
+    tr, tr2 = float(lam.sum()), float(lam @ lam)
+    k = float(fourth_moment) / (n - 1)
+    c = (n - 1) / (n * (n - 2) * (n - 3))
+    return (c * (2 * tr2 + (n * n - 3 * n + 1) * tr * tr - n * k),
+            c * ((n - 1) * (n - 2) * tr2 + tr * tr - n * k))
+
+
+def participation_ratio_corrected(eigenvalues: ArrayLike, n_samples: int,
+                                  fourth_moment: float) -> float:
+    """Finite-sample-corrected participation ratio: the ratio of the unbiased estimators of
+    ``(tr Σ)²`` and ``tr Σ²`` (:func:`trace_estimators`).
+
+    The plain PR of N samples is biased low (white noise: ``1/PR̂ ≈ 1/PR + 1/N``, half of D
+    at ``N = D``); this ratio is consistent and, measured on Gaussian and Student-t(8) data
+    with D = 200, within 0.5 % of the population PR on average at ``N/D = 1`` for a flat
+    spectrum (plain: 50 % low). NaN when the ``tr Σ²`` estimate is not positive (tiny N).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((400, 200))
+    >>> xc = x - x.mean(0)
+    >>> lam = np.linalg.eigvalsh(xc.T @ xc / 399)
+    >>> a = float(((xc ** 2).sum(1) ** 2).sum())
+    >>> plain, corrected = participation_ratio(lam), participation_ratio_corrected(lam, 400, a)
+    >>> round(plain / 200, 2), round(corrected / 200, 1)   # true PR / D = 1
+    (0.67, 1.0)
+    """
+    t11, t2 = trace_estimators(eigenvalues, n_samples, fourth_moment)
+    return t11 / t2 if t2 > 0 else math.nan
+
+
 def compute_metrics(eigenvalues: ArrayLike, *, concentration_k: int | None = None) -> dict:
     """Every per-spectrum metric of SPEC.md §3 as ``{name: value}`` (names in ``METRIC_NAMES``).
 
@@ -335,6 +403,9 @@ def reinjection(pre: ArrayLike, post: ArrayLike) -> dict:
 
 
 __all__ = [
+    "CORRECTED_NAMES",
+    "participation_ratio_corrected",
+    "trace_estimators",
     "METRIC_NAMES",
     "REINJECTION_NAMES",
     "compute_metrics",

@@ -271,7 +271,12 @@ class SpectraResult:
         """
         a = self.metrics().assign(tokens="all")
         b = self.without_outliers().metrics().assign(tokens="without outliers")
-        b["outlier_flag"] = a["outlier_flag"].to_numpy()
+        # a flagged point's spectrum without its outlier tokens has no fourth moment, so
+        # it may list fewer metrics: carry the flags over by point, not by row
+        flags = a.drop_duplicates(["layer", "point"]).set_index(["layer", "point"])
+        b["outlier_flag"] = pd.Series(
+            flags["outlier_flag"].reindex(pd.MultiIndex.from_frame(b[["layer", "point"]]))
+            .to_numpy(), index=b.index, dtype="boolean")
         df = pd.concat([a, b], ignore_index=True)
         df = df[df["metric"].isin(list(metrics))]
         return df[["model", "layer", "point", "metric", "value", "tokens", "outlier_flag"]
@@ -314,7 +319,8 @@ class SpectraResult:
                 tensors[f"{name}.eigenvectors"] = torch.from_numpy(
                     np.ascontiguousarray(spec.eigenvectors))
             per_site[name] = {"n_samples": spec.n_samples, "n_negative": spec.n_negative,
-                              "min_eigenvalue": spec.min_eigenvalue}
+                              "min_eigenvalue": spec.min_eigenvalue,
+                              "fourth_moment": spec.fourth_moment}
             diag = self.diagnostics.get((layer, point))
             if diag is not None:
                 per_site[name]["diagnostics"] = {**diag.summary(), "top_tokens": diag.top_tokens}
@@ -405,7 +411,8 @@ def _read_spectrum(f: Any, keys: set, prefix: str, name: str, info: dict) -> Spe
                     mean=f.get_tensor(f"{prefix}.mean").numpy(),
                     n_samples=int(info["n_samples"]), eigenvectors=vec,
                     n_negative=int(info["n_negative"]),
-                    min_eigenvalue=float(info["min_eigenvalue"]), name=name)
+                    min_eigenvalue=float(info["min_eigenvalue"]), name=name,
+                    fourth_moment=info.get("fourth_moment"))
 
 
 __all__ = ["SpectraResult"]

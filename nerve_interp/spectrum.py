@@ -41,6 +41,9 @@ class Spectrum:
         The smallest eigenvalue before clipping.
     name : str
         The site name, e.g. ``"layers.3.ffn.pre"``.
+    fourth_moment : float or None
+        ``Σ_i ‖x_i − μ‖⁴`` over the tokens, when the capture streamed it (local captures):
+        it gives ``participation_ratio_corrected`` in :meth:`metrics`.
     """
 
     eigenvalues: np.ndarray
@@ -50,6 +53,7 @@ class Spectrum:
     n_negative: int = 0
     min_eigenvalue: float = 0.0
     name: str = "spectrum"
+    fourth_moment: float | None = None
     _metric_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -75,9 +79,12 @@ class Spectrum:
         """Every per-spectrum metric of SPEC.md §3 (see ``metrics.compute_metrics``)."""
         key = concentration_k
         if key not in self._metric_cache:
-            self._metric_cache[key] = _metrics.compute_metrics(
-                self.eigenvalues, concentration_k=concentration_k
-            )
+            values = _metrics.compute_metrics(self.eigenvalues, concentration_k=concentration_k)
+            if self.fourth_moment is not None and self.n_samples >= 4:
+                values["participation_ratio_corrected"] = (
+                    _metrics.participation_ratio_corrected(
+                        self.eigenvalues, self.n_samples, self.fourth_moment))
+            self._metric_cache[key] = values
         return dict(self._metric_cache[key])
 
     def __repr__(self) -> str:

@@ -60,6 +60,8 @@ WORKER = textwrap.dedent("""
         for layer in res.layers:
             for point in res.points:
                 arrays[f"{name}/{layer}.{point}"] = res.eigenvalues(layer, point)
+                arrays[f"{name}/fourth.{layer}.{point}"] = res.spectrum(layer,
+                                                                        point).fourth_moment
         arrays[f"{name}/sha"] = np.frombuffer(res.metadata["data_sha1"].encode(), np.uint8)
         if res.diagnostics:
             arrays[f"{name}/outlier_share"] = res.metrics()["outlier_share"].to_numpy()
@@ -137,7 +139,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         "subsample": ni.collect_spectra(model, data, progress=False, token_fraction=0.5,
                                         subsample_seed=3),
     }
-    worst = 0.0
+    worst = worst_a = 0.0
     for name, res in single.items():
         assert int(r0[f"{name}/n_tokens"]) == res.metadata["n_tokens"]
         assert int(r0[f"{name}/n_batches"]) == res.metadata["n_batches"]
@@ -148,8 +150,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
             for point in res.points:
                 want, got = res.eigenvalues(layer, point), r0[f"{name}/{layer}.{point}"]
                 worst = max(worst, float(np.max(np.abs(got - want)) / want[0]))
-    print(f"2-process gloo vs 1 process: max |Δλ|/λ_1 = {worst:.2e}")
+                # the fourth moments merge exactly across ranks too (re-centred, summed)
+                a = res.spectrum(layer, point).fourth_moment
+                b = float(r0[f"{name}/fourth.{layer}.{point}"])
+                worst_a = max(worst_a, abs(b - a) / a)
+    print(f"2-process gloo vs 1 process: max |Δλ|/λ_1 = {worst:.2e}, Σ‖x−μ‖⁴ {worst_a:.1e}")
     assert worst <= 1e-12, worst
+    assert worst_a <= 1e-12, worst_a
     # the global budget is split over the ranks (151 + 150 tokens)
     assert int(r0["budget/n_tokens"]) == 301
     # one checkpoint per rank, each with its own shard's position

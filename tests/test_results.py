@@ -27,7 +27,8 @@ def result():
 def test_tables(result):
     df = result.metrics()
     assert list(df.columns[:5]) == ["model", "layer", "point", "metric", "value"]
-    assert len(df) == 3 * 4 * len(M.METRIC_NAMES)
+    # a local capture streams the fourth moment: participation_ratio_corrected too
+    assert len(df) == 3 * 4 * (len(M.METRIC_NAMES) + len(M.CORRECTED_NAMES))
     assert not df.duplicated(["model", "layer", "point", "metric"]).any()
     pr = df.query("layer == 1 and point == 'post' and metric == 'participation_ratio'")
     assert pr["value"].item() == pytest.approx(M.participation_ratio(result.eigenvalues(1, "post")))

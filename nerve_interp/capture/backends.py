@@ -26,6 +26,7 @@ class LocalBackend:
 
     name: ClassVar[str] = "local"
     token_statistics: ClassVar[bool] = True
+    moments: ClassVar[bool] = True
 
     def trace(self, wrapper: Any, inputs: dict, sinks: Sinks, sel: Selection) -> int:
         """Read every point in forward order, feed its sink, stop after the last one.
@@ -49,6 +50,7 @@ class RemoteBackend:
 
     name: ClassVar[str] = "remote"
     token_statistics: ClassVar[bool] = False  # only D×D statistics come back
+    moments: ClassVar[bool] = False
 
     def __init__(self, remote: Any, precision: str) -> None:
         self.remote, self.gram_dtype = remote, gram_dtype_of(precision)

@@ -246,7 +246,7 @@ def _one_pass(wrapper: Any, all_sites: list[FFNSite], data: Any, tokenizer: Any,
         opts = dataclasses.replace(opts, outliers=dataclasses.replace(opts.outliers,
                                                                       enabled=False))
     shard = Shard(opts.distributed, opts.max_tokens)
-    sinks = Sinks(chosen, opts)
+    sinks = Sinks(chosen, opts, moments=backend.moments)
     manifest = opts.manifest(model_metadata(wrapper._module, chosen, len(all_sites)), chosen,
                              shard.rank, shard.world_size)
     p = Pipeline(wrapper=wrapper, model=model_label(wrapper._module), opts=opts, sinks=sinks,

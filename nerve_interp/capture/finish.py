@@ -35,6 +35,8 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
         spectra[sink.key] = spectrum_from_covariance(
             acc.covariance_, acc.mean_, acc.n_samples_seen_, eigenvectors=p.opts.eigenvectors,
             name=acc.name, warn=False)
+        if sink.moments is not None and sink.moments.n_samples_seen_ == acc.n_samples_seen_:
+            spectra[sink.key].fourth_moment = sink.moments.fourth_
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
     # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
     warn_once(list(spectra.values()),

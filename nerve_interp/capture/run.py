@@ -137,7 +137,8 @@ class Checkpointer:
         if self.path is None or not self.path.exists():
             return state
         self.position = ckpt_io.load_checkpoint(self.path, sinks.accs, self.manifest,
-                                                token_stats=sinks.token_stats)
+                                                token_stats=sinks.token_stats,
+                                                moments=sinks.moments)
         self.done = state.n_batches = int(self.position["batches"])
         state.n_tokens = int(self.position["tokens"])
         state.tally = Tally.from_dict(self.position.get("excluded"))
@@ -146,6 +147,11 @@ class Checkpointer:
                           "diagnostics=False); resuming without token diagnostics (outlier "
                           "shares would miss the counted batches).", stacklevel=user_stacklevel())
             state.diagnostics = False
+        if sinks.missing_moments():
+            warnings.warn(f"{self.path} has no fourth moments (written by an older "
+                          "nerve_interp); resuming without participation_ratio_corrected.",
+                          stacklevel=user_stacklevel())
+            sinks.drop_moments()
         return state
 
     def replayed(self, batch: Batch, state: RunState) -> bool:
@@ -174,7 +180,7 @@ class Checkpointer:
 
     def _save(self, sinks: Sinks, state: RunState, n_batches: int) -> None:
         ckpt_io.save_checkpoint(self.path, sinks.accs, self.manifest, state.position(n_batches),
-                                token_stats=sinks.token_stats)
+                                token_stats=sinks.token_stats, moments=sinks.moments)
 
 
 __all__ = ["Checkpointer", "Pipeline", "RunState", "run"]

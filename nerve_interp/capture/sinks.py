@@ -21,6 +21,7 @@ import torch
 
 from ..covariance import CovarianceAccumulator
 from ..diagnostics import TokenNormStats
+from ..moments import NormMoments
 from ..sites import FFNSite
 from .options import CaptureOptions
 
@@ -36,6 +37,7 @@ class PointSink:
     path: str
     acc: CovarianceAccumulator
     tokens: TokenNormStats | None = None
+    moments: NormMoments | None = None
 
     @property
     def name(self) -> str:
@@ -45,13 +47,16 @@ class PointSink:
         """Fold the kept rows ``[n, D]`` of one batch in (``meta``: their TOKEN_META)."""
         if self.tokens is not None:
             rows = self.tokens.observe(rows, meta)
+        if self.moments is not None:  # before acc: it reads the scatter of earlier rows
+            self.moments.update(rows, self.acc)
         self.acc.update(rows)
 
 
 class Sinks:
     """The sinks of every captured point, in forward order (layer, then ``POINTS``)."""
 
-    def __init__(self, sites: Sequence[FFNSite], opts: CaptureOptions) -> None:
+    def __init__(self, sites: Sequence[FFNSite], opts: CaptureOptions, *,
+                 moments: bool = True) -> None:
         with_tokens = opts.outliers.enabled or opts.rule.norm_above is not None
         self.points = []
         for s in sites:
@@ -60,7 +65,8 @@ class Sinks:
                 tokens = (TokenNormStats(acc.name, max_outlier_tokens=opts.outliers.max_tokens,
                                          norm_above=opts.rule.norm_above)
                           if with_tokens else None)
-                self.points.append(PointSink((s.layer, p), s.paths[p], acc, tokens))
+                self.points.append(PointSink((s.layer, p), s.paths[p], acc, tokens,
+                                             NormMoments(acc.name) if moments else None))
 
     def __iter__(self) -> Iterator[PointSink]:
         return iter(self.points)
@@ -73,6 +79,21 @@ class Sinks:
     def token_stats(self) -> dict[Key, TokenNormStats]:
         """The token statistics (empty when they are off)."""
         return {p.key: p.tokens for p in self.points if p.tokens is not None}
+
+    @property
+    def moments(self) -> dict[Key, NormMoments]:
+        """The fourth-moment statistics (empty when they are off)."""
+        return {p.key: p.moments for p in self.points if p.moments is not None}
+
+    def drop_moments(self) -> None:
+        """Stop streaming the fourth moments (a resume whose checkpoint lacks them)."""
+        for p in self.points:
+            p.moments = None
+
+    def missing_moments(self) -> bool:
+        """Whether a resumed state has covariances but no fourth moments."""
+        return any(p.moments.n_samples_seen_ != p.acc.n_samples_seen_
+                   for p in self.points if p.moments is not None)
 
     def missing_token_stats(self) -> bool:
         """Whether a resumed state has covariances but no token statistics (a checkpoint

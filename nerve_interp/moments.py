@@ -1,0 +1,132 @@
+r"""Streaming fourth moment of the centred token norms, for finite-sample-corrected
+estimators.
+
+The participation ratio ``(tr Σ)² / tr Σ²`` estimated from the sample covariance ``S`` is
+biased low at finite N (white noise: ``1/PR̂ ≈ 1/PR + 1/N``). Unbiased estimators of
+``(tr Σ)²`` and ``tr Σ²`` that do not assume Gaussian data (Himeno & Yamada 2014) need one
+number beyond ``S``:
+
+.. math:: A = \sum_i \lVert x_i - \bar x \rVert^4 .
+
+:class:`NormMoments` streams it in one pass, merged exactly across batches and processes
+like the covariance (a Chan-style update around the running mean). Merging needs the
+third-order vector ``v = Σ ‖x_i − x̄‖² (x_i − x̄)`` and the scatter ``M2`` of each part; ``M2``
+is the paired :class:`~nerve_interp.covariance.CovarianceAccumulator`'s, so the extra state
+is one D-vector and one scalar per point. Moving the centre of a part from its mean to
+``μ = μ_p − δ`` (``Σ_p (x − μ_p) = 0``):
+
+.. math::
+    A' = A + 4 δᵀv + 4 δᵀ M_2 δ + 2‖δ‖² \operatorname{tr} M_2 + n ‖δ‖⁴, \qquad
+    v' = v + 2 M_2 δ + (\operatorname{tr} M_2 + n‖δ‖²) δ .
+
+Everything is float64; the per-batch cost is O(N·D) (two matrix-vector products), against
+the covariance's O(N·D²).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import ResultsFileError
+
+
+def shift(a: torch.Tensor, v: torch.Tensor, m2: torch.Tensor | None, tr_m2: torch.Tensor,
+          n: int, delta: torch.Tensor, m2_delta: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', v')`` of a part re-centred by ``delta`` = (its mean − the new centre).
+
+    ``m2`` is the part's scatter (or pass ``m2_delta = M2 @ delta`` directly)."""
+    md = m2 @ delta if m2_delta is None else m2_delta
+    dd = delta @ delta
+    a_new = a + 4 * (delta @ v) + 4 * (delta @ md) + 2 * dd * tr_m2 + n * dd * dd
+    v_new = v + 2 * md + (tr_m2 + n * dd) * delta
+    return a_new, v_new
+
+
+class NormMoments:
+    """``A = Σ ‖x_i − x̄‖⁴`` (``fourth_``) of one point's rows, streamed.
+
+    Call :meth:`update` with each batch *before* the paired covariance accumulator sees it,
+    passing that accumulator (its scatter is the ``M2`` of the rows seen so far).
+    """
+
+    def __init__(self, name: str = "activations") -> None:
+        self.name = name
+        self._n = 0
+        self._mean: torch.Tensor | None = None
+        self._a: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    @property
+    def n_samples_seen_(self) -> int:
+        return self._n
+
+    @property
+    def fourth_(self) -> float:
+        """``Σ ‖x_i − x̄‖⁴`` over the rows seen (float64)."""
+        return float(self._a) if self._a is not None else 0.0
+
+    @property
+    def mean_(self) -> torch.Tensor | None:
+        return self._mean
+
+    def update(self, x: torch.Tensor, acc: Any) -> NormMoments:
+        """Fold the rows ``x`` ``[n, D]`` in; ``acc`` is the paired CovarianceAccumulator
+        *before* its own update with the same rows."""
+        n_b = int(x.shape[0])
+        if n_b == 0:
+            return self
+        x64 = x.detach().to(torch.float64)
+        mean_b = x64.sum(0) / n_b
+        xc = x64 - mean_b
+        s = (xc * xc).sum(1)  # ‖x_i − μ_b‖²
+        a_b, v_b, tr_b = (s * s).sum(), xc.T @ s, s.sum()
+        if self._n == 0:
+            self._n, self._mean, self._a, self._v = n_b, mean_b, a_b, v_b
+            return self
+        n_a, n = self._n, self._n + n_b
+        mean = self._mean + (mean_b - self._mean) * (n_b / n)
+        d_a, d_b = self._mean - mean, mean_b - mean
+        m2_a = acc.scatter_.to(x64.device)
+        a1, v1 = shift(self._a, self._v, m2_a, m2_a.diagonal().sum(), n_a, d_a)
+        a2, v2 = shift(a_b, v_b, None, tr_b, n_b, d_b, m2_delta=xc.T @ (xc @ d_b))
+        self._n, self._mean, self._a, self._v = n, mean, a1 + a2, v1 + v2
+        return self
+
+    def recentred(self, mean: torch.Tensor, m2: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, v)`` around ``mean`` instead of this part's own mean (``m2``: its scatter);
+        parts re-centred on one common mean add up (the cross-process merge)."""
+        if self._n == 0:
+            d = int(mean.shape[0])
+            return (torch.zeros((), dtype=torch.float64, device=mean.device),
+                    torch.zeros(d, dtype=torch.float64, device=mean.device))
+        m2 = m2.to(self._mean.device)
+        return shift(self._a, self._v, m2, m2.diagonal().sum(), self._n,
+                     self._mean - mean.to(self._mean.device))
+
+    def set_state(self, n: int, mean: torch.Tensor, a: torch.Tensor, v: torch.Tensor
+                  ) -> NormMoments:
+        self._n, self._mean, self._a, self._v = int(n), mean, a, v
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"n": torch.tensor(self._n, dtype=torch.int64),
+                "mean": self._mean.detach().cpu().clone(),
+                "fourth": self._a.detach().cpu().reshape(1).clone(),
+                "third": self._v.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> NormMoments:
+        missing = {"n", "mean", "fourth", "third"} - set(state)
+        if missing:
+            raise ResultsFileError(f"moment state for {self.name} lacks {sorted(missing)}.")
+        self._n = int(state["n"])
+        self._mean = torch.as_tensor(state["mean"]).to(torch.float64).clone()
+        self._a = torch.as_tensor(state["fourth"]).to(torch.float64).reshape(())
+        self._v = torch.as_tensor(state["third"]).to(torch.float64).clone()
+        return self
+
+
+__all__ = ["NormMoments", "shift"]

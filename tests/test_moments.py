@@ -1,0 +1,198 @@
+"""The finite-sample-corrected participation ratio: the estimators against U-statistics,
+the streamed fourth moment against numpy and raw hooks, known answers through a model with
+hand-named sites, and its survival through checkpoints and result files."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny, random_batch, raw_hook_points
+
+import nerve_interp as ni
+from nerve_interp import metrics
+from nerve_interp.covariance import CovarianceAccumulator
+from nerve_interp.moments import NormMoments
+
+
+def fourth(x: np.ndarray) -> float:
+    xc = x - x.mean(0)
+    return float(((xc ** 2).sum(1) ** 2).sum())
+
+
+def test_trace_estimators_equal_the_u_statistics():
+    """Known answer: the unbiased estimators are the U-statistics over distinct 4-tuples."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(5, size=(9, 3)) @ rng.standard_normal((3, 3)) + 1.0
+    lam = np.linalg.eigvalsh(np.cov(x, rowvar=False))
+    t11, t2 = metrics.trace_estimators(lam, 9, fourth(x))
+    u2, u11 = [], []
+    for i, j, k, m in itertools.permutations(range(9), 4):
+        a, b = x[i] - x[j], x[k] - x[m]
+        u2.append((a @ b) ** 2 / 4)
+        u11.append((a @ a) * (b @ b) / 4)
+    assert t2 == pytest.approx(np.mean(u2), rel=1e-12)
+    assert t11 == pytest.approx(np.mean(u11), rel=1e-12)
+    with pytest.raises(ValueError, match="N >= 4"):
+        metrics.trace_estimators(lam, 3, 1.0)
+
+
+def test_streamed_fourth_moment_equals_numpy():
+    """Batches of float32 rows with a large offset, merged with the Chan-style update; and
+    two parts re-centred on their common mean add up (the cross-process merge)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1100, 9, generator=g, dtype=torch.float64) ** 3
+         @ torch.randn(9, 9, generator=g, dtype=torch.float64) + 30).float()
+    acc, mom = CovarianceAccumulator("t", precision="fp32"), NormMoments("t")
+    for chunk in x.split(97):
+        mom.update(chunk, acc)
+        acc.update(chunk)
+    want = fourth(x.double().numpy())
+    assert mom.fourth_ == pytest.approx(want, rel=1e-12)
+    parts = []
+    for rows in (x[:300].double(), x[300:].double()):
+        a, m = CovarianceAccumulator("p"), NormMoments("p")
+        for chunk in rows.split(64):
+            m.update(chunk, a)
+            a.update(chunk)
+        parts.append((a, m))
+    mu = x.double().mean(0)
+    total = sum(float(m.recentred(mu, a.scatter_)[0]) for a, m in parts)
+    assert total == pytest.approx(want, rel=1e-12)
+
+
+def test_capture_matches_raw_hooks_with_exclusions_and_budget():
+    """participation_ratio_corrected of a capture equals the estimator on the raw-hook
+    activations of the documented rows (llama: gated points; positions and a budget cut)."""
+    model = make_tiny("llama")
+    batches = [random_batch(seed=s) for s in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ni.collect_spectra(model, batches, progress=False, points=("pre", "post"),
+                                 exclude_positions=(0,), max_tokens=150)
+    select = []
+    left = 150
+    for b in batches:
+        real = b["attention_mask"].bool()
+        keep = real & ((real.long().cumsum(1) - 1) != 0)
+        flat = keep.reshape(-1) & (keep.reshape(-1).cumsum(0) <= left)
+        left -= int(flat.sum())
+        select.append(flat.reshape(keep.shape))
+    ref = raw_hook_points(model, batches, "gated", select=select)
+    table = res.metrics().set_index(["layer", "point", "metric"])["value"]
+    for (layer, point), x in ref.items():
+        if point not in ("pre", "post"):
+            continue
+        spec = res.spectrum(layer, point)
+        assert spec.n_samples == len(x) == 150
+        assert spec.fourth_moment == pytest.approx(fourth(x), rel=1e-6)
+        lam = np.linalg.eigvalsh(np.cov(x, rowvar=False)).clip(0)
+        want = metrics.participation_ratio_corrected(lam, len(x), fourth(x))
+        assert table[(layer, point, "participation_ratio_corrected")] == pytest.approx(
+            want, rel=1e-6)
+
+
+class _Ffn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.Identity()
+
+
+class _Blk(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _Ffn()
+
+    def forward(self, x):
+        return self.mlp.act(x)
+
+
+class Passthrough(torch.nn.Module):
+    """Its FFN point is its input: activations with a covariance we choose."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Blk()])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+def capture_pr(lam: np.ndarray, n: int, seed: int, heavy: bool) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    d = lam.size
+    z = (rng.standard_t(8, (n, d)) / np.sqrt(8 / 6) if heavy else rng.standard_normal((n, d)))
+    rot = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    x = torch.from_numpy((z * np.sqrt(lam)) @ rot.T + 2.0)
+    model = Passthrough()
+    sites = ni.find_ffn_sites(model, pre="blocks.{layer}.mlp.act.input",
+                              post="blocks.{layer}.mlp.act.output")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ni.collect_spectra(model, list(x.split(50)), sites=sites, points=("post",),
+                                 progress=False, diagnostics=False)
+    m = res.spectrum(0, "post").metrics()
+    return m["participation_ratio"], m["participation_ratio_corrected"]
+
+
+@pytest.mark.parametrize("heavy", [False, True], ids=["gaussian", "student-t8"])
+def test_corrected_pr_known_answers_flat(heavy):
+    """A flat covariance, Gaussian or Student-t(8) tokens through a model with hand-named
+    sites, mean over 8 captures: at N/D = 1 the corrected PR is within 5 % of the population
+    PR where the plain PR is > 30 % low; at N/D = 8 within 2 % (measured, 40 captures:
+    +0.5 % / +0.4 % at N/D = 1, -0.04 % / -0.01 % at N/D = 8)."""
+    d = 64
+    for ratio, tol in ((1, 0.05), (8, 0.02)):
+        got = np.array([capture_pr(np.ones(d), ratio * d, s, heavy) for s in range(8)]) / d
+        plain, corrected = got.mean(0)
+        assert corrected == pytest.approx(1.0, abs=tol), (ratio, plain, corrected)
+        if ratio == 1:
+            assert plain < 0.7
+
+
+@pytest.mark.parametrize("heavy", [False, True], ids=["gaussian", "student-t8"])
+def test_corrected_pr_known_answers_power_law(heavy):
+    """λ_i ∝ 1/i (D = 64, population PR 13.2) at N/D = 8, 16 captures: a few large
+    eigenvalues make both estimates noisy (one capture: ~6 %), so the claim is an interval:
+    the population PR lies inside mean ± 3 SE of the corrected PR, that interval is
+    narrower than ±6 %, and the correction (corrected − plain, paired by capture) is
+    positive beyond 3 SE (measured over 40 captures: plain 0.975 / 0.954, corrected
+    1.003 / 0.984 of the population value; heavy tails leave a small low bias)."""
+    d = 64
+    lam = 1.0 / np.arange(1, d + 1)
+    pop = lam.sum() ** 2 / (lam ** 2).sum()
+    got = np.array([capture_pr(lam, 8 * d, s, heavy) for s in range(16)]) / pop
+    n = len(got)
+    mean, se = got.mean(0), got.std(0, ddof=1) / np.sqrt(n)
+    assert abs(mean[1] - 1) < 3 * se[1] < 0.06, (mean, se)
+    diff = got[:, 1] - got[:, 0]
+    assert diff.mean() > 3 * diff.std(ddof=1) / np.sqrt(n), diff
+
+
+def test_fourth_moment_survives_resume_and_files(tmp_path):
+    model = make_tiny("gpt2")
+    batches = [random_batch(seed=s) for s in range(4)]
+    ckpt = tmp_path / "c.ckpt"
+
+    def dies(n):
+        for i, b in enumerate(batches):
+            if i == n:
+                raise KeyboardInterrupt
+            yield b
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = ni.collect_spectra(model, batches, progress=False)
+        with pytest.raises(KeyboardInterrupt):
+            ni.collect_spectra(model, dies(2), progress=False, checkpoint=ckpt,
+                               checkpoint_every=1)
+        resumed = ni.collect_spectra(model, batches, progress=False, checkpoint=ckpt)
+    for key, spec in whole.items():
+        assert resumed.spectrum(*key).fourth_moment == spec.fourth_moment  # bit for bit
+    whole.save(tmp_path / "r.safetensors")
+    back = ni.SpectraResult.load(tmp_path / "r.safetensors")
+    assert back.metrics().equals(whole.metrics())
+    assert "participation_ratio_corrected" in set(back.metrics()["metric"])
