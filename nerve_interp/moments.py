@@ -80,18 +80,27 @@ class NormMoments:
             return self
         x64 = x.detach().to(torch.float64)
         mean_b = x64.sum(0) / n_b
-        xc = x64 - mean_b
-        s = (xc * xc).sum(1)  # ‖x_i − μ_b‖²
-        a_b, v_b, tr_b = (s * s).sum(), xc.T @ s, s.sum()
+        if self._n == 0:
+            d_b = torch.zeros_like(mean_b)
+        else:
+            d_b = mean_b - (self._mean + (mean_b - self._mean) * (n_b / (self._n + n_b)))
+        # five passes over the rows, none writing an N×D array: ‖x − μ_b‖² and (x − μ_b)ᵀδ
+        # from x·μ_b and x·δ (one N×2 product), then Σ s_i x_i and Σ r_i x_i (one D×2)
+        q = x64 @ torch.stack([mean_b, d_b], 1)
+        s = torch.linalg.vector_norm(x64, dim=1) ** 2 - 2 * q[:, 0] + mean_b @ mean_b
+        r = q[:, 1] - mean_b @ d_b
+        w = x64.T @ torch.stack([s, r], 1)
+        tr_b = s.sum()
+        a_b, v_b = (s * s).sum(), w[:, 0] - mean_b * tr_b
+        m2b_d = w[:, 1] - mean_b * r.sum()  # M2_b δ_b = Σ (x_i − μ_b) r_i
         if self._n == 0:
             self._n, self._mean, self._a, self._v = n_b, mean_b, a_b, v_b
             return self
         n_a, n = self._n, self._n + n_b
         mean = self._mean + (mean_b - self._mean) * (n_b / n)
-        d_a, d_b = self._mean - mean, mean_b - mean
         m2_a = acc.scatter_.to(x64.device)
-        a1, v1 = shift(self._a, self._v, m2_a, m2_a.diagonal().sum(), n_a, d_a)
-        a2, v2 = shift(a_b, v_b, None, tr_b, n_b, d_b, m2_delta=xc.T @ (xc @ d_b))
+        a1, v1 = shift(self._a, self._v, m2_a, m2_a.diagonal().sum(), n_a, self._mean - mean)
+        a2, v2 = shift(a_b, v_b, None, tr_b, n_b, d_b, m2_delta=m2b_d)
         self._n, self._mean, self._a, self._v = n, mean, a1 + a2, v1 + v2
         return self
 
