@@ -116,6 +116,29 @@ class NormMoments:
         return shift(self._a, self._v, m2, m2.diagonal().sum(), self._n,
                      self._mean - mean.to(self._mean.device))
 
+    def without(self, rows: torch.Tensor, mean_rest: torch.Tensor, m2_rest: torch.Tensor
+                ) -> float:
+        """``Σ ‖x − μ'‖⁴`` over the rows seen *minus* ``rows`` (``[k, D]``, rows that were
+        part of them), around their mean ``mean_rest`` with scatter ``m2_rest`` (from
+        :func:`nerve_interp.diagnostics.remove_rows`): the fourth moment of a spectrum
+        without its outlier tokens.
+
+        Around this part's mean ``μ``, the rest holds ``A − Σ_R ‖x_r − μ‖⁴`` and
+        ``v − Σ_R ‖x_r − μ‖² (x_r − μ)``; moving its centre by ``e = μ' − μ`` (its rows sum
+        to ``n' e`` around ``μ``, not 0):
+        ``A' = A_R − 4 eᵀ v_R + 4 eᵀ M2' e + 2 ‖e‖² tr M2' + 3 n' ‖e‖⁴``.
+        """
+        rows = rows.to(self._mean.device, torch.float64)
+        yr = rows - self._mean
+        sr = (yr * yr).sum(1)
+        a_r, v_r = self._a - (sr * sr).sum(), self._v - yr.T @ sr
+        m2 = m2_rest.to(self._mean.device, torch.float64)
+        n_rest = self._n - int(rows.shape[0])
+        e = mean_rest.to(self._mean.device, torch.float64) - self._mean
+        ee = e @ e
+        return float(a_r - 4 * (e @ v_r) + 4 * (e @ (m2 @ e)) + 2 * ee * m2.diagonal().sum()
+                     + 3 * n_rest * ee * ee)
+
     def set_state(self, n: int, mean: torch.Tensor, a: torch.Tensor, v: torch.Tensor
                   ) -> NormMoments:
         self._n, self._mean, self._a, self._v = int(n), mean, a, v

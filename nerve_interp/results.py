@@ -271,8 +271,8 @@ class SpectraResult:
         """
         a = self.metrics().assign(tokens="all")
         b = self.without_outliers().metrics().assign(tokens="without outliers")
-        # a flagged point's spectrum without its outlier tokens has no fourth moment, so
-        # it may list fewer metrics: carry the flags over by point, not by row
+        # the two may list different metrics (a spectrum without the fourth moment has no
+        # participation_ratio_corrected): carry the flags over by point, not by row
         flags = a.drop_duplicates(["layer", "point"]).set_index(["layer", "point"])
         b["outlier_flag"] = pd.Series(
             flags["outlier_flag"].reindex(pd.MultiIndex.from_frame(b[["layer", "point"]]))

@@ -196,3 +196,40 @@ def test_fourth_moment_survives_resume_and_files(tmp_path):
     back = ni.SpectraResult.load(tmp_path / "r.safetensors")
     assert back.metrics().equals(whole.metrics())
     assert "participation_ratio_corrected" in set(back.metrics()["metric"])
+
+
+def test_fourth_moment_without_some_rows_equals_numpy():
+    """The spectrum without outlier tokens keeps its corrected PR: removing rows from the
+    streamed moments equals numpy on the rows that are left."""
+    from nerve_interp.diagnostics import remove_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 6, generator=g, dtype=torch.float64) + 4
+    x[:7] *= 40  # a few massive rows
+    acc, mom = CovarianceAccumulator("t"), NormMoments("t")
+    for chunk in x.split(128):
+        mom.update(chunk, acc)
+        acc.update(chunk)
+    drop = x[[0, 3, 5, 100]]
+    n_a, mean_a, m2_a = remove_rows(acc.n_samples_seen_, acc.mean_, acc.scatter_, drop)
+    keep = np.ones(600, bool)
+    keep[[0, 3, 5, 100]] = False
+    assert mom.without(drop, mean_a, m2_a) == pytest.approx(fourth(x.numpy()[keep]), rel=1e-10)
+
+
+def test_flagged_points_keep_the_corrected_pr_without_outliers():
+    from test_diagnostics import lookup_data
+
+    model, sites, batches, _, _ = lookup_data(n_batches=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ni.collect_spectra(model, batches, sites=sites, points=("post",),
+                                 progress=False)
+    assert res.diagnostics[(0, "post")].outlier_flag
+    free = res.without_outliers().metrics().set_index("metric")["value"]
+    plain = res.metrics().set_index("metric")["value"]
+    assert np.isfinite(free["participation_ratio_corrected"])
+    # without the massive tokens the PR rises; at N/D ~ 60 the correction stays small
+    assert free["participation_ratio"] > 1.5 * plain["participation_ratio"]
+    assert free["participation_ratio_corrected"] == pytest.approx(
+        free["participation_ratio"], rel=0.2)

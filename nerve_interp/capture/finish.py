@@ -95,6 +95,9 @@ def token_diagnostics(p: Pipeline, tokenizer: Any) -> tuple[dict, dict]:
             free[sink.key] = spectrum_from_covariance(
                 m2_a / (n_a - 1), mean_a, n_a, eigenvectors=p.opts.eigenvectors,
                 name=acc.name, warn=False)
+            if sink.moments is not None and sink.moments.n_samples_seen_ == acc.n_samples_seen_:
+                free[sink.key].fourth_moment = sink.moments.without(
+                    st.top_vectors_[mask], mean_a, m2_a)
     return diags, free
 
 
