@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny, random_batch, raw_hook_points
+from test_diagnostics import _Block
 
 import nerve_interp as ni
 from nerve_interp import metrics
@@ -95,27 +96,12 @@ def test_capture_matches_raw_hooks_with_exclusions_and_budget():
             want, rel=1e-6)
 
 
-class _Ffn(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.act = torch.nn.Identity()
-
-
-class _Blk(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mlp = _Ffn()
-
-    def forward(self, x):
-        return self.mlp.act(x)
-
-
 class Passthrough(torch.nn.Module):
     """Its FFN point is its input: activations with a covariance we choose."""
 
     def __init__(self):
         super().__init__()
-        self.blocks = torch.nn.ModuleList([_Blk()])
+        self.blocks = torch.nn.ModuleList([_Block()])  # its FFN activation is an Identity
 
     def forward(self, x):
         return self.blocks[0](x)
