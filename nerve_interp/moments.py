@@ -80,10 +80,9 @@ class NormMoments:
             return self
         x64 = x.detach().to(torch.float64)
         mean_b = x64.sum(0) / n_b
-        if self._n == 0:
-            d_b = torch.zeros_like(mean_b)
-        else:
-            d_b = mean_b - (self._mean + (mean_b - self._mean) * (n_b / (self._n + n_b)))
+        n_a, n = self._n, self._n + n_b
+        mean = mean_b if n_a == 0 else self._mean + (mean_b - self._mean) * (n_b / n)
+        d_b = mean_b - mean  # this batch's offset from the merged mean (0 for the first)
         # five passes over the rows, none writing an N×D array: ‖x − μ_b‖² and (x − μ_b)ᵀδ
         # from x·μ_b and x·δ (one N×2 product), then Σ s_i x_i and Σ r_i x_i (one D×2)
         q = x64 @ torch.stack([mean_b, d_b], 1)
@@ -93,11 +92,9 @@ class NormMoments:
         tr_b = s.sum()
         a_b, v_b = (s * s).sum(), w[:, 0] - mean_b * tr_b
         m2b_d = w[:, 1] - mean_b * r.sum()  # M2_b δ_b = Σ (x_i − μ_b) r_i
-        if self._n == 0:
+        if n_a == 0:
             self._n, self._mean, self._a, self._v = n_b, mean_b, a_b, v_b
             return self
-        n_a, n = self._n, self._n + n_b
-        mean = self._mean + (mean_b - self._mean) * (n_b / n)
         m2_a = acc.scatter_.to(x64.device)
         a1, v1 = shift(self._a, self._v, m2_a, m2_a.diagonal().sum(), n_a, self._mean - mean)
         a2, v2 = shift(a_b, v_b, None, tr_b, n_b, d_b, m2_delta=m2b_d)

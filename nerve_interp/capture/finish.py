@@ -3,6 +3,7 @@ every point, warn once, finish the token diagnostics and write the metadata."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import warnings
 from collections.abc import Sequence
@@ -61,9 +62,8 @@ def _run_metadata(p: Pipeline, state: RunState, sites: Sequence[FFNSite], diags:
                        "norm": {s.name: s.tokens.n_excluded_norm_ for s in p.sinks if norm},
                        "norm_thresholds": {s.name: s.tokens.norm_threshold_
                                            for s in p.sinks if norm}},
-        "diagnostics": p.opts.outliers.to_dict(
-            flagged=[d.name for d in diags.values() if d.outlier_flag]
-        ) | {"enabled": bool(state.diagnostics)},
+        "diagnostics": dataclasses.replace(p.opts.outliers, enabled=state.diagnostics).to_dict(
+            flagged=[d.name for d in diags.values() if d.outlier_flag]),
         "gram_dtype": str(first.gram_dtype).replace("torch.", ""),
         "data_sha1": state.data_sha1, "world_size": p.shard.world_size,
         "layers": [s.layer for s in sites],
