@@ -47,7 +47,7 @@ def plan(wrapper: Any, data: Any, tokenizer: Any, sites: Sequence[FFNSite],
     return data, plan_capture(dims, budget=opts.memory_budget, device=device,
                               precision=opts.precision, tokens_per_batch=rows,
                               activation_bytes=param.element_size(),
-                              eigenvectors=opts.eigenvectors)
+                              eigenvectors=opts.eigenvectors, n_groups=opts.n_groups)
 
 
 def in_passes(capture: Callable[[Any, CaptureOptions], Any], data: Any, the_plan: Any,
