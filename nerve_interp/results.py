@@ -229,7 +229,8 @@ class SpectraResult:
 
         The groups are merged in 3 random orders (the same at every point), and the metric
         is read at about 8 group counts k (evenly spaced in log N) and at all K; then
-        ``m(N) = m∞ + a/N`` is fitted by least squares. Soft rank, spectral entropy, EEE
+        ``m(N) = m∞ + a/N`` is fitted by least squares to the samples with N_k ≥ D (below,
+        the 1/N form fails). Soft rank, spectral entropy, EEE
         and the plain participation ratio are biased at finite N (white noise at N/D = 8 has
         soft rank 0.94·D): ``m_inf`` is their finite-sample-corrected value, as far as the
         1/N form holds (``r2``; look at :func:`nerve_interp.plotting.plot_convergence`).

@@ -59,13 +59,14 @@ class Convergence:
     Attributes
     ----------
     curves : DataFrame
-        ``model, layer, point, metric, order, k, n_tokens, value``: the metric on the first
+        ``model, layer, point, metric, order, k, n_tokens, dim, value``: the metric on the first
         ``k`` of K groups merged in random order ``order`` (k = K, all the data, is listed
         once with order 0). ``point`` is ``"pre->post"`` for pre → post quantities.
     fits : DataFrame
         One row per (layer, point, metric): ``value`` (at all N tokens), ``n_tokens``,
         ``m_inf`` with ``m_inf_se``, ``m_inf_ci_low``, ``m_inf_ci_high``, ``a``, ``r2`` and
-        ``n_points`` (of :func:`nerve_interp.jackknife.fit_convergence`), and
+        ``n_points`` (of :func:`nerve_interp.jackknife.fit_convergence`, fitted on the
+        points with ``n_tokens >= dim`` only: NaN when fewer than 3 group counts qualify), and
         ``relative_change`` = (m∞ − value) / value: how far the measured value is from its
         extrapolation (≈ its finite-sample bias, if m(N) = m∞ + a/N holds).
     """
@@ -103,7 +104,7 @@ def convergence(result, metrics: Iterable[str] | None = None, *, pre: str = "pre
             rows += _pair_curves(result.model, layer, result.spectrum(layer, pre),
                                  result.spectrum(layer, post), pair, f"{pre}->{post}")
     curves = pd.DataFrame(rows, columns=["model", "layer", "point", "metric", "order", "k",
-                                         "n_tokens", "value"])
+                                         "n_tokens", "dim", "value"])
     return Convergence(curves, _fits(curves, ci))
 
 
@@ -114,13 +115,14 @@ def _spectrum_curves(model: str, layer: int, point: str, spec: Spectrum,
     full = spec.metrics()
     for name in names:
         if name in full:
-            rows.append((model, layer, point, name, 0, g.k, spec.n_samples, full[name]))
+            rows.append((model, layer, point, name, 0, g.k, spec.n_samples, spec.dim,
+                         full[name]))
     for r in range(g.conv_n.shape[0]):
         for p, k in enumerate(g.conv_groups):
             n = int(g.conv_n[r, p])
             a = None if g.conv_fourth is None else float(g.conv_fourth[r, p])
             m = point_metrics(g.conv_eigenvalues[r, p], n, a)
-            rows += [(model, layer, point, name, r, int(k), n, m[name])
+            rows += [(model, layer, point, name, r, int(k), n, spec.dim, m[name])
                      for name in names if name in m]
     return rows
 
@@ -129,13 +131,13 @@ def _pair_curves(model: str, layer: int, a: Spectrum, b: Spectrum, names: Sequen
                  label: str) -> list[tuple]:
     ga, gb = a.require_groups(), b.require_groups()
     full = _metrics.reinjection(a.eigenvalues, b.eigenvalues)
-    n = min(a.n_samples, b.n_samples)
-    rows = [(model, layer, label, name, 0, ga.k, n, full[name]) for name in names]
+    n, d = min(a.n_samples, b.n_samples), max(a.dim, b.dim)
+    rows = [(model, layer, label, name, 0, ga.k, n, d, full[name]) for name in names]
     for r in range(ga.conv_n.shape[0]):
         for p, k in enumerate(ga.conv_groups):
             m = _metrics.reinjection(ga.conv_eigenvalues[r, p], gb.conv_eigenvalues[r, p])
             nt = int(min(ga.conv_n[r, p], gb.conv_n[r, p]))
-            rows += [(model, layer, label, name, r, int(k), nt, m[name]) for name in names]
+            rows += [(model, layer, label, name, r, int(k), nt, d, m[name]) for name in names]
     return rows
 
 
@@ -144,11 +146,13 @@ def _fits(curves: pd.DataFrame, ci: float) -> pd.DataFrame:
     for (model, layer, point, metric), df in curves.groupby(
             ["model", "layer", "point", "metric"], sort=False):
         whole = df[df["k"] == df["k"].max()].iloc[0]
-        ok = np.isfinite(df["value"].to_numpy())
+        # only full-rank samples (N_k >= D): below, the 1/N form does not hold (white noise
+        # at N/D = 0.5 has soft rank 0.4·D) and those points drag m∞ far off
+        ok = np.isfinite(df["value"].to_numpy()) & (df["n_tokens"] >= df["dim"]).to_numpy()
         try:
             fit = fit_convergence(df["n_tokens"].to_numpy()[ok], df["value"].to_numpy()[ok],
                                   ci=ci)
-        except ValueError:  # fewer than 3 group counts (K = 2)
+        except ValueError:  # fewer than 3 full-rank group counts (N/D or K too small)
             fit = {"m_inf": np.nan, "a": np.nan, "m_inf_se": np.nan, "m_inf_ci_low": np.nan,
                    "m_inf_ci_high": np.nan, "r2": np.nan, "n_points": int(ok.sum())}
         value = float(whole["value"])
