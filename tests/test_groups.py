@@ -246,3 +246,22 @@ def test_convergence_extrapolates_toward_the_population_value():
     print(f"soft rank bias at N/D = 8: measured {measured:.2f}, extrapolated {extrapolated:.2f}")
     assert measured > 0.04 * d  # biased low (MP: 0.06·D)
     assert abs(extrapolated) < 0.5 * measured
+
+
+def test_plots_draw_the_intervals(llama, batches):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    res = capture(llama, batches, n_groups=4)
+    ax = ni.plotting.plot_metric(res.metrics(), metric="participation_ratio_corrected")
+    assert len(ax.collections) >= 2  # one band per point
+    axes = ni.plotting.plot_reinjection(res.reinjection())
+    assert all(a.containers for a in axes)  # error bars
+    conv = res.convergence()
+    ax = ni.plotting.plot_convergence(conv, metric="js_divergence", point="pre->post")
+    assert ax.get_xscale() == "log" and len(ax.get_legend().get_texts()) == len(res.layers)
+    with pytest.raises(KeyError, match="no convergence curve"):
+        ni.plotting.plot_convergence(conv, metric="nope")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
