@@ -2,9 +2,11 @@
 
 :class:`SpectralTracker` runs :func:`collect_spectra` on a fixed set of held-out batches
 (the same tokens every time, so metrics are comparable across steps) and appends tidy rows
-``step, layer, point, metric, value, train_loss, val_loss``. Reinjection metrics (SPEC.md §4)
-are rows with ``point == "reinjection"``. It plugs into :func:`nerve_interp.training.train`
-and, through :class:`HFSpectralCallback`, into ``transformers.Trainer``.
+``step, layer, point, metric, value, se, ci_low, ci_high, n_tokens, n_over_d, train_loss,
+val_loss`` (intervals with ``n_groups=K`` among the capture options, NaN otherwise).
+Reinjection metrics (SPEC.md §4) are rows with ``point == "reinjection"``. It plugs into
+:func:`nerve_interp.training.train` and, through :class:`HFSpectralCallback`, into
+``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class SpectralTracker(Callback):
     @property
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=["step", "layer", "point", "metric", "value",
-                                                "train_loss", "val_loss"])
+                                                "se", "ci_low", "ci_high", "n_tokens",
+                                                "n_over_d", "train_loss", "val_loss"])
 
     def measure(self, model: torch.nn.Module, step: int, train_loss: float = math.nan,
                 val_loss: float = math.nan) -> None:
@@ -119,14 +122,18 @@ class SpectralTracker(Callback):
         base = {"step": step, "train_loss": train_loss, "val_loss": val_loss}
         for r in res.metrics().itertuples(index=False):
             self.rows.append({**base, "layer": r.layer, "point": r.point, "metric": r.metric,
-                              "value": r.value})
+                              "value": r.value, "se": r.se, "ci_low": r.ci_low,
+                              "ci_high": r.ci_high, "n_tokens": r.n_tokens,
+                              "n_over_d": r.n_over_d})
         for (layer, point), d in res.diagnostics.items():
             self.rows.append({**base, "layer": layer, "point": point,
                               "metric": "outlier_share", "value": d.outlier_share})
         if self.reinjection:
             for r in res.reinjection(tidy=True).itertuples(index=False):
                 self.rows.append({**base, "layer": r.layer, "point": REINJECTION_POINT,
-                                  "metric": r.metric, "value": r.value})
+                                  "metric": r.metric, "value": r.value, "se": r.se,
+                                  "ci_low": r.ci_low, "ci_high": r.ci_high,
+                                  "n_tokens": r.n_tokens, "n_over_d": r.n_over_d})
         self._measured.add(step)
         self.seconds += time.perf_counter() - t0
 
