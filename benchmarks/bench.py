@@ -60,6 +60,7 @@ from capture_throughput import module_and_io, plain_forward, raw_hook_capture  #
 
 import nerve_interp  # noqa: E402
 import nerve_interp.capture.finish as capture_mod  # noqa: E402
+import nerve_interp.groups as groups_mod  # noqa: E402
 from nerve_interp.capture import collect_spectra  # noqa: E402
 from nerve_interp.covariance import (  # noqa: E402
     CovarianceAccumulator,
@@ -136,7 +137,11 @@ def discard_eigh():
         return Spectrum(eigenvalues=np.zeros(d), mean=np.zeros(d), n_samples=int(n_samples),
                         name=name)
 
-    with mock.patch.object(capture_mod, "spectrum_from_covariance", fake):
+    def fake_groups(m2, n):  # the leave-one-group-out / convergence eigvalsh of n_groups
+        return np.zeros(int(m2.shape[0]))
+
+    with mock.patch.object(capture_mod, "spectrum_from_covariance", fake), \
+            mock.patch.object(groups_mod, "_eigenvalues", fake_groups):
         yield
 
 
@@ -149,11 +154,12 @@ def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Modu
     reads = [(s.name(p), *module_and_io(s.path(p)), p) for s in sites for p in ("pre", "post")]
     n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
 
-    def nn(prec: str, diagnostics: bool = False) -> None:
+    def nn(prec: str, diagnostics: bool = False, n_groups: int | None = None) -> None:
         with discard_eigh(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # outlier-token warnings, once per rep
             collect_spectra(wrapper, batches, points=("pre", "post"), progress=False,
-                            precision=prec, diagnostics=diagnostics)
+                            precision=prec, diagnostics=diagnostics, n_groups=n_groups,
+                            memory_budget=None if n_groups is None else 1e12)
 
     # "nnsight <mode>" forms the same statistics as the raw hooks (token diagnostics off);
     # "+ diagnostics" is collect_spectra's default, which also keeps per-token norm statistics
@@ -163,6 +169,11 @@ def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Modu
         variants[f"raw {prec}"] = lambda p=prec: raw_hook_capture(ref_model, batches, reads,
                                                                   precision=p)
     variants[f"nnsight {precisions[0]} + diagnostics"] = lambda: nn(precisions[0], True)
+    # per-group statistics (the streaming part; the extra eigendecompositions are discarded
+    # like the others): K = 16 where the batches hold >= 16 sequences
+    k = min(16, sum(int(b["input_ids"].shape[0]) for b in batches))
+    variants[f"nnsight {precisions[0]} + diagnostics + groups"] = \
+        lambda: nn(precisions[0], True, k)
     for fn in variants.values():  # warm-up, untimed
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -182,6 +193,9 @@ def throughput_case(label: str, model: torch.nn.Module, ref_model: torch.nn.Modu
                "x_plain": _median_ratio(ts, times["plain"])}
         if name.startswith("nnsight"):
             row["nnsight_over_raw"] = _median_ratio(ts, times["raw " + name.split()[1]])
+        if name.endswith("groups"):
+            row["n_groups"] = k
+            row["x_ungrouped"] = _median_ratio(ts, times[name.removesuffix(" + groups")])
         rows.append(row)
     p0 = next(model.parameters())
     return {"case": label, "device": str(device), "dtype": str(p0.dtype).replace("torch.", ""),
@@ -561,12 +575,14 @@ def print_report(res: dict) -> None:
     for case in res.get("throughput", []):
         print(f"\n[a] {case['case']}: {case['sites']} points, D {case['D']}, {case['tokens']} "
               f"tokens in {case['batches']} batches, {case['reps']} reps")
-        print(f"  {'variant':<28}{'median s':>10}{'tokens/s':>12}{'x plain':>9}"
+        print(f"  {'variant':<38}{'median s':>10}{'tokens/s':>12}{'x plain':>9}"
               f"{'nnsight/raw':>13}")
         for r in case["rows"]:
             nr = f"{r['nnsight_over_raw']:.3f}" if "nnsight_over_raw" in r else ""
-            print(f"  {r['variant']:<28}{r['median_s']:>10.3f}{r['tokens_per_s']:>12,.0f}"
-                  f"{r['x_plain']:>9.2f}{nr:>13}")
+            groups = (f"  (K = {r['n_groups']}: {r['x_ungrouped']:.2f}× ungrouped)"
+                      if "n_groups" in r else "")
+            print(f"  {r['variant']:<38}{r['median_s']:>10.3f}{r['tokens_per_s']:>12,.0f}"
+                  f"{r['x_plain']:>9.2f}{nr:>13}{groups}")
     for case in res.get("accuracy", []):
         print(f"\n[b] accumulation accuracy on {case['device']}: N={case['N']}, D={case['D']}, "
               f"{case['rows_per_update']} rows per update ({case['data']})")
