@@ -41,6 +41,7 @@ _LAZY = {
     "AblationResult": ("nerve_interp.ablation", "AblationResult"),
     "Ablation": ("nerve_interp.ablation", "Ablation"),
     "plotting": ("nerve_interp.plotting", None),
+    "jackknife": ("nerve_interp.jackknife", None),
     "show_versions": ("nerve_interp._versions", "show_versions"),
 }
 

@@ -75,7 +75,8 @@ def _unpack(tensors: Mapping[str, torch.Tensor], layer: int, point: str,
 def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
                     manifest: Mapping[str, Any], position: Mapping[str, Any], *,
                     token_stats: Mapping[tuple[int, str], Any] | None = None,
-                    moments: Mapping[tuple[int, str], Any] | None = None) -> Path:
+                    moments: Mapping[tuple[int, str], Any] | None = None,
+                    extra: Mapping[str, Mapping[tuple[int, str], Any]] | None = None) -> Path:
     """Write the accumulators, manifest and data position to ``path`` atomically.
 
     Parameters
@@ -94,6 +95,9 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
         kill cannot leave statistics and diagnostics from different batches).
     moments : mapping (layer, point) → NormMoments, optional
         The fourth-moment statistics, in the same file.
+    extra : mapping key prefix → mapping (layer, point) → state object, optional
+        Further statistics with ``state_dict`` / ``load_state_dict`` (the per-group
+        accumulators, ``"group3."``), in the same file.
 
     Returns
     -------
@@ -104,6 +108,8 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     path = Path(path)
     tensors = {**_pack(accs), **_pack(token_stats or {}, TOKEN_STATS_PREFIX),
                **_pack(moments or {}, MOMENTS_PREFIX)}
+    for prefix, objs in (extra or {}).items():
+        tensors.update(_pack(objs, prefix))
     state = {"format_version": FORMAT_VERSION, "nerve_interp": __version__,
              "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
              "manifest": dict(manifest), "position": dict(position)}
@@ -157,7 +163,8 @@ def _diff(want: Any, got: Any, prefix: str = "") -> list[str]:
 def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any],
                     manifest: Mapping[str, Any], *,
                     token_stats: Mapping[tuple[int, str], Any] | None = None,
-                    moments: Mapping[tuple[int, str], Any] | None = None
+                    moments: Mapping[tuple[int, str], Any] | None = None,
+                    extra: Mapping[str, Mapping[tuple[int, str], Any]] | None = None
                     ) -> dict[str, Any]:
     """Restore accumulators from ``path`` after checking it belongs to this run.
 
@@ -175,6 +182,8 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     moments : mapping (layer, point) → NormMoments, optional
         Empty fourth-moment statistics of this run; filled in place where the file holds
         them (a checkpoint of an older version leaves them empty).
+    extra : mapping key prefix → mapping (layer, point) → state object, optional
+        As in :func:`save_checkpoint`; filled in place where the file holds them.
 
     Returns
     -------
@@ -221,7 +230,8 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
             )
         if sub:
             acc.load_state_dict(sub)
-    for prefix, objs in ((TOKEN_STATS_PREFIX, token_stats), (MOMENTS_PREFIX, moments)):
+    for prefix, objs in ((TOKEN_STATS_PREFIX, token_stats), (MOMENTS_PREFIX, moments),
+                         *(extra or {}).items()):
         for (layer, point), obj in (objs or {}).items():
             sub = _unpack(tensors, layer, point, prefix)
             if sub:

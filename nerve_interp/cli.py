@@ -96,10 +96,31 @@ def _finite_sample_line(result: Any) -> str:
 
 
 def format_table(reinjection) -> str:
-    """The per-layer pre/post table printed by the CLI."""
-    df = reinjection[[c for c in TABLE_COLUMNS if c in reinjection]].rename(
-        columns=TABLE_COLUMNS)
+    """The per-layer pre/post table printed by the CLI (with ``±`` half-widths of the 95 %
+    intervals of the PR gain and ΔSE when the capture kept groups)."""
+    df = reinjection.copy()
+    cols = list(TABLE_COLUMNS)
+    for q, after in (("pr_gain", "pr_gain"), ("delta_spectral_entropy",
+                                              "delta_spectral_entropy")):
+        if f"{q}_ci_high" in df:
+            df[f"{q}_pm"] = df[f"{q}_ci_high"] - df[q]
+            cols.insert(cols.index(after) + 1, f"{q}_pm")
+    names = {**TABLE_COLUMNS, "pr_gain_pm": "±", "delta_spectral_entropy_pm": "±"}
+    df = df[[c for c in cols if c in df]].rename(columns=names)
     return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def excluding_no_change(reinjection) -> str | None:
+    """How many layers' 95 % intervals exclude "no change" (PR gain 1, ΔSE 0), or None
+    without intervals."""
+    if "pr_gain_ci_low" not in reinjection:
+        return None
+    r = reinjection
+    pr = int(((r["pr_gain_ci_low"] > 1) | (r["pr_gain_ci_high"] < 1)).sum())
+    se = int(((r["delta_spectral_entropy_ci_low"] > 0)
+              | (r["delta_spectral_entropy_ci_high"] < 0)).sum())
+    return (f"95 % intervals (jackknife over {r.attrs.get('n_groups', 'K')} groups) exclude "
+            f"no change in {pr} of {len(r)} layers for the PR gain, {se} of {len(r)} for ΔSE")
 
 
 def format_outliers(result) -> str:
@@ -179,6 +200,29 @@ def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) 
     paths["reinjection_figure"] = out / "reinjection.png"
     axes[0].figure.savefig(paths["reinjection_figure"], dpi=110)
     plt.close(axes[0].figure)
+    if result.metadata.get("n_groups"):
+        paths.update(_write_convergence(result, out))
+    return paths
+
+
+def _write_convergence(result: Any, out: Path) -> dict:
+    """``convergence.csv`` (every metric's extrapolation to N → ∞) and its figure."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    conv = result.convergence()
+    paths = {"convergence": out / "convergence.csv"}
+    conv.fits.to_csv(paths["convergence"], index=False)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
+    point = "post" if "post" in result.points else result.points[-1]
+    plotting.plot_convergence(conv, metric="soft_rank", point=point, ax=axes[0])
+    plotting.plot_convergence(conv, metric="participation_ratio", point=point, ax=axes[1])
+    fig.suptitle(f"{result.model}: metrics as the sample grows (k of "
+                 f"{result.metadata['n_groups']} groups) and their extrapolation to N → ∞")
+    paths["convergence_figure"] = out / "convergence.png"
+    fig.savefig(paths["convergence_figure"], dpi=110)
+    plt.close(fig)
     return paths
 
 
@@ -209,6 +253,10 @@ def _echo_reinjection(result: Any, echo: Any) -> None:
          f"soft-rank gain {mean['soft_rank_gain']:.2f}×, "
          f"ΔSE {mean['delta_spectral_entropy']:+.3f} nats, "
          f"ΔEEE {mean['delta_eee']:+.3f}, JS {mean['js_divergence']:.4f}")
+    reinj.attrs["n_groups"] = result.metadata.get("n_groups")
+    line = excluding_no_change(reinj)
+    if line:
+        echo(line)
 
 
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
@@ -324,6 +372,10 @@ def spectra(
     subsample_seed: Annotated[int, typer.Option(help=SUBSAMPLE_SEED_HELP)] = 0,
     max_outlier_tokens: Annotated[int, typer.Option(help=MAX_OUTLIER_HELP)]
     = 256,  # diagnostics.DEFAULT_MAX_OUTLIER_TOKENS (not imported: keeps --help light)
+    groups: Annotated[int | None, typer.Option(
+        min=2, help="Keep K groups of whole sequences for 95 % intervals (jackknife) and "
+        "convergence curves; 16 is a good choice. K·D² of memory per point (planned) and "
+        "K + 21 more eigendecompositions per point.")] = None,
 ) -> None:
     """Spectra and metrics of every FFN of any model, written to OUT."""
     from . import data
@@ -335,7 +387,8 @@ def spectra(
     _run(model, texts, label, max_tokens=max_tokens, skip_first=skip_first,
          exclude={**_parse_exclusion(exclude_positions, exclude_token_ids),
                   "exclude_norm_above": exclude_norm_above, "token_fraction": token_fraction,
-                  "subsample_seed": subsample_seed, "max_outlier_tokens": max_outlier_tokens},
+                  "subsample_seed": subsample_seed, "max_outlier_tokens": max_outlier_tokens,
+                  "n_groups": groups},
          layers=_parse_ints(layers),
          points=[p for p in points.replace(" ", "").split(",") if p], batch_size=batch_size,
          max_length=max_length, out=out, device=device, checkpoint=checkpoint)

@@ -316,6 +316,7 @@ class TokenNormStats:
         self.n_samples_seen_ = 0
         self.n_excluded_norm_ = 0
         self.norm_threshold_: float | None = None
+        self.kept_: torch.Tensor | None = None
         self.histogram_: torch.Tensor | None = None
         self.max_norm_ = 0.0
         self.top_norms_: torch.Tensor | None = None
@@ -338,6 +339,7 @@ class TokenNormStats:
         Tensor of shape (N', D), N' <= N: ``rows`` without the norm-excluded tokens.
         """
         n = int(rows.shape[0])
+        self.kept_ = None
         if n == 0:
             return rows
         # norms in the rows' precision (float32 is 10× faster than float64 on CPU and exact
@@ -357,6 +359,7 @@ class TokenNormStats:
             # non-finite rows stay, so the accumulator reports them (NaN/inf error)
             keep = (norms <= self.norm_threshold_) | ~torch.isfinite(norms)
             if not bool(keep.all()):
+                self.kept_ = keep  # which rows of the last call were kept (None: all)
                 self.n_excluded_norm_ += int((~keep).sum())
                 rows, norms, meta = rows[keep], norms[keep], meta[keep]
                 n = int(rows.shape[0])

@@ -45,6 +45,19 @@ def shift(a: torch.Tensor, v: torch.Tensor, m2: torch.Tensor | None, tr_m2: torc
     return a_new, v_new
 
 
+def recentre_rest(a: torch.Tensor, v: torch.Tensor, m2_rest: torch.Tensor, n_rest: int,
+                  e: torch.Tensor) -> float:
+    """``Σ ‖x − μ'‖⁴`` of a set of rows given ``a = Σ ‖x − μ‖⁴`` and
+    ``v = Σ ‖x − μ‖² (x − μ)`` around another centre ``μ = μ' − e`` (their rows need not sum
+    to 0 around ``μ``), their scatter ``m2_rest`` around ``μ'`` and count ``n_rest``:
+    ``A' = a − 4 eᵀ v + 4 eᵀ M2' e + 2 ‖e‖² tr M2' + 3 n' ‖e‖⁴``."""
+    m2 = m2_rest.to(v.device, torch.float64)
+    e = e.to(v.device, torch.float64)
+    ee = e @ e
+    return float(a - 4 * (e @ v) + 4 * (e @ (m2 @ e)) + 2 * ee * m2.diagonal().sum()
+                 + 3 * n_rest * ee * ee)
+
+
 class NormMoments:
     """``A = Σ ‖x_i − x̄‖⁴`` (``fourth_``) of one point's rows, streamed.
 
@@ -130,11 +143,8 @@ class NormMoments:
         sr = (yr * yr).sum(1)
         a_r, v_r = self._a - (sr * sr).sum(), self._v - yr.T @ sr
         m2 = m2_rest.to(self._mean.device, torch.float64)
-        n_rest = self._n - int(rows.shape[0])
         e = mean_rest.to(self._mean.device, torch.float64) - self._mean
-        ee = e @ e
-        return float(a_r - 4 * (e @ v_r) + 4 * (e @ (m2 @ e)) + 2 * ee * m2.diagonal().sum()
-                     + 3 * n_rest * ee * ee)
+        return recentre_rest(a_r, v_r, m2, self._n - int(rows.shape[0]), e)
 
     def set_state(self, n: int, mean: torch.Tensor, a: torch.Tensor, v: torch.Tensor
                   ) -> NormMoments:
@@ -158,4 +168,4 @@ class NormMoments:
         return self
 
 
-__all__ = ["NormMoments", "shift"]
+__all__ = ["NormMoments", "recentre_rest", "shift"]

@@ -224,6 +224,7 @@ def plan_capture(
     tokens_per_batch: int = 2048,
     activation_bytes: int = 4,
     eigenvectors: bool = False,
+    n_groups: int | None = None,
 ) -> CapturePlan:
     """Split the chosen points into passes that fit a device-memory budget.
 
@@ -248,6 +249,10 @@ def plan_capture(
         Bytes per activation value (2 for bf16/fp16 models).
     eigenvectors : bool, default False
         Report the host memory of eigenvectors kept for ablations.
+    n_groups : int, optional
+        Per-group statistics (``collect_spectra(n_groups=K)``): K accumulators per point
+        (K·(8·D + 8·D²) of state), and three more D×D float64 matrices while a point is
+        finished (the merged total, a leave-one-group-out scatter, a running merge).
 
     Returns
     -------
@@ -260,7 +265,6 @@ def plan_capture(
         and what would help.
     """
     from .errors import MemoryPlanError
-
     dims = _as_dims(dims)
     dev = _device_type(device)
     prec = _concrete(precision, dev)
@@ -271,23 +275,29 @@ def plan_capture(
         raise ValueError(f"budget == {budget!r}; pass a number of bytes > 0 or 'auto'.")
     total = int(total)
 
+    k_groups = 1 if n_groups is None else int(n_groups)
+
     def work(d: int) -> int:
-        return workspace_bytes(d, tokens_per_batch, prec, activation_bytes=activation_bytes,
-                               device=dev)
+        finish = 24 * d * d if k_groups > 1 else 0
+        return max(finish, workspace_bytes(d, tokens_per_batch, prec,
+                                           activation_bytes=activation_bytes, device=dev))
+
+    def state(d: int) -> int:
+        return k_groups * state_bytes(d)
 
     def cost(keys: list[tuple[int, str]]) -> int:
-        return sum(state_bytes(dims[k]) for k in keys) + max(work(dims[k]) for k in keys)
+        return sum(state(dims[k]) for k in keys) + max(work(dims[k]) for k in keys)
 
-    worst = max(dims, key=lambda k: state_bytes(dims[k]) + work(dims[k]))
+    worst = max(dims, key=lambda k: state(dims[k]) + work(dims[k]))
     if cost([worst]) > total:
         d = dims[worst]
+        groups = (f" ({k_groups} groups × {_gb(state_bytes(d))}; fewer groups need less)"
+                  if k_groups > 1 else "")
         raise MemoryPlanError(
-            f"{site_name(*worst)} (D = {d}) alone needs {_gb(state_bytes(d))} of "
-            f"float64 state + {_gb(work(d))} of workspace ({prec}, {tokens_per_batch} tokens "
-            f"per batch) = {_gb(cost([worst]))}, more than the budget of {_gb(total)} on {dev}. "
-            "Raise memory_budget, use smaller batches (workspace grows with tokens per "
-            "batch), or accumulate on a device with more memory."
-        )
+            f"{site_name(*worst)} (D = {d}) alone needs {_gb(state(d))} of float64 "
+            f"state{groups} + {_gb(work(d))} of workspace ({prec}, {tokens_per_batch} tokens "
+            f"per batch) = {_gb(cost([worst]))}, more than the budget of {_gb(total)} on "
+            f"{dev}. {_REMEDY}")
     layers = sorted({lay for lay, _ in dims})
     by_layer = {lay: [k for k in sorted(dims, key=_order) if k[0] == lay] for lay in layers}
     if all(cost(v) <= total for v in by_layer.values()):
@@ -313,6 +323,10 @@ def plan_capture(
         eigenvector_bytes=sum(8 * d * d for d in dims.values()) if eigenvectors else 0,
         notes=notes,
     )
+
+
+_REMEDY = ("Raise memory_budget, use smaller batches (workspace grows with tokens per batch), "
+           "or accumulate on a device with more memory.")
 
 
 def _order(key: tuple[int, str]) -> tuple[int, int, str]:

@@ -145,8 +145,20 @@ def plot_metric(
     points = [p for p in POINT_PALETTE if p in set(df[hue])] if hue == "point" else None
     sns.lineplot(data=df, x=x, y="value", hue=hue, hue_order=points,
                  palette=_palette(points) if points else None, marker="o", ax=ax, **kwargs)
+    _interval_bands(ax, df, x, hue)
     ax.set_ylabel(LABELS.get(metric, metric))
     return ax
+
+
+def _interval_bands(ax: Any, df: pd.DataFrame, x: str, hue: str) -> None:
+    """The ``ci_low``–``ci_high`` band of each hue group (captures with ``n_groups``), in
+    the colour of its line."""
+    if not {"ci_low", "ci_high"} <= set(df.columns) or df["ci_low"].isna().all():
+        return
+    colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    for name, g in df.sort_values(x).groupby(hue, sort=False):
+        ax.fill_between(g[x], g["ci_low"], g["ci_high"], alpha=0.2, lw=0,
+                        color=colours.get(str(name), POINT_PALETTE.get(str(name), "0.5")))
 
 
 def plot_reinjection(
@@ -157,7 +169,9 @@ def plot_reinjection(
 ):
     """Variance reinjection per layer: one small panel per column of ``reinjection()``.
 
-    Reference lines mark "no change" (gain 1, difference 0).
+    Reference lines mark "no change" (gain 1, difference 0). With ``{metric}_ci_low`` /
+    ``_ci_high`` columns (a capture with ``n_groups``) each layer gets its interval as an
+    error bar, so you can see which layers' change excludes "no change".
 
     Returns
     -------
@@ -170,6 +184,10 @@ def plot_reinjection(
                                layout="constrained")
     for ax, name in zip(axes, metrics, strict=True):
         ax.plot(data["layer"], data[name], marker="o", color=POINT_PALETTE["post"])
+        if f"{name}_ci_low" in data:
+            lo, hi = data[f"{name}_ci_low"], data[f"{name}_ci_high"]
+            ax.errorbar(data["layer"], data[name], yerr=[data[name] - lo, hi - data[name]],
+                        fmt="none", ecolor=POINT_PALETTE["post"], elinewidth=1, capsize=2)
         ref = 1.0 if name.endswith("gain") else 0.0
         ax.axhline(ref, color="0.6", lw=0.8, ls="--")
         ax.set_xlabel("layer")
@@ -506,6 +524,67 @@ def _metric_label(data: pd.DataFrame, y: str) -> str:
     return y
 
 
+def plot_convergence(
+    conv: Any,
+    *,
+    metric: str = "soft_rank",
+    point: str = "post",
+    layers: Sequence[int] | None = None,
+    ax: Any = None,
+):
+    """A metric against the tokens it was measured on, and its extrapolation to N → ∞.
+
+    Dots are the metric on k of K groups (random merge orders), the large dot all the data,
+    the line the fit ``m∞ + a/N`` (on the full-rank samples, N ≥ D), the band at the right
+    ``m∞`` with its interval. A curve still climbing at the largest N says the measured value
+    is biased by the sample size.
+
+    Parameters
+    ----------
+    conv : Convergence
+        From :meth:`nerve_interp.results.SpectraResult.convergence`.
+    metric, point : str
+        Which metric at which point (``"pre->post"`` for pre → post quantities).
+    layers : sequence of int, optional
+        Layers to draw (default: up to 6 spread over the depth).
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib Axes
+    """
+    curves = conv.curves[(conv.curves["metric"] == metric) & (conv.curves["point"] == point)]
+    if curves.empty:
+        have = conv.curves[["point", "metric"]].drop_duplicates().itertuples(index=False)
+        raise KeyError(f"no convergence curve of {metric!r} at {point!r}; the curves hold "
+                       f"{sorted(map(tuple, have))}.")
+    all_layers = sorted(curves["layer"].unique())
+    if layers is None:
+        layers = [all_layers[i] for i in np.unique(
+            np.linspace(0, len(all_layers) - 1, min(6, len(all_layers))).round().astype(int))]
+    if ax is None:
+        _, ax = _pyplot().subplots(figsize=(6, 3.6), layout="constrained")
+    colours = _pyplot().get_cmap("viridis")(np.linspace(0, 0.9, len(layers)))
+    fits = conv.fits.set_index(["layer", "point", "metric"])
+    n_max = curves["n_tokens"].max()
+    for colour, layer in zip(colours, layers, strict=True):
+        g = curves[curves["layer"] == layer]
+        ax.scatter(g["n_tokens"], g["value"], s=10, color=colour, alpha=0.5)
+        whole = g[g["k"] == g["k"].max()]
+        ax.scatter(whole["n_tokens"], whole["value"], s=40, color=colour, label=f"layer {layer}")
+        f = fits.loc[(layer, point, metric)]
+        if np.isfinite(f["m_inf"]):
+            n = np.geomspace(g.loc[g["n_tokens"] >= g["dim"], "n_tokens"].min(), 4 * n_max, 50)
+            ax.plot(n, f["m_inf"] + f["a"] / n, color=colour, lw=1)
+            ax.fill_between([3 * n_max, 4 * n_max], f["m_inf_ci_low"], f["m_inf_ci_high"],
+                            color=colour, alpha=0.3, lw=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel(f"{LABELS.get(metric, metric)} ({point})")
+    ax.legend(fontsize=8, frameon=False)
+    return ax
+
+
 __all__ = ["LABELS", "MODE_STYLES", "POINT_PALETTE", "SUBSPACE_PALETTE", "TOKENS_PALETTE",
-           "plot_ablation", "plot_metric", "plot_outliers", "plot_power_law", "plot_reinjection",
-           "plot_spectra"]
+           "plot_ablation", "plot_convergence", "plot_metric", "plot_outliers", "plot_power_law",
+           "plot_reinjection", "plot_spectra"]

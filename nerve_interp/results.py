@@ -5,7 +5,9 @@ Files are a single ``.safetensors`` (no pickle): per point ``layers.{layer}.ffn.
 (model, tokens, dtype, versions, per-point N and clipped negatives) as JSON in the header.
 Token diagnostics (:mod:`nerve_interp.diagnostics`) add per point ``.top_norms``,
 ``.top_meta``, ``.top_share`` and a JSON summary, and flagged points the spectrum without
-their outlier tokens under ``{point}.without_outliers.eigenvalues`` / ``.mean``.
+their outlier tokens under ``{point}.without_outliers.eigenvalues`` / ``.mean``. A capture with
+``n_groups`` adds per point ``{point}.groups.*`` (:class:`nerve_interp.groups.GroupSpectra`:
+tokens per group, leave-one-group-out and convergence eigenvalues).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from . import metrics as _metrics
 from ._io import atomic_path, open_safetensors
 from .diagnostics import TokenDiagnostics
 from .errors import ResultsFileError, SiteError
+from .groups import GroupSpectra
 from .sites import parse_site, site_name
 from .spectrum import Spectrum
 
@@ -124,12 +127,25 @@ class SpectraResult:
         return (np.nan, pd.NA) if d is None else (float(d.outlier_share), bool(d.outlier_flag))
 
     # ---------------------------------------------------------------- tables
-    def metrics(self, *, concentration_k: int | None = None) -> pd.DataFrame:
+    def metrics(self, *, concentration_k: int | None = None, ci: float = 0.95
+                ) -> pd.DataFrame:
         """Every metric of SPEC.md §3 per layer and point, tidy.
+
+        Parameters
+        ----------
+        concentration_k : int, optional
+            ``k`` of ``spectral_concentration`` (default: per D, see ``metrics``).
+        ci : float, default 0.95
+            Coverage of the intervals (captures with ``n_groups``).
 
         Returns
         -------
-        DataFrame with columns ``model, layer, point, metric, value``, plus for context
+        DataFrame with columns ``model, layer, point, metric, value``, then ``se``,
+        ``ci_low``, ``ci_high`` (delete-one-group jackknife with a t quantile on K − 1
+        degrees of freedom, :mod:`nerve_interp.jackknife`; NaN unless the capture kept
+        ``n_groups``; the interval is centred on the measured value, so it is the sampling
+        spread at this N, not the finite-sample bias: see :meth:`convergence`) and
+        ``n_groups``, plus for context
         ``n_tokens``, ``dim``, ``n_over_d`` (tokens per dimension: every metric depends on it,
         see :func:`nerve_interp.marchenko_pastur.white_noise_metrics`), ``outlier_share``
         (share of the variance held by the point's top tokens by norm, see
@@ -142,17 +158,22 @@ class SpectraResult:
         rows = []
         for (layer, point), spec in self._spectra.items():
             share, flag = self._outlier((layer, point))
+            iv = (spec.intervals(ci=ci, concentration_k=concentration_k)
+                  if spec.groups is not None else {})
+            k = spec.groups.k if spec.groups is not None else 0
             for name, value in spec.metrics(concentration_k=concentration_k).items():
-                rows.append((self.model, layer, point, name, value, spec.n_samples, spec.dim,
+                j = iv.get(name, _NO_INTERVAL)
+                rows.append((self.model, layer, point, name, value, j["se"], j["ci_low"],
+                             j["ci_high"], k, spec.n_samples, spec.dim,
                              spec.n_samples / spec.dim, share, flag))
-        df = pd.DataFrame(rows, columns=["model", "layer", "point", "metric", "value",
-                                         "n_tokens", "dim", "n_over_d", "outlier_share",
-                                         "outlier_flag"])
+        df = pd.DataFrame(rows, columns=["model", "layer", "point", "metric", "value", "se",
+                                         "ci_low", "ci_high", "n_groups", "n_tokens", "dim",
+                                         "n_over_d", "outlier_share", "outlier_flag"])
         df["outlier_flag"] = df["outlier_flag"].astype("boolean")
         return df
 
-    def reinjection(self, pre: str = "pre", post: str = "post", *, tidy: bool = False
-                    ) -> pd.DataFrame:
+    def reinjection(self, pre: str = "pre", post: str = "post", *, tidy: bool = False,
+                    ci: float = 0.95) -> pd.DataFrame:
         """Variance reinjection by the nonlinearity, per layer (SPEC.md §4).
 
         Parameters
@@ -160,7 +181,10 @@ class SpectraResult:
         pre, post : str
             The two points compared (``post="act"`` isolates the activation of a gated FFN).
         tidy : bool, default False
-            Long form ``model, layer, metric, value`` instead of one row per layer.
+            Long form ``model, layer, metric, value, se, ci_low, ci_high, n_tokens,
+            n_over_d`` instead of one row per layer.
+        ci : float, default 0.95
+            Coverage of the intervals (captures with ``n_groups``).
 
         Returns
         -------
@@ -171,6 +195,8 @@ class SpectraResult:
             ``outlier_share_pre/_post``, ``outlier_flag_pre/_post`` (see :meth:`metrics`), and
             ``n_tokens`` / ``n_over_d``: the tokens of the two spectra (the smaller count when
             ``exclude_norm_above`` left them different) and that per dimension (the larger D).
+            With groups, every quantity ``q`` of the six also has ``q_se``, ``q_ci_low`` and
+            ``q_ci_high`` (jackknife over the same groups of sequences at both points).
         """
         rows = []
         for layer in self.layers:
@@ -189,15 +215,50 @@ class SpectraResult:
                 f"outlier_flag_{post}": self._outlier((layer, post))[1],
                 "n_tokens": min(a.n_samples, b.n_samples),
                 "n_over_d": min(a.n_samples, b.n_samples) / max(a.dim, b.dim),
+                **_interval_columns(a, b, ci),
             })
         df = pd.DataFrame(rows)
         for p in (pre, post):
             df[f"outlier_flag_{p}"] = df[f"outlier_flag_{p}"].astype("boolean")
-        if tidy:
-            keep = ["model", "layer", *_metrics.REINJECTION_NAMES]
-            return df[keep].melt(id_vars=["model", "layer"], var_name="metric",
-                                 value_name="value")
-        return df
+        return _tidy_reinjection(df) if tidy else df
+
+    def convergence(self, metrics: Sequence[str] | None = None, *, pre: str = "pre",
+                    post: str = "post", ci: float = 0.95) -> Any:
+        """Each metric at N·k/K tokens and its extrapolation to N → ∞ (captures with
+        ``n_groups``).
+
+        The groups are merged in 3 random orders (the same at every point), and the metric
+        is read at about 8 group counts k (evenly spaced in log N) and at all K; then
+        ``m(N) = m∞ + a/N`` is fitted by least squares to the samples with N_k ≥ D (below,
+        the 1/N form fails). Soft rank, spectral entropy, EEE
+        and the plain participation ratio are biased at finite N (white noise at N/D = 8 has
+        soft rank 0.94·D): ``m_inf`` is their finite-sample-corrected value, as far as the
+        1/N form holds (``r2``; look at :func:`nerve_interp.plotting.plot_convergence`).
+
+        Parameters
+        ----------
+        metrics : sequence of str, optional
+            Metric names of :meth:`metrics` and of :meth:`reinjection` (default:
+            :data:`nerve_interp.uncertainty.CONVERGENCE_METRICS` and
+            :data:`~nerve_interp.uncertainty.CONVERGENCE_REINJECTION`).
+        pre, post : str
+            The points of the pre → post quantities.
+        ci : float, default 0.95
+            Coverage of the interval of ``m_inf``.
+
+        Returns
+        -------
+        nerve_interp.uncertainty.Convergence
+            ``.curves`` and ``.fits`` DataFrames.
+
+        Raises
+        ------
+        NotFittedError
+            The capture kept no groups.
+        """
+        from .uncertainty import convergence
+
+        return convergence(self, metrics, pre=pre, post=post, ci=ci)
 
     # ---------------------------------------------------------------- outliers
     def without_outliers(self) -> SpectraResult:
@@ -321,6 +382,11 @@ class SpectraResult:
             per_site[name] = {"n_samples": spec.n_samples, "n_negative": spec.n_negative,
                               "min_eigenvalue": spec.min_eigenvalue,
                               "fourth_moment": spec.fourth_moment}
+            if spec.groups is not None:
+                per_site[name]["n_groups"] = spec.groups.k
+                for key, value in spec.groups.arrays().items():
+                    tensors[f"{name}.groups.{key}"] = torch.from_numpy(
+                        np.ascontiguousarray(value))
             diag = self.diagnostics.get((layer, point))
             if diag is not None:
                 per_site[name]["diagnostics"] = {**diag.summary(), "top_tokens": diag.top_tokens}
@@ -404,15 +470,50 @@ class SpectraResult:
                    for k, a in self._spectra.items())
 
 
+_NO_INTERVAL = {"se": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+
+
+def _interval_columns(a: Spectrum, b: Spectrum, ci: float) -> dict[str, float]:
+    """``{q}_se``, ``{q}_ci_low``, ``{q}_ci_high`` of the pre → post quantities (empty
+    without groups)."""
+    if a.groups is None or b.groups is None:
+        return {}
+    from .uncertainty import reinjection_intervals
+
+    iv = reinjection_intervals(a, b, ci=ci)
+    return {f"{q}_{k}": iv[q][k] for q in _metrics.REINJECTION_NAMES
+            for k in ("se", "ci_low", "ci_high")}
+
+
+def _tidy_reinjection(df: pd.DataFrame) -> pd.DataFrame:
+    ids = ["model", "layer", "n_tokens", "n_over_d"]
+    long = df[ids + list(_metrics.REINJECTION_NAMES)].melt(
+        id_vars=ids, var_name="metric", value_name="value")
+    for k in ("se", "ci_low", "ci_high"):
+        cols = {f"{q}_{k}": q for q in _metrics.REINJECTION_NAMES}
+        if all(c in df for c in cols):
+            part = df[["layer", *cols]].rename(columns=cols).melt(
+                id_vars=["layer"], var_name="metric", value_name=k)
+            long = long.merge(part, on=["layer", "metric"], how="left")
+        else:
+            long[k] = np.nan
+    return long[["model", "layer", "metric", "value", "se", "ci_low", "ci_high",
+                 "n_tokens", "n_over_d"]]
+
+
 def _read_spectrum(f: Any, keys: set, prefix: str, name: str, info: dict) -> Spectrum:
     vec = (f.get_tensor(f"{prefix}.eigenvectors").numpy()
            if f"{prefix}.eigenvectors" in keys else None)
+    head = f"{prefix}.groups."
+    groups = (GroupSpectra.from_arrays({k[len(head):]: f.get_tensor(k).numpy()
+                                        for k in keys if k.startswith(head)})
+              if "n_groups" in info else None)
     return Spectrum(eigenvalues=f.get_tensor(f"{prefix}.eigenvalues").numpy(),
                     mean=f.get_tensor(f"{prefix}.mean").numpy(),
                     n_samples=int(info["n_samples"]), eigenvectors=vec,
                     n_negative=int(info["n_negative"]),
                     min_eigenvalue=float(info["min_eigenvalue"]), name=name,
-                    fourth_moment=info.get("fourth_moment"))
+                    fourth_moment=info.get("fourth_moment"), groups=groups)
 
 
 __all__ = ["SpectraResult"]

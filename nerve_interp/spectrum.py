@@ -16,6 +16,8 @@ import torch
 
 from . import metrics as _metrics
 from .errors import NegativeEigenvalueWarning, NotFittedError
+from .groups import GroupSpectra
+from .jackknife import jackknife
 from .marchenko_pastur import finite_sample_warning
 
 NEGATIVE_WARN_TOL = 1e-8
@@ -45,6 +47,9 @@ class Spectrum:
     fourth_moment : float or None
         ``Σ_i ‖x_i − μ‖⁴`` over the tokens, when the capture streamed it (local captures):
         it gives ``participation_ratio_corrected`` in :meth:`metrics`.
+    groups : GroupSpectra or None
+        The leave-one-group-out and convergence spectra of a capture with ``n_groups=K``
+        (:mod:`nerve_interp.groups`): they give :meth:`intervals` and convergence curves.
     """
 
     eigenvalues: np.ndarray
@@ -55,6 +60,7 @@ class Spectrum:
     min_eigenvalue: float = 0.0
     name: str = "spectrum"
     fourth_moment: float | None = None
+    groups: GroupSpectra | None = None
     _metric_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -80,13 +86,37 @@ class Spectrum:
         """Every per-spectrum metric of SPEC.md §3 (see ``metrics.compute_metrics``)."""
         key = concentration_k
         if key not in self._metric_cache:
-            values = _metrics.compute_metrics(self.eigenvalues, concentration_k=concentration_k)
-            if self.fourth_moment is not None and self.n_samples >= 4:
-                values["participation_ratio_corrected"] = (
-                    _metrics.participation_ratio_corrected(
-                        self.eigenvalues, self.n_samples, self.fourth_moment))
-            self._metric_cache[key] = values
+            self._metric_cache[key] = point_metrics(self.eigenvalues, self.n_samples,
+                                                    self.fourth_moment, concentration_k)
         return dict(self._metric_cache[key])
+
+    def loo_metrics(self, *, concentration_k: int | None = None) -> list[dict[str, float]]:
+        """The metrics of every leave-one-group-out sample (K dicts), or an error saying how
+        to get groups."""
+        g = self.require_groups()
+        fourth = g.loo_fourth if g.loo_fourth is not None else [None] * g.k
+        return [point_metrics(lam, int(n), None if a is None else float(a), concentration_k)
+                for lam, n, a in zip(g.loo_eigenvalues, g.loo_n, fourth, strict=True)]
+
+    def intervals(self, *, ci: float = 0.95, concentration_k: int | None = None
+                  ) -> dict[str, dict[str, float]]:
+        """Jackknife ``se``, ``ci_low``, ``ci_high`` of every metric
+        (:func:`nerve_interp.jackknife.jackknife`), keyed by metric name."""
+        full = self.metrics(concentration_k=concentration_k)
+        loo = self.loo_metrics(concentration_k=concentration_k)
+        out = {}
+        for name, value in full.items():
+            j = jackknife(value, [m[name] for m in loo], ci=ci)
+            out[name] = {k: float(v) for k, v in j.items()}
+        return out
+
+    def require_groups(self) -> GroupSpectra:
+        """The group spectra, or an error saying how to keep them."""
+        if self.groups is None:
+            raise NotFittedError(
+                f"the spectrum of {self.name} has no per-group statistics; capture with "
+                "collect_spectra(..., n_groups=16) for intervals and convergence curves.")
+        return self.groups
 
     def __repr__(self) -> str:
         vec = "with" if self.eigenvectors is not None else "without"
@@ -94,6 +124,17 @@ class Spectrum:
             f"Spectrum({self.name!r}, D={self.dim}, N={self.n_samples}, "
             f"λ_1={self.eigenvalues[0]:.4g}, {vec} eigenvectors)"
         )
+
+
+def point_metrics(eigenvalues: np.ndarray, n_samples: int, fourth_moment: float | None,
+                  concentration_k: int | None = None) -> dict[str, float]:
+    """Every metric of one spectrum: ``compute_metrics`` plus
+    ``participation_ratio_corrected`` when the fourth moment is known (N >= 4)."""
+    values = _metrics.compute_metrics(eigenvalues, concentration_k=concentration_k)
+    if fourth_moment is not None and n_samples >= 4:
+        values["participation_ratio_corrected"] = _metrics.participation_ratio_corrected(
+            eigenvalues, n_samples, fourth_moment)
+    return values
 
 
 def spectrum_from_covariance(
@@ -160,4 +201,4 @@ def spectrum_from_covariance(
     )
 
 
-__all__ = ["Spectrum", "spectrum_from_covariance"]
+__all__ = ["Spectrum", "point_metrics", "spectrum_from_covariance"]

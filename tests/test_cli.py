@@ -23,6 +23,23 @@ def test_spectra_command(local_model, run_spectra, tmp_path):
     assert back.metadata["data"] == str(text)
 
 
+def test_spectra_command_with_groups(run_spectra, tmp_path):
+    """--groups K: ± columns, the count of layers whose interval excludes no change, and the
+    convergence table and figure."""
+    out = tmp_path / "out"
+    res = run_spectra("--max-tokens", "900", "--out", str(out), "--groups", "4",
+                      "--no-checkpoint")
+    assert res.exit_code == 0, res.output
+    assert "±" in res.output and "exclude no change in" in res.output
+    assert "jackknife over 4 groups" in res.output
+    for name in ("convergence.csv", "convergence.png"):
+        assert (out / name).exists(), name
+    back = ni.SpectraResult.load(out / "spectra.safetensors")
+    assert back.metrics()["se"].notna().all()
+    res = run_spectra("--out", str(tmp_path / "o"), "--groups", "1")
+    assert res.exit_code != 0 and "--groups" in res.output
+
+
 def test_bad_arguments(run_spectra, tmp_path):
     res = run_spectra("--out", str(tmp_path / "o"), "--layers", "a,b")
     assert res.exit_code != 0 and "comma-separated integers" in res.output

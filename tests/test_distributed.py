@@ -50,6 +50,9 @@ WORKER = textwrap.dedent("""
         # batch i draws its tokens from (seed, i) alone: rank i % 2 keeps what one process does
         "subsample": ni.collect_spectra(model, data, progress=False, token_fraction=0.5,
                                         subsample_seed=3),
+        # per-group statistics: each rank holds part of every group, merged group by group
+        "groups": ni.collect_spectra(model, data, progress=False, n_groups=3,
+                                     checkpoint=out / "groups.ckpt", checkpoint_every=1),
     }
     arrays = {}
     for name, res in runs.items():
@@ -62,6 +65,10 @@ WORKER = textwrap.dedent("""
                 arrays[f"{name}/{layer}.{point}"] = res.eigenvalues(layer, point)
                 arrays[f"{name}/fourth.{layer}.{point}"] = res.spectrum(layer,
                                                                         point).fourth_moment
+                groups = res.spectrum(layer, point).groups
+                if groups is not None:
+                    arrays[f"{name}/loo.{layer}.{point}"] = groups.loo_eigenvalues
+                    arrays[f"{name}/loo_fourth.{layer}.{point}"] = groups.loo_fourth
         arrays[f"{name}/sha"] = np.frombuffer(res.metadata["data_sha1"].encode(), np.uint8)
         if res.diagnostics:
             arrays[f"{name}/outlier_share"] = res.metrics()["outlier_share"].to_numpy()
@@ -138,6 +145,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         "one": ni.collect_spectra(model, data[:1], progress=False),
         "subsample": ni.collect_spectra(model, data, progress=False, token_fraction=0.5,
                                         subsample_seed=3),
+        "groups": ni.collect_spectra(model, data, progress=False, n_groups=3),
     }
     worst = worst_a = 0.0
     for name, res in single.items():
@@ -154,6 +162,13 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
                 a = res.spectrum(layer, point).fourth_moment
                 b = float(r0[f"{name}/fourth.{layer}.{point}"])
                 worst_a = max(worst_a, abs(b - a) / a)
+                groups = res.spectrum(layer, point).groups
+                if groups is not None:  # every leave-one-group-out spectrum too
+                    got = r0[f"{name}/loo.{layer}.{point}"]
+                    want = groups.loo_eigenvalues
+                    worst = max(worst, float(np.max(np.abs(got - want)) / want[:, :1].min()))
+                    np.testing.assert_allclose(r0[f"{name}/loo_fourth.{layer}.{point}"],
+                                               groups.loo_fourth, rtol=1e-12)
     print(f"2-process gloo vs 1 process: max |Δλ|/λ_1 = {worst:.2e}, Σ‖x−μ‖⁴ {worst_a:.1e}")
     assert worst <= 1e-12, worst
     assert worst_a <= 1e-12, worst_a

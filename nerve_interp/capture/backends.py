@@ -27,6 +27,7 @@ class LocalBackend:
     name: ClassVar[str] = "local"
     token_statistics: ClassVar[bool] = True
     moments: ClassVar[bool] = True
+    groups: ClassVar[bool] = True
 
     def trace(self, wrapper: Any, inputs: dict, sinks: Sinks, sel: Selection) -> int:
         """Read every point in forward order, feed its sink, stop after the last one.
@@ -38,9 +39,12 @@ class LocalBackend:
         counts = []
         with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
             for sink in sinks:
-                rows = align_rows(wrapper.get(sink.path), sel, sink.name)
+                x = wrapper.get(sink.path)
+                rows = align_rows(x, sel, sink.name)
                 counts.append(rows.shape[0])
-                sink.update(rows, sel.meta)
+                labels = (None if sink.groups is None
+                          else sel.groups(tuple(x.shape), rows.shape[0], sink.groups.k))
+                sink.update(rows, sel.meta, labels)
             tracer.stop()
         return counts[0]
 
@@ -51,6 +55,7 @@ class RemoteBackend:
     name: ClassVar[str] = "remote"
     token_statistics: ClassVar[bool] = False  # only D×D statistics come back
     moments: ClassVar[bool] = False
+    groups: ClassVar[bool] = False
 
     def __init__(self, remote: Any, precision: str) -> None:
         self.remote, self.gram_dtype = remote, gram_dtype_of(precision)
@@ -97,6 +102,12 @@ def backend_for(wrapper: Any, opts: CaptureOptions) -> LocalBackend | RemoteBack
             "with the tokens already summed in, so no norm is left here to test or remove. Use "
             "exclude_positions / exclude_token_ids (applied before the trace), or capture "
             "locally (one process or torchrun).")
+    if opts.n_groups is not None:
+        raise ValueError(
+            "the remote backend cannot keep n_groups (not available with remote=...): a "
+            "remote trace sends back one batch's statistics with every sequence summed in, so "
+            "no sequence can go to its own group. Capture locally (one process or torchrun) "
+            "for intervals, or pass n_groups=None.")
     check_remote_wrapper(wrapper, opts.remote)
     if opts.precision == "bf16-split":
         raise ValueError(

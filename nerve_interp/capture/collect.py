@@ -64,6 +64,7 @@ def collect_spectra(
     max_outlier_tokens: int = DEFAULT_MAX_OUTLIER_TOKENS,
     distributed: bool | None = None,
     remote: Any = None,
+    n_groups: int | None = None,
 ):
     """Eigenspectra of FFN activations before and after the nonlinearity, layer by layer.
 
@@ -179,6 +180,17 @@ def collect_spectra(
         ``m``, the top tokens kept per point (``m × D`` floats each). When
         ``⌈outlier_fraction·N⌉ > m`` the share is that of the top ``m`` tokens, a lower bound.
 
+    n_groups : int >= 2, optional
+        Keep per-group statistics for intervals (off by default): sequence ``s`` of the data
+        goes to group ``s mod K``, each group has its own accumulators (K·D² float64 per
+        point; the memory is planned, with ``memory_budget="auto"`` unless given, and split
+        into passes or refused when it does not fit), the total is their exact merge, and
+        every point keeps its K leave-one-group-out spectra and a convergence curve
+        (:mod:`nerve_interp.groups`). Then ``metrics()`` and ``reinjection()`` carry
+        jackknife ``se`` / ``ci_low`` / ``ci_high`` and ``convergence()`` extrapolates each
+        metric to N → ∞. Costs K + 21 extra eigenvalue decompositions per point at the end.
+        16 is a good choice; it needs at least K sequences. Not with ``remote=``.
+
     Returns
     -------
     SpectraResult
@@ -221,7 +233,8 @@ def collect_spectra(
         memory_budget=memory_budget, progress=progress, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, data_label=data_label, diagnostics=diagnostics,
         outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold,
-        max_outlier_tokens=max_outlier_tokens, distributed=distributed, remote=remote),
+        max_outlier_tokens=max_outlier_tokens, distributed=distributed, remote=remote,
+        n_groups=n_groups),
         device=device, vocab_size=vocab_size(wrapper._module, tokenizer),
         as_strings=is_texts(batches))
     opts.check_sites(select_sites(all_sites, opts.layers))
@@ -229,6 +242,8 @@ def collect_spectra(
     def capture(data: Any, opts: CaptureOptions) -> Any:
         return _one_pass(wrapper, all_sites, data, tokenizer, opts, device)
 
+    if opts.n_groups is not None and opts.memory_budget is None:  # K·D² per point: plan
+        opts = dataclasses.replace(opts, memory_budget="auto")
     if opts.memory_budget is not None:
         batches, the_plan = passes.plan(wrapper, batches, tokenizer,
                                         select_sites(all_sites, opts.layers), opts, device)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__
 from .._warnings import user_stacklevel
@@ -30,7 +31,9 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
     if p.shard.is_main:
         p.selector.warn(state.tally)
     spectra = {}
-    for sink in p.sinks:
+    for sink in tqdm(p.sinks, desc="eigendecompositions", unit="point",
+                     disable=not p.opts.progress or not p.shard.is_main, leave=False):
+        sink.merge_groups()
         acc = sink.acc
         if acc.n_samples_seen_ < 2:
             raise CaptureError(f"{acc.name} saw {acc.n_samples_seen_} token(s); need >= 2.")
@@ -39,6 +42,9 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
             name=acc.name, warn=False)
         if sink.moments is not None and sink.moments.n_samples_seen_ == acc.n_samples_seen_:
             spectra[sink.key].fourth_moment = sink.moments.fourth_
+        if sink.groups is not None:  # K leave-one-out + convergence spectra, then free K·D²
+            spectra[sink.key].groups = sink.groups.spectra(acc, sink.moments)
+            sink.groups = None
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
     # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
     warn_once(list(spectra.values()),

@@ -44,6 +44,7 @@ KEYWORDS: dict[str, Any] = {
     "diagnostics": True, "outlier_fraction": DEFAULT_OUTLIER_FRACTION,
     "outlier_threshold": DEFAULT_OUTLIER_THRESHOLD,
     "max_outlier_tokens": DEFAULT_MAX_OUTLIER_TOKENS, "distributed": None, "remote": None,
+    "n_groups": None,
 }
 """The capture options of ``collect_spectra`` (every keyword but ``tokenizer`` and
 ``sites``) and their defaults."""
@@ -108,6 +109,7 @@ class CaptureOptions:
     outliers: OutlierOptions = OutlierOptions()
     distributed: bool | None = None
     remote: Any = None
+    n_groups: int | None = None
 
     # -------------------------------------------------------------- building
     @classmethod
@@ -160,7 +162,8 @@ class CaptureOptions:
             outliers=OutlierOptions(_flag(k["diagnostics"], "diagnostics"),
                                     k["outlier_fraction"], k["outlier_threshold"],
                                     k["max_outlier_tokens"]),
-            distributed=k["distributed"], remote=k["remote"])
+            distributed=k["distributed"], remote=k["remote"],
+            n_groups=_n_groups(k["n_groups"]))
 
     def check_sites(self, sites: Sequence[FFNSite]) -> None:
         """Every point exists at the chosen sites (``act`` / ``up`` need a gated FFN)."""
@@ -180,6 +183,8 @@ class CaptureOptions:
         if self.token_fraction is not None:
             options.update(token_fraction=self.token_fraction,
                            subsample_seed=self.subsample_seed)
+        if self.n_groups is not None:
+            options["n_groups"] = self.n_groups
         return {"model": str(meta["model"]), "model_class": str(meta["model_class"]),
                 "sites": {site_name(s.layer, p): s.paths[p] for s in sites for p in self.points},
                 "options": options,
@@ -191,7 +196,7 @@ class CaptureOptions:
                 "token_fraction": self.token_fraction, "subsample_seed": self.subsample_seed,
                 "exclusion": {**self.rule.to_dict(), "skip_first": self.skip_first},
                 "precision": self.precision, "data": self.data_label,
-                "remote": self.remote, "points": list(self.points)}
+                "remote": self.remote, "points": list(self.points), "n_groups": self.n_groups}
 
 
 # ------------------------------------------------------------------ checks
@@ -228,6 +233,19 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, (bool, numbers.Integral)) and value in (0, 1):
         return bool(value)
     raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}.")
+
+
+def _n_groups(value: Any) -> int | None:
+    """``n_groups``: None (no groups) or an int K >= 2."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"n_groups must be an int >= 2 (groups of whole sequences for "
+                        f"intervals) or None; got {type(value).__name__} {value!r}.")
+    if value < 2:
+        raise ValueError(f"n_groups == {value}; a jackknife needs at least 2 groups (16 is a "
+                         "good default), or pass None for no intervals.")
+    return int(value)
 
 
 def _layers(layers: Any) -> Any:

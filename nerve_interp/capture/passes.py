@@ -43,11 +43,11 @@ def plan(wrapper: Any, data: Any, tokenizer: Any, sites: Sequence[FFNSite],
     rows = int(ids.numel()) if ids is not None else int(
         next(v for v in first.get("_args", first.values()) if isinstance(v, torch.Tensor))
         .shape[:-1].numel())
-    param = next(wrapper._module.parameters())
+    param = next(wrapper._module.parameters(), None)  # None: a model without parameters
     return data, plan_capture(dims, budget=opts.memory_budget, device=device,
                               precision=opts.precision, tokens_per_batch=rows,
-                              activation_bytes=param.element_size(),
-                              eigenvectors=opts.eigenvectors)
+                              activation_bytes=4 if param is None else param.element_size(),
+                              eigenvectors=opts.eigenvectors, n_groups=opts.n_groups)
 
 
 def in_passes(capture: Callable[[Any, CaptureOptions], Any], data: Any, the_plan: Any,

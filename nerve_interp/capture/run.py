@@ -138,7 +138,8 @@ class Checkpointer:
             return state
         self.position = ckpt_io.load_checkpoint(self.path, sinks.accs, self.manifest,
                                                 token_stats=sinks.token_stats,
-                                                moments=sinks.moments)
+                                                moments=sinks.moments,
+                                                extra=sinks.group_states())
         self.done = state.n_batches = int(self.position["batches"])
         state.n_tokens = int(self.position["tokens"])
         state.tally = Tally.from_dict(self.position.get("excluded"))
@@ -180,7 +181,8 @@ class Checkpointer:
 
     def _save(self, sinks: Sinks, state: RunState, n_batches: int) -> None:
         ckpt_io.save_checkpoint(self.path, sinks.accs, self.manifest, state.position(n_batches),
-                                token_stats=sinks.token_stats, moments=sinks.moments)
+                                token_stats=sinks.token_stats, moments=sinks.moments,
+                                extra=sinks.group_states())
 
 
 __all__ = ["Checkpointer", "Pipeline", "RunState", "run"]

@@ -77,12 +77,26 @@ class Selection:
     meta : LongTensor of shape (n_keep, 4) or (1, 4), or None
         Batch, row, position and token id of each kept token (``TOKEN_META``), for the
         token statistics; one row of the batch index for non-token inputs.
+    first_sequence : int
+        The data's count of sequences before this batch (``Batch.first_sequence``).
     """
 
     idx: torch.Tensor | None
     mask_shape: tuple[int, int] | None
     remaining: int | None
     meta: torch.Tensor | None = None
+    first_sequence: int = 0
+
+    def groups(self, shape: tuple[int, ...], n_rows: int, k: int) -> torch.Tensor:
+        """The group ``(first_sequence + s) mod k`` of each kept row of activations of
+        ``shape`` (``[batch, seq, D]``, or ``[batch, ..., D]`` for non-token inputs, whose
+        first ``n_rows`` rows are kept), as a LongTensor ``[n_rows]``."""
+        if self.idx is not None:
+            seq = self.idx // self.mask_shape[1]
+        else:
+            per_example = max(1, int(torch.Size(shape[:-1]).numel()) // max(1, int(shape[0])))
+            seq = torch.arange(n_rows, device="cpu") // per_example
+        return (seq.to("cpu") + self.first_sequence) % k
 
 
 class TokenSelector:
@@ -113,7 +127,7 @@ class TokenSelector:
             self._check_untokenised(batch)
             meta = (torch.tensor([[batch.index] + [-1] * (len(TOKEN_META) - 1)],
                                  device=self.device) if self.with_meta else None)
-            return Selection(None, None, remaining, meta)
+            return Selection(None, None, remaining, meta, batch.first_sequence)
         real, mask, counts = self.kept(batch)
         tally.positions += counts["positions"]
         tally.token_ids += counts["token_ids"]
@@ -128,7 +142,7 @@ class TokenSelector:
         idx = keep.reshape(-1).nonzero().squeeze(1).to(self.device)
         meta = (token_meta(batch.index, batch.ids, real, keep).to(self.device)
                 if self.with_meta else None)
-        return Selection(idx, tuple(keep.shape), remaining, meta)
+        return Selection(idx, tuple(keep.shape), remaining, meta, batch.first_sequence)
 
     def calibrates(self, batch: Batch, owner_budget: int | None) -> bool:
         """Whether ``batch`` can calibrate ``exclude_norm_above``: some token of it survives

@@ -49,12 +49,14 @@ class Shard:
         single process is left as it is."""
         if self.world_size == 1:
             return
-        if sinks.moments:  # before the accumulators: each rank re-centres with its own M2
+        pairs, accs = sinks.reduction()  # the groups' statistics, where there are groups
+        if pairs:  # before the accumulators: each rank re-centres with its own M2
             if dist.all_reduce_count(int(sinks.missing_moments())):
                 sinks.drop_moments()  # some rank resumed without them
+                pairs, accs = sinks.reduction()
             else:
-                dist.all_reduce_moments([(s.moments, s.acc) for s in sinks])
-        dist.all_reduce_accumulators([s.acc for s in sinks])
+                dist.all_reduce_moments(pairs)
+        dist.all_reduce_accumulators(accs)
         if sinks.token_stats:
             # every rank must agree: one that resumed from a checkpoint without token
             # statistics has switched them off

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
 from ..covariance import CovarianceAccumulator
 from ..diagnostics import TokenNormStats
+from ..groups import GroupStats
 from ..moments import NormMoments
 from ..sites import FFNSite
 from .options import CaptureOptions
@@ -38,18 +40,34 @@ class PointSink:
     acc: CovarianceAccumulator
     tokens: TokenNormStats | None = None
     moments: NormMoments | None = None
+    groups: GroupStats | None = None
 
     @property
     def name(self) -> str:
         return self.acc.name
 
-    def update(self, rows: torch.Tensor, meta: torch.Tensor | None) -> None:
-        """Fold the kept rows ``[n, D]`` of one batch in (``meta``: their TOKEN_META)."""
+    def update(self, rows: torch.Tensor, meta: torch.Tensor | None,
+               labels: torch.Tensor | None = None) -> None:
+        """Fold the kept rows ``[n, D]`` of one batch in (``meta``: their TOKEN_META;
+        ``labels``: their groups, when the point keeps groups).
+
+        With groups, only the group accumulators stream; ``acc`` and ``moments`` are their
+        merge, formed once at the end (:meth:`merge_groups`)."""
         if self.tokens is not None:
             rows = self.tokens.observe(rows, meta)
+            if labels is not None and self.tokens.kept_ is not None:
+                labels = labels[self.tokens.kept_.cpu()]
+        if self.groups is not None:
+            self.groups.update(rows, labels)
+            return
         if self.moments is not None:  # before acc: it reads the scatter of earlier rows
             self.moments.update(rows, self.acc)
         self.acc.update(rows)
+
+    def merge_groups(self) -> None:
+        """Form ``acc`` and ``moments`` as the exact merge of the groups."""
+        if self.groups is not None and self.acc.n_samples_seen_ == 0:
+            self.acc, self.moments = self.groups.merged()
 
 
 class Sinks:
@@ -65,8 +83,11 @@ class Sinks:
                 tokens = (TokenNormStats(acc.name, max_outlier_tokens=opts.outliers.max_tokens,
                                          norm_above=opts.rule.norm_above)
                           if with_tokens else None)
-                self.points.append(PointSink((s.layer, p), s.paths[p], acc, tokens,
-                                             NormMoments(acc.name) if moments else None))
+                groups = (GroupStats(acc.name, opts.n_groups, opts.precision, moments=moments)
+                          if opts.n_groups is not None else None)
+                self.points.append(PointSink(
+                    (s.layer, p), s.paths[p], acc, tokens,
+                    NormMoments(acc.name) if moments and groups is None else None, groups))
 
     def __iter__(self) -> Iterator[PointSink]:
         return iter(self.points)
@@ -85,10 +106,38 @@ class Sinks:
         """The fourth-moment statistics (empty when they are off)."""
         return {p.key: p.moments for p in self.points if p.moments is not None}
 
+    def group_states(self) -> dict[str, dict[Key, Any]]:
+        """Checkpoint prefix → {key: state object} of every group's statistics."""
+        out: dict[str, dict[Key, Any]] = {}
+        for p in self.points:
+            if p.groups is None:
+                continue
+            for g, (mom, acc) in enumerate(p.groups.pairs()):
+                out.setdefault(f"group{g}.", {})[p.key] = acc
+                if mom is not None:
+                    out.setdefault(f"group{g}.moments.", {})[p.key] = mom
+        return out
+
+    def reduction(self) -> tuple[list[tuple[NormMoments, CovarianceAccumulator]],
+                                 list[CovarianceAccumulator]]:
+        """What a cross-process reduction merges: the (moments, accumulator) pairs and the
+        accumulators, of the groups where there are groups."""
+        pairs, accs = [], []
+        for p in self.points:
+            if p.groups is not None:
+                pairs += [(m, a) for m, a in p.groups.pairs() if m is not None]
+                accs += p.groups.accs
+            else:
+                pairs += [(p.moments, p.acc)] if p.moments is not None else []
+                accs.append(p.acc)
+        return pairs, accs
+
     def drop_moments(self) -> None:
         """Stop streaming the fourth moments (a resume whose checkpoint lacks them)."""
         for p in self.points:
             p.moments = None
+            if p.groups is not None:
+                p.groups.moments = None
 
     def missing_moments(self) -> bool:
         """Whether a resumed state has covariances but no fourth moments."""

@@ -143,6 +143,16 @@ class Batch:
 
     index: int
     inputs: dict[str, Any]
+    first_sequence: int = 0
+
+    @property
+    def n_sequences(self) -> int:
+        """Sequences (or examples, for a model without token inputs) in the batch."""
+        if self.ids is not None:
+            return int(self.ids.shape[0])
+        args = self.inputs.get("_args", ())
+        first = args[0] if args else next(iter(self.inputs.values()), None)
+        return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 1
 
     @property
     def ids(self) -> torch.Tensor | None:
@@ -164,9 +174,12 @@ class Batch:
 def batches(data: Any, tokenizer: Any = None, *, batch_size: int = 8, max_length: int = 256
             ) -> Iterator[Batch]:
     """:func:`iter_batches` with each batch numbered, as a :class:`Batch`."""
+    first = 0
     for i, inputs in enumerate(iter_batches(data, tokenizer, batch_size=batch_size,
                                             max_length=max_length)):
-        yield Batch(i, inputs)
+        batch = Batch(i, inputs, first)
+        first += batch.n_sequences
+        yield batch
 
 
 class DataHash:
