@@ -149,11 +149,12 @@ def _jackknife_se(table: pd.DataFrame, per_width: pd.DataFrame) -> pd.Series | N
     """HOOK for per-group statistics: the jackknife standard error of each row of
     ``per_width`` (aligned with it), from the per-group statistics of the captures.
 
-    ``collect_spectra(..., n_groups=K)`` will split a capture's tokens into K groups and
-    :meth:`SpectraResult.metrics` will gain ``se`` columns; once ``_train_run`` copies them
-    into ``table``, this returns the per-width standard error (propagated through the median
-    over layers and the mean over seeds) so a single-seed sweep can be fitted weighted. Until
-    then there are no such statistics and it returns None (the seed spread is used).
+    ``collect_spectra(..., n_groups=K)`` splits a capture's tokens into K groups and gives
+    :meth:`SpectraResult.metrics` jackknife ``se`` columns. Not wired yet: once ``_train_run``
+    captures with ``n_groups`` and copies ``se`` into ``table``, this returns the per-width
+    standard error (propagated through the median over layers and the mean over seeds) so a
+    single-seed sweep can be fitted weighted. Until then it returns None (the seed spread is
+    used).
     """
     return None
 
