@@ -5,7 +5,11 @@ keeps working (``SiteError`` is a ``ValueError``, ``UnknownArchitectureError`` a
 Warnings have their own classes so they can be filtered::
 
     import warnings, nerve_interp as ni
-    warnings.simplefilter("ignore", ni.errors.RankDeficientWarning)
+    warnings.simplefilter("ignore", ni.errors.FiniteSampleWarning)
+
+``RankDeficientWarning`` (N <= D) is a subclass of ``FiniteSampleWarning`` (N/D < 10): a filter
+or ``pytest.warns`` on ``RankDeficientWarning`` matches exactly what it matched before, and one
+on ``FiniteSampleWarning`` matches both.
 """
 
 from __future__ import annotations
@@ -39,8 +43,16 @@ class ResultsFileError(NerveInterpError, OSError):
     """A results or checkpoint file that is corrupt, of the wrong kind, or from another model."""
 
 
-class RankDeficientWarning(UserWarning):
-    """Fewer tokens than dimensions: the covariance has rank <= N - 1 and metrics depend on N/D."""
+class FiniteSampleWarning(UserWarning):
+    """Fewer than 10 tokens per dimension (N/D < 10): every metric sits measurably away from its
+    population value. The message gives that distance for white noise at the same N/D (the
+    Marchenko–Pastur floor, :func:`nerve_interp.marchenko_pastur.white_noise_metrics`)."""
+
+
+class RankDeficientWarning(FiniteSampleWarning):
+    """Fewer tokens than dimensions (N <= D): the covariance has rank <= N - 1. The extreme case
+    of :class:`FiniteSampleWarning`, and its subclass: ignoring ``FiniteSampleWarning`` ignores
+    this too, while ignoring ``RankDeficientWarning`` still lets N/D in (1, 10) warn."""
 
 
 class NegativeEigenvalueWarning(UserWarning):
@@ -53,6 +65,7 @@ class OutlierTokenWarning(UserWarning):
 
 __all__ = [
     "CaptureError",
+    "FiniteSampleWarning",
     "MemoryPlanError",
     "NegativeEigenvalueWarning",
     "NerveInterpError",

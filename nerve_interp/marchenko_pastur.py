@@ -25,6 +25,11 @@ from . import metrics
 
 _GRID = 20_001  # θ points of the cumulative integral (error < 1e-6 in the quantiles)
 
+#: Tokens per dimension below which nerve_interp raises a
+#: :class:`~nerve_interp.errors.FiniteSampleWarning`. At N/D = 10 white noise still gives
+#: PR 0.91·D, soft rank 0.95·D and EEE 0.18 (at 32: 0.97·D, 0.98·D, 0.10).
+FINITE_SAMPLE_N_OVER_D = 10.0
+
 
 def _check(n_samples: int, dim: int) -> float:
     for name, v in (("n_samples", n_samples), ("dim", dim)):
@@ -98,4 +103,53 @@ def white_noise_metrics(n_samples: int, dim: int) -> dict[str, float]:
             "participation_ratio_fraction": pr / dim, "soft_rank_fraction": sr / dim}
 
 
-__all__ = ["marchenko_pastur_eigenvalues", "white_noise_metrics"]
+def floor_sentence(n_samples: int, dim: int) -> str:
+    """What white noise gives at this N and D, in one sentence (the finite-sample warnings
+    quote it).
+
+    Examples
+    --------
+    >>> print(floor_sentence(8 * 1536, 1536).replace(" gives", "\\ngives"))
+    At N/D = 8 white noise (true PR = soft rank = D, EEE = 0)
+    gives PR 0.89·D, soft rank 0.94·D, EEE 0.20.
+    """
+    m = white_noise_metrics(n_samples, dim)
+    return (f"At N/D = {n_samples / dim:.3g} white noise (true PR = soft rank = D, EEE = 0) "
+            f"gives PR {m['participation_ratio_fraction']:.2f}·D, soft rank "
+            f"{m['soft_rank_fraction']:.2f}·D, EEE {m['eee']:.2f}.")
+
+
+def finite_sample_warning(n_samples: int, dim: int, where: str, advice: str
+                          ) -> tuple[type[Warning], str] | None:
+    """The warning class and message for a spectrum of ``n_samples`` tokens at width ``dim``,
+    or None when ``N/D >= FINITE_SAMPLE_N_OVER_D``.
+
+    Parameters
+    ----------
+    n_samples, dim : int
+        Tokens N and width D of the worst point (the smallest N/D).
+    where : str
+        Which spectra, e.g. ``"at 2 of 4 points (layers.0.ffn.pre, ...)"``.
+    advice : str
+        What to do about it (the last sentence).
+
+    Returns
+    -------
+    (RankDeficientWarning, str) when N <= D, (FiniteSampleWarning, str) when N/D < 10.
+    """
+    from .errors import FiniteSampleWarning, RankDeficientWarning
+
+    if n_samples >= FINITE_SAMPLE_N_OVER_D * dim:
+        return None
+    if n_samples <= dim:
+        head = (f"N = {n_samples} tokens <= D = {dim} {where}: those spectra are rank-deficient "
+                "(rank <= N - 1) and every metric depends on N/D.")
+        return RankDeficientWarning, f"{head} {floor_sentence(n_samples, dim)} {advice}"
+    head = (f"N/D = {n_samples / dim:.3g} < {FINITE_SAMPLE_N_OVER_D:g} (N = {n_samples} tokens, "
+            f"D = {dim}) {where}: every metric sits measurably away from its population "
+            "value and depends on N/D.")
+    return FiniteSampleWarning, f"{head} {floor_sentence(n_samples, dim)} {advice}"
+
+
+__all__ = ["FINITE_SAMPLE_N_OVER_D", "finite_sample_warning", "floor_sentence",
+           "marchenko_pastur_eigenvalues", "white_noise_metrics"]

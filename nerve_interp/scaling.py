@@ -14,6 +14,14 @@ on ``(ln x, ln y)``, the same numbers ``numpy.polyfit(ln x, ln y, 1)`` gives. Wi
 ``r2``              ``1 − SS_res / SS_tot`` on the log scale
 ==================  =============================================================
 
+Weighted fits (``y_se=`` given, the standard error of each ``y``): weighted least squares on
+``(ln x, ln y)`` with weights ``w_i = 1 / σ_i²``, ``σ_i = y_se_i / y_i`` (the delta method),
+the same line ``numpy.polyfit(ln x, ln y, 1, w=1/σ)`` gives. Its covariance is the WLS one
+``(Xᵀ W X)⁻¹`` times ``max(1, χ²_ν)``, ``χ²_ν = Σ w_i r_i² / (n − 2)`` (the Birge-ratio
+convention: the given errors are trusted unless the points scatter more than they allow, so
+an interval is never narrower than the scatter allows), and ``beta_ci`` is
+``beta ± z · beta_se`` with the normal quantile (the errors are taken as known).
+
 Both intervals assume the points are independent. Layers of one model at one width are not, so
 fit one value per width (e.g. the median over layers) rather than every layer as a point, or
 the intervals will be too narrow. With the handful of widths a sweep has (n = 5 to 8) the
@@ -53,7 +61,13 @@ FIT_COLUMNS: tuple[str, ...] = (
     "x_min",
     "x_max",
     "n_boot_used",
+    "weighted",
+    "chi2_reduced",
 )
+
+#: Columns a row needs for :meth:`PowerLawFit.from_dict` (tables written before weighted fits
+#: lack ``weighted`` and ``chi2_reduced``: an unweighted fit).
+_REQUIRED_COLUMNS = FIT_COLUMNS[:-2]
 
 
 @dataclass(frozen=True)
@@ -63,23 +77,26 @@ class PowerLawFit:
     Attributes
     ----------
     beta : float
-        Fitted exponent (OLS slope on ``(ln x, ln y)``).
+        Fitted exponent (OLS slope on ``(ln x, ln y)``; the WLS slope when ``weighted``).
     beta_se : float
         Standard error of ``beta``, ``sqrt(SS_res / (n − 2)) / sqrt(S_xx)`` with ``S_xx`` the
-        sum of squares of centred ``ln x``.
+        sum of squares of centred ``ln x``. Weighted: ``sqrt(max(1, χ²_ν) / S_xx^w)`` with
+        ``S_xx^w = Σ w_i (ln x_i − ū_w)²`` about the weighted mean ``ū_w``.
     beta_ci : tuple of float
-        ``(low, high)`` t-interval, ``beta ± t_{(1+confidence)/2, n−2} · beta_se``.
+        ``(low, high)`` t-interval, ``beta ± t_{(1+confidence)/2, n−2} · beta_se``; weighted:
+        the normal interval ``beta ± z_{(1+confidence)/2} · beta_se``.
     beta_ci_boot : tuple of float
         ``(low, high)`` percentile interval of ``beta`` over ``n_boot_used`` bootstrap
-        resamples of the ``(x, y)`` pairs; ``(nan, nan)`` when no bootstrap was run.
+        resamples of the ``(x, y)`` pairs (each with its weight when ``weighted``);
+        ``(nan, nan)`` when no bootstrap was run.
     prefactor : float
         ``A = exp(intercept)``, in units of ``y`` per unit ``x ** beta``. It is the fitted
         *geometric* mean of ``y`` at ``x = 1`` (no log-normal bias correction).
     prefactor_ci : tuple of float
         ``exp`` of the t-interval of the intercept.
     r2 : float
-        Coefficient of determination on the log scale, in [0, 1]; ``nan`` when all ``y`` are
-        equal (``SS_tot = 0``).
+        Coefficient of determination on the log scale, in [0, 1] (weighted sums when
+        ``weighted``); ``nan`` when all ``y`` are equal (``SS_tot = 0``).
     n : int
         Number of points fitted.
     x_range : tuple of float
@@ -89,6 +106,11 @@ class PowerLawFit:
     n_boot_used : int
         Bootstrap resamples that entered ``beta_ci_boot``; resamples whose ``x`` are all
         equal have no slope and are skipped.
+    weighted : bool
+        True for a weighted fit (``y_se`` given).
+    chi2_reduced : float
+        ``χ²_ν = Σ w_i r_i² / (n − 2)`` of a weighted fit (about 1 when the scatter matches the
+        given errors; above 1 it widened the interval); ``nan`` for an unweighted fit.
     """
 
     beta: float
@@ -102,10 +124,12 @@ class PowerLawFit:
     x_range: tuple[float, float]
     confidence: float = 0.95
     n_boot_used: int = 0
+    weighted: bool = False
+    chi2_reduced: float = math.nan
 
     @property
     def beta_pm(self) -> float:
-        """Half-width of the t-interval, the ``±`` of ``β = 0.97 ± 0.05``."""
+        """Half-width of ``beta_ci``, the ``±`` of ``β = 0.97 ± 0.05``."""
         return (self.beta_ci[1] - self.beta_ci[0]) / 2
 
     def predict(self, x: ArrayLike) -> Any:
@@ -138,6 +162,8 @@ class PowerLawFit:
             "x_min": self.x_range[0],
             "x_max": self.x_range[1],
             "n_boot_used": self.n_boot_used,
+            "weighted": self.weighted,
+            "chi2_reduced": self.chi2_reduced,
         }
 
     @classmethod
@@ -148,7 +174,8 @@ class PowerLawFit:
         ----------
         row : mapping or pandas.Series
             With the keys of :data:`FIT_COLUMNS` (other keys, e.g. the ``by`` columns of a
-            fit table, are ignored).
+            fit table, are ignored; without ``weighted`` and ``chi2_reduced``, as in tables
+            written before weighted fits, the fit is unweighted).
         confidence : float, default 0.95
             Coverage of the intervals in ``row`` (a table does not record it).
 
@@ -165,10 +192,11 @@ class PowerLawFit:
         >>> round(PowerLawFit.from_dict(row).predict(16), 6)
         48.0
         """
-        missing = [k for k in FIT_COLUMNS if k not in row]
+        missing = [k for k in _REQUIRED_COLUMNS if k not in row]
         if missing:
-            raise KeyError(f"a PowerLawFit row needs {list(FIT_COLUMNS)}; missing {missing}. "
-                           "Pass a row of fit_table() or the output of PowerLawFit.to_dict().")
+            raise KeyError(f"a PowerLawFit row needs {list(_REQUIRED_COLUMNS)}; missing "
+                           f"{missing}. Pass a row of fit_table() or the output of "
+                           "PowerLawFit.to_dict().")
         return cls(beta=float(row["beta"]), beta_se=float(row["beta_se"]),
                    beta_ci=(float(row["beta_ci_low"]), float(row["beta_ci_high"])),
                    beta_ci_boot=(float(row["beta_boot_low"]), float(row["beta_boot_high"])),
@@ -177,11 +205,16 @@ class PowerLawFit:
                                  float(row["prefactor_ci_high"])),
                    r2=float(row["r2"]), n=int(row["n"]),
                    x_range=(float(row["x_min"]), float(row["x_max"])),
-                   confidence=float(confidence), n_boot_used=int(row["n_boot_used"]))
+                   confidence=float(confidence), n_boot_used=int(row["n_boot_used"]),
+                   weighted=bool(row["weighted"]) if "weighted" in row else False,
+                   chi2_reduced=float(row["chi2_reduced"]) if "chi2_reduced" in row
+                   else math.nan)
 
     def __str__(self) -> str:
         pct = f"{100 * self.confidence:g}%"
-        return (f"β = {self.beta:.3f} ± {self.beta_pm:.3f} ({pct} t), "
+        how = (f"{pct} normal, weighted, χ²_ν = {self.chi2_reduced:.2f}" if self.weighted
+               else f"{pct} t")
+        return (f"β = {self.beta:.3f} ± {self.beta_pm:.3f} ({how}), "
                 f"R² = {self.r2:.3f}, n = {self.n}")
 
 
@@ -236,15 +269,73 @@ def _ols(u: np.ndarray, v: np.ndarray) -> tuple[float, float, float, float, floa
     return slope, intercept, float(resid @ resid), s_uu, float(dv @ dv)
 
 
+def _wls(u: np.ndarray, v: np.ndarray, w: np.ndarray
+         ) -> tuple[float, float, float, float, float, float, float]:
+    """Slope, intercept, χ² = Σ w r², S_uu^w, SS_tot^w, Σ w and the weighted mean of ``u`` of
+    ``v ~ u`` with weights ``w`` (sums about the weighted means, float64)."""
+    sw = float(w.sum())
+    um, vm = float(w @ u) / sw, float(w @ v) / sw
+    du, dv = u - um, v - vm
+    s_uu = float(w @ (du * du))
+    slope = float(w @ (du * dv)) / s_uu
+    resid = dv - slope * du
+    return (slope, vm - slope * um, float(w @ (resid * resid)), s_uu, float(w @ (dv * dv)),
+            sw, um)
+
+
+def _line(u: np.ndarray, v: np.ndarray, w: np.ndarray | None, confidence: float
+          ) -> dict[str, float]:
+    """The fitted line on the logs and its errors: ``slope, intercept, se, se_int, q`` (the
+    quantile of ``beta_ci``), ``r2`` and ``chi2_reduced`` (nan unweighted)."""
+    n, dof = int(u.size), int(u.size) - 2
+    if w is None:  # OLS, SPEC.md §6
+        slope, intercept, ss_res, s_uu, ss_tot = _ols(u, v)
+        s = math.sqrt(ss_res / dof)
+        se, se_int = s / math.sqrt(s_uu), s * math.sqrt(1.0 / n + float(u.mean()) ** 2 / s_uu)
+        q = float(scipy.stats.t.ppf(0.5 + confidence / 2, dof))
+        chi2_red = math.nan
+    else:  # WLS with the Birge ratio: (XᵀWX)⁻¹ · max(1, χ²_ν), normal quantile
+        slope, intercept, ss_res, s_uu, ss_tot, sw, um = _wls(u, v, w)
+        chi2_red = ss_res / dof
+        scale = max(1.0, chi2_red)
+        se, se_int = math.sqrt(scale / s_uu), math.sqrt(scale * (1.0 / sw + um**2 / s_uu))
+        q = float(scipy.stats.norm.ppf(0.5 + confidence / 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    return {"slope": slope, "intercept": intercept, "se": se, "se_int": se_int, "q": q,
+            "r2": r2, "chi2_reduced": chi2_red}
+
+
 def _bootstrap_slopes(u: np.ndarray, v: np.ndarray, n_boot: int,
-                      rng: np.random.Generator) -> np.ndarray:
+                      rng: np.random.Generator, w: np.ndarray | None = None) -> np.ndarray:
+    """Slopes of ``n_boot`` resamples of the points with replacement (with their weights)."""
     idx = rng.integers(0, u.size, size=(n_boot, u.size))
     ub, vb = u[idx], v[idx]
     ok = np.ptp(ub, axis=1) > 0  # all-equal x: no slope, skip
     ub, vb = ub[ok], vb[ok]
+    if w is not None:
+        wb = w[idx][ok]
+        um = np.einsum("ij,ij->i", wb, ub) / wb.sum(axis=1)
+        vm = np.einsum("ij,ij->i", wb, vb) / wb.sum(axis=1)
+        du, dv = ub - um[:, None], vb - vm[:, None]
+        return np.einsum("ij,ij->i", wb * du, dv) / np.einsum("ij,ij->i", wb * du, du)
     du = ub - ub.mean(axis=1, keepdims=True)
     dv = vb - vb.mean(axis=1, keepdims=True)
     return np.einsum("ij,ij->i", du, dv) / np.einsum("ij,ij->i", du, du)
+
+
+def _check_y_se(y_se: ArrayLike, ya: np.ndarray) -> np.ndarray:
+    """``y_se`` as float64 of y's shape, finite and > 0, or a ValueError naming the index."""
+    se = _to_numpy(y_se)
+    if se.shape != ya.shape:
+        raise ValueError(f"y_se must have the shape of y, {ya.shape} (one standard error per "
+                         f"point, in the units of y); got shape {se.shape}.")
+    bad = np.flatnonzero(~(np.isfinite(se) & (se > 0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"y_se[{i}] = {se[i]}: standard errors must be finite and > 0 ({bad.size} bad of "
+            f"{se.size}); drop those points, or pass y_se=None for an unweighted fit.")
+    return se
 
 
 def fit_power_law(
@@ -254,8 +345,10 @@ def fit_power_law(
     n_boot: int = 2000,
     seed: int | np.random.Generator | None = 0,
     confidence: float = 0.95,
+    y_se: ArrayLike | None = None,
 ) -> PowerLawFit:
-    """Fit ``y = A · x^β`` by least squares on ``(ln x, ln y)`` (SPEC.md §6).
+    """Fit ``y = A · x^β`` by least squares on ``(ln x, ln y)`` (SPEC.md §6), weighted by the
+    standard errors of ``y`` when they are given.
 
     Parameters
     ----------
@@ -273,6 +366,14 @@ def fit_power_law(
         Seed of the bootstrap, so the same call gives the same interval.
     confidence : float, default 0.95
         Coverage of the t-interval and of the bootstrap percentile interval, in (0, 1).
+    y_se : array-like of shape (n,), optional
+        Standard error of each ``y`` (same units as ``y``; finite, > 0), e.g. the standard
+        error of a mean over seeds. Given, the fit is weighted least squares on ``ln y`` with
+        weights ``1 / σ_i²``, ``σ_i = y_se_i / y_i`` (the delta method), its covariance is
+        the WLS one times ``max(1, χ²_ν)`` (the Birge-ratio convention, so an interval never
+        gets narrower than the data's scatter allows; ``chi2_reduced`` reports ``χ²_ν``),
+        ``beta_ci`` uses the normal quantile, and the bootstrap resamples points with their
+        weights. None (default): ordinary least squares, as SPEC.md §6.
 
     Returns
     -------
@@ -283,7 +384,8 @@ def fit_power_law(
     ------
     ValueError
         If ``x`` or ``y`` is not 1-D, their lengths differ, ``n < 3``, a value is non-finite or
-        <= 0 (the message names the index), or all ``x`` are equal.
+        <= 0 (the message names the index), all ``x`` are equal, or ``y_se`` does not have
+        the shape of ``y`` or holds a value that is non-finite or <= 0.
 
     See Also
     --------
@@ -296,6 +398,18 @@ def fit_power_law(
     around a line in ``ln x``. The bootstrap resamples points, so with few widths its interval
     is coarse and can be narrower than the t-interval; resamples whose ``x`` are all equal are
     skipped and ``n_boot_used`` says how many remained (a warning is raised when none did).
+
+    With ``y_se`` the errors are taken as known, so the interval uses the normal quantile
+    (1.96 at 95 %) rather than ``t_{n−2}``; when the points scatter more than the errors
+    allow (``χ²_ν > 1``) the covariance grows by ``χ²_ν``, and a ``χ²_ν < 1`` never shrinks
+    it. For an exact power law with Gaussian noise of known σ on ``ln y`` the 95 % interval
+    covers the true exponent in 96–97 % of draws (tests/test_scaling.py): conservative, since
+    the Birge ratio only widens. Standard errors estimated from very few replicates are
+    themselves noisy and make the weights wrong: weighting per-width means by their standard
+    error over 2 seeds covered the true exponent in only 64–75 % of simulated draws (4–8
+    widths), 88–92 % with 5 seeds, 93–95 % with 10 (an unweighted fit on every point: 94–96 %).
+    Pass ``y_se`` that rests on enough data (see
+    :data:`nerve_interp.sweeps.MIN_SEEDS_FOR_WEIGHTS`).
 
     Examples
     --------
@@ -310,26 +424,26 @@ def fit_power_law(
     (0.7, 3.0, 1.0)
     >>> print(exact)
     β = 0.700 ± 0.000 (95% t), R² = 1.000, n = 4
+    >>> w = fit_power_law([1, 2, 4, 8], [3.0, 4.9, 7.9, 13.1], y_se=[0.1, 0.2, 0.3, 0.5],
+    ...                   n_boot=0)
+    >>> print(w)
+    β = 0.707 ± 0.045 (95% normal, weighted, χ²_ν = 0.05), R² = 1.000, n = 4
     """
     xa, ya = _check_xy(x, y)
+    se_y = None if y_se is None else _check_y_se(y_se, ya)
     n_boot = check_positive_int(n_boot, "n_boot", minimum=0)
     if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
         raise ValueError(f"confidence = {confidence!r}, must be a float in (0, 1), e.g. 0.95.")
     u, v = np.log(xa), np.log(ya)
-    n = int(u.size)
-    slope, intercept, ss_res, s_uu, ss_tot = _ols(u, v)
-    dof = n - 2
-    s = math.sqrt(ss_res / dof)
-    se = s / math.sqrt(s_uu)
-    se_int = s * math.sqrt(1.0 / n + float(u.mean()) ** 2 / s_uu)
-    t = float(scipy.stats.t.ppf(0.5 + confidence / 2, dof))
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-
+    w = None if se_y is None else (ya / se_y) ** 2  # 1 / σ_ln², σ_ln = y_se / y
+    line = _line(u, v, w, confidence)
+    slope, intercept, se, se_int, q = (line[k] for k in ("slope", "intercept", "se", "se_int",
+                                                         "q"))
     boot_ci = (float("nan"), float("nan"))
     n_used = 0
     if n_boot > 0:
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        slopes = _bootstrap_slopes(u, v, n_boot, rng)
+        slopes = _bootstrap_slopes(u, v, n_boot, rng, w)
         n_used = int(slopes.size)
         if n_used:
             alpha = (1 - confidence) / 2
@@ -343,15 +457,17 @@ def fit_power_law(
     return PowerLawFit(
         beta=slope,
         beta_se=se,
-        beta_ci=(slope - t * se, slope + t * se),
+        beta_ci=(slope - q * se, slope + q * se),
         beta_ci_boot=boot_ci,
         prefactor=math.exp(intercept),
-        prefactor_ci=(math.exp(intercept - t * se_int), math.exp(intercept + t * se_int)),
-        r2=r2,
-        n=n,
+        prefactor_ci=(math.exp(intercept - q * se_int), math.exp(intercept + q * se_int)),
+        r2=line["r2"],
+        n=int(u.size),
         x_range=(float(xa.min()), float(xa.max())),
         confidence=float(confidence),
         n_boot_used=n_used,
+        weighted=w is not None,
+        chi2_reduced=line["chi2_reduced"],
     )
 
 
@@ -365,6 +481,7 @@ def fit_table(
     n_boot: int = 2000,
     seed: int | None = 0,
     confidence: float = 0.95,
+    y_se: str | None = None,
 ):
     """One power-law fit per group of a tidy table (SPEC.md §7 in, one row per fit out).
 
@@ -384,13 +501,18 @@ def fit_table(
         the intervals too narrow when rows are layers of the same model.
     n_boot, seed, confidence
         Passed to :func:`fit_power_law` (the same seed for every group).
+    y_se : str, optional
+        Column of the standard error of ``y`` (e.g. ``"value_se"``): each group is then a
+        weighted fit (:func:`fit_power_law` with ``y_se``). Not with ``agg``: reduce the
+        table first and give each reduced point its standard error.
 
     Returns
     -------
     pandas.DataFrame
         One row per group: the ``by`` columns, then ``beta, beta_se, beta_ci_low,
         beta_ci_high, beta_boot_low, beta_boot_high, prefactor, r2, n``, then
-        ``prefactor_ci_low, prefactor_ci_high, x_min, x_max, n_boot_used``.
+        ``prefactor_ci_low, prefactor_ci_high, x_min, x_max, n_boot_used, weighted,
+        chi2_reduced`` (:data:`FIT_COLUMNS`).
 
     Raises
     ------
@@ -414,8 +536,13 @@ def fit_table(
     from ._validation import check_tidy
 
     keys = [by] if isinstance(by, str) else list(by)
-    check_tidy(df, [*keys, x, y])
-    data = df[[*keys, x, y]]
+    if y_se is not None and agg is not None:
+        raise ValueError(f"fit_table(agg={agg!r}, y_se={y_se!r}): a standard error cannot be "
+                         "aggregated with the values; reduce the table first and give each "
+                         "reduced point its standard error, or drop one of the two.")
+    cols = [*keys, x, y] + ([y_se] if y_se is not None else [])
+    check_tidy(df, cols)
+    data = df[cols]
     if agg is not None:
         data = data.groupby([*keys, x], sort=True, observed=True, dropna=False)[y].agg(agg)
         data = data.reset_index()
@@ -427,7 +554,8 @@ def fit_table(
         label = dict(zip(keys, key, strict=True))
         try:
             fit = fit_power_law(g[x].to_numpy(), g[y].to_numpy(), n_boot=n_boot, seed=seed,
-                                confidence=confidence)
+                                confidence=confidence,
+                                y_se=None if y_se is None else g[y_se].to_numpy())
         except ValueError as err:
             where = ", ".join(f"{k}={v!r}" for k, v in label.items()) or "whole table"
             raise ValueError(f"cannot fit {y} against {x} for group {where}: {err}") from err

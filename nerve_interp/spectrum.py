@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from . import metrics as _metrics
-from .errors import NegativeEigenvalueWarning, NotFittedError, RankDeficientWarning
+from .errors import NegativeEigenvalueWarning, NotFittedError
 from .groups import GroupSpectra
 from .jackknife import jackknife
+from .marchenko_pastur import finite_sample_warning
 
 NEGATIVE_WARN_TOL = 1e-8
 
@@ -153,13 +154,14 @@ def spectrum_from_covariance(
         Symmetric positive semi-definite (up to round-off).
     mean : tensor or ndarray of shape (D,)
     n_samples : int
-        Tokens the covariance came from; ``n_samples <= D`` raises a ``RankDeficientWarning``.
+        Tokens the covariance came from; ``n_samples < 10·D`` raises a ``FiniteSampleWarning``
+        (``RankDeficientWarning``, its subclass, when ``n_samples <= D``).
     eigenvectors : bool, default False
         Keep the eigenvectors (needed for subspace ablations).
     name : str
         Site name for messages.
     warn : bool, default True
-        Emit ``RankDeficientWarning`` / ``NegativeEigenvalueWarning``.
+        Emit ``FiniteSampleWarning`` / ``NegativeEigenvalueWarning``.
     """
     cov = torch.as_tensor(covariance).detach().to("cpu", torch.float64)
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
@@ -183,14 +185,11 @@ def spectrum_from_covariance(
             stacklevel=2,
         )
     d = vals.size
-    if warn and n_samples <= d:
-        warnings.warn(
-            f"{name}: N = {n_samples} tokens <= D = {d}: the spectrum is rank-deficient "
-            f"(rank <= {n_samples - 1}) and every metric depends on N/D. Raise max_tokens "
-            "(the papers use ~65k tokens, N >> D) before comparing metrics.",
-            RankDeficientWarning,
-            stacklevel=2,
-        )
+    few = finite_sample_warning(int(n_samples), d, f"at {name}", "Raise max_tokens (N/D >= "
+                                "10; the papers use ~65k tokens, N >> D) before comparing "
+                                "metrics.") if warn and n_samples >= 1 and d else None
+    if few is not None:
+        warnings.warn(few[1], few[0], stacklevel=2)
     return Spectrum(
         eigenvalues=np.clip(vals, 0.0, None),
         mean=torch.as_tensor(mean).detach().to("cpu", torch.float64).numpy().copy(),

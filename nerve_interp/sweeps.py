@@ -1,10 +1,12 @@
 """Experiments that train many small models: the width sweep behind spectral scaling laws.
 
 :func:`width_sweep` trains one model per (norm placement, FFN width, seed), measures the final
-spectra of every layer's FFN on fixed held-out batches, and fits ``soft_rank ∝ D^β`` and
+spectra of every layer's FFN on held-out tokens, and fits ``soft_rank ∝ D^β`` and
 ``hard_rank ∝ D^β`` per norm placement ([SSL]'s LayerNorm table, at whatever scale the
-hardware allows). Every finished run is written to ``out_dir`` so an interrupted sweep resumes
-where it stopped.
+hardware allows). Every width is measured at the same number of tokens per dimension
+(``n_over_d``, default 32), so the finite-sample bias of the metrics is about the same at every
+width instead of growing with D. Every finished run is written to ``out_dir`` so an
+interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ._validation import check_seeds
-from .errors import RankDeficientWarning
+from ._warnings import user_stacklevel
+from .errors import FiniteSampleWarning
 from .training import TrainConfig
 
 SWEEP_METRICS = ("soft_rank", "hard_rank", "participation_ratio", "spectral_entropy", "eee",
@@ -31,6 +36,17 @@ SWEEP_METRICS = ("soft_rank", "hard_rank", "participation_ratio", "spectral_entr
 
 #: Metrics of :attr:`WidthSweepResult.fits` (others: :meth:`WidthSweepResult.fit`).
 FIT_METRICS = ("soft_rank", "hard_rank")
+
+#: Tokens per FFN dimension every width of a sweep is measured at, by default.
+DEFAULT_N_OVER_D = 32.0
+
+#: Seeds per width from which :meth:`WidthSweepResult.fit` weights the per-width means by
+#: their standard error over seeds. A standard error from k seeds has k − 1 degrees of
+#: freedom and weights built from it are noisy: in simulation (4–8 widths, Gaussian noise on
+#: ln y) the 95 % interval of the weighted fit covered the true exponent in 64–75 % of draws
+#: with 2 seeds, 78–85 % with 3, 88–92 % with 5 and 93–95 % with 10, while the unweighted fit
+#: on every (width, seed) point covered 94–96 % throughout.
+MIN_SEEDS_FOR_WEIGHTS = 10
 
 
 @dataclass
@@ -40,11 +56,13 @@ class WidthSweepResult:
     Attributes
     ----------
     table : DataFrame
-        Tidy: ``norm, width, seed, layer, point, metric, value, val_loss``.
+        Tidy: ``norm, width, seed, layer, point, metric, value, n_tokens, n_over_d,
+        val_loss`` (``n_tokens``: the tokens the spectrum was measured on; ``n_over_d``: that
+        per FFN dimension, ``n_tokens / width``).
     fits : DataFrame
         One power-law fit per ``norm`` and ``metric`` (``beta, beta_se, beta_ci_low,
-        beta_ci_high, r2, n, ...``); each width × seed is one point (median over layers,
-        as the authors' follow-up does).
+        beta_ci_high, r2, n, ..., weighted, chi2_reduced``): :meth:`fit` of
+        :data:`FIT_METRICS`.
     spectra : dict
         ``{(norm, width, seed): SpectraResult}`` of every run with ``keep_spectra=True``
         (eigenvalues and means, no eigenvectors); empty otherwise.
@@ -54,16 +72,91 @@ class WidthSweepResult:
     fits: pd.DataFrame
     spectra: dict = field(default_factory=dict, repr=False)
 
-    def fit(self, metrics: Sequence[str] = FIT_METRICS) -> pd.DataFrame:
+    def per_model(self, metrics: Sequence[str] = SWEEP_METRICS) -> pd.DataFrame:
+        """One value per model: the median over layers, ``norm, width, seed, point, metric,
+        value`` (+ the smallest ``n_tokens`` and ``n_over_d`` of its layers, when the table
+        has them)."""
+        t = self.table[self.table["metric"].isin(metrics)]
+        extra = {c: (c, "min") for c in ("n_tokens", "n_over_d") if c in t.columns}
+        return (t.groupby(["norm", "width", "seed", "point", "metric"], as_index=False)
+                .agg(value=("value", "median"), **extra))
+
+    def per_width(self, metrics: Sequence[str] = SWEEP_METRICS) -> pd.DataFrame:
+        """One value per width: the mean over seeds of :meth:`per_model`, ``norm, point,
+        metric, width, value, value_se, n_seeds`` (+ ``n_tokens``, ``n_over_d``).
+
+        ``value_se`` is the standard error of that mean, ``sd over seeds / sqrt(n_seeds)``
+        (NaN with one seed), or, when the captures carry per-group statistics, the per-width
+        jackknife standard error (:func:`_jackknife_se`; not available yet).
+        """
+        pm = self.per_model(metrics)
+        keys = ["norm", "point", "metric", "width"]
+        extra = {c: (c, "min") for c in ("n_tokens", "n_over_d") if c in pm.columns}
+        out = pm.groupby(keys, as_index=False).agg(
+            value=("value", "mean"), value_sd=("value", "std"), n_seeds=("seed", "nunique"),
+            **extra)
+        out.insert(out.columns.get_loc("value") + 1, "value_se",
+                   out.pop("value_sd") / out["n_seeds"] ** 0.5)
+        jack = _jackknife_se(self.table, out)
+        if jack is not None:
+            out["value_se"] = jack
+        return out
+
+    def fit(self, metrics: Sequence[str] = FIT_METRICS, *,
+            weighted: bool | None = None) -> pd.DataFrame:
         """Power-law fits of ``metrics`` against width, one per ``norm``, ``point`` and
-        ``metric`` (each width × seed is one point: the median over layers); ``fits`` is
-        ``fit(FIT_METRICS)``. Any of :data:`SWEEP_METRICS` can be fitted."""
+        ``metric``; ``fits`` is ``fit(FIT_METRICS)``. Any of :data:`SWEEP_METRICS` can be
+        fitted.
+
+        Parameters
+        ----------
+        metrics : sequence of str
+        weighted : bool, optional
+            False: ordinary least squares with each width × seed one point (the median over
+            layers, as the authors' follow-up does). True: weighted least squares on the
+            per-width means with their standard errors (:meth:`per_width`'s ``value_se``,
+            passed as ``y_se`` to :func:`nerve_interp.scaling.fit_power_law`). None
+            (default): weighted when every width has a standard error that rests on enough
+            data (at least :data:`MIN_SEEDS_FOR_WEIGHTS` seeds, or per-group statistics),
+            otherwise unweighted. The ``weighted`` column of the result says which.
+        """
         from .scaling import fit_table
 
-        per_model = (self.table.groupby(["norm", "width", "seed", "point", "metric"],
-                                        as_index=False)["value"].median())
-        return fit_table(per_model[per_model["metric"].isin(metrics)], x="width", y="value",
-                         by=("norm", "point", "metric"))
+        by = ("norm", "point", "metric")
+        if weighted is None:
+            weighted = self._se_is_reliable(metrics)
+        if not weighted:
+            return fit_table(self.per_model(metrics), x="width", y="value", by=by)
+        pw = self.per_width(metrics)
+        bad = pw[~(pw["value_se"] > 0) | ~np.isfinite(pw["value_se"])]
+        if len(bad):
+            raise ValueError(
+                f"fit(weighted=True) needs a standard error > 0 at every width; "
+                f"{len(bad)} of {len(pw)} (norm, point, metric, width) have none (one seed: "
+                f"no spread; seeds per width: {sorted(set(pw['n_seeds']))}). Run >= 2 seeds, "
+                "or fit unweighted (weighted=False).")
+        return fit_table(pw, x="width", y="value", y_se="value_se", by=by)
+
+    def _se_is_reliable(self, metrics: Sequence[str]) -> bool:
+        pw = self.per_width(metrics)
+        ok = (pw["value_se"] > 0) & np.isfinite(pw["value_se"])
+        enough = (pw["n_seeds"] >= MIN_SEEDS_FOR_WEIGHTS) | (
+            _jackknife_se(self.table, pw) is not None)
+        return bool(len(pw)) and bool((ok & enough).all())
+
+
+def _jackknife_se(table: pd.DataFrame, per_width: pd.DataFrame) -> pd.Series | None:
+    """HOOK for per-group statistics: the jackknife standard error of each row of
+    ``per_width`` (aligned with it), from the per-group statistics of the captures.
+
+    ``collect_spectra(..., n_groups=K)`` splits a capture's tokens into K groups and gives
+    :meth:`SpectraResult.metrics` jackknife ``se`` columns. Not wired yet: once ``_train_run``
+    captures with ``n_groups`` and copies ``se`` into ``table``, this returns the per-width
+    standard error (propagated through the median over layers and the mean over seeds) so a
+    single-seed sweep can be fitted weighted. Until then it returns None (the seed spread is
+    used).
+    """
+    return None
 
 
 def _run_key(norm: str, width: int, seed: int) -> str:
@@ -86,7 +179,7 @@ def _train_run(preset: str, model_kw: dict[str, Any], cfg: Any, train_blocks: to
                val_blocks: torch.Tensor, eval_set: torch.Tensor,
                point: str) -> tuple[list[dict], Any]:
     """Train one model of the sweep; its tidy rows (``norm, width, seed, layer, point,
-    metric, value, val_loss``) and final spectra on ``eval_set``."""
+    metric, value, n_tokens, n_over_d, val_loss``) and final spectra on ``eval_set``."""
     from .capture import collect_spectra
     from .models import make_lm
     from .training import train
@@ -95,29 +188,51 @@ def _train_run(preset: str, model_kw: dict[str, Any], cfg: Any, train_blocks: to
     run = train(model, train_blocks, val_blocks, cfg, progress=False)
     val_loss = float(run.history.query("split == 'val'")["loss"].iloc[-1])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RankDeficientWarning)
+        # N/D is in every row; _warn_few_tokens says it once for the whole sweep
+        warnings.simplefilter("ignore", FiniteSampleWarning)
         spectra = collect_spectra(model, [eval_set], points=(point,), progress=False)
     rows = [{"norm": model_kw["norm"], "width": model_kw["d_ff"], "seed": int(cfg.seed),
              "layer": int(r.layer), "point": r.point, "metric": r.metric,
-             "value": float(r.value), "val_loss": val_loss}
+             "value": float(r.value), "n_tokens": int(r.n_tokens),
+             "n_over_d": float(r.n_over_d), "val_loss": val_loss}
             for r in spectra.metrics().itertuples(index=False) if r.metric in SWEEP_METRICS]
     return rows, spectra
 
 
+@dataclass(frozen=True)
+class _EvalBlocks:
+    """The deprecated ``eval_blocks=n``: the first ``n`` validation blocks at every width."""
+
+    n: int
+
+
 def _old_keywords(sweep: Callable) -> Callable:
     """Keep the keywords of ``width_sweep`` from before its model fields became keywords:
-    ``model_overrides={...}`` is the same as passing those LMConfig fields as keywords, and
-    ``fit_metrics=`` (deprecated) sets ``fits`` to :meth:`WidthSweepResult.fit` of them.
-    Checks the LMConfig field names and ``train_config`` before anything is trained."""
+    ``model_overrides={...}`` is the same as passing those LMConfig fields as keywords,
+    ``fit_metrics=`` (deprecated) sets ``fits`` to :meth:`WidthSweepResult.fit` of them, and
+    ``eval_blocks=n`` (deprecated for ``n_over_d``) measures every width on the first ``n``
+    validation blocks. Checks the LMConfig field names and ``train_config`` before anything
+    is trained."""
     own = {name for name, p in inspect.signature(sweep).parameters.items()
            if p.kind is not p.VAR_KEYWORD}
 
     @functools.wraps(sweep)
     def width_sweep(*args: Any, model_overrides: dict[str, Any] | None = None,
-                    fit_metrics: Sequence[str] | None = None, **kwargs: Any) -> WidthSweepResult:
+                    fit_metrics: Sequence[str] | None = None, eval_blocks: int | None = None,
+                    **kwargs: Any) -> WidthSweepResult:
         if model_overrides:
             kwargs = {**model_overrides, **kwargs}
         _check_keywords(kwargs, own)
+        if eval_blocks is not None:
+            if "n_over_d" in kwargs:
+                raise TypeError("width_sweep() got both n_over_d= and the deprecated "
+                                "eval_blocks=; pass n_over_d only.")
+            warnings.warn(
+                "width_sweep(eval_blocks=...) is deprecated: it measures every width on the "
+                "same tokens, so N/D falls as D grows and biases the exponents (the widest "
+                f"widths most). Pass n_over_d= (default {DEFAULT_N_OVER_D:g}) to measure every "
+                "width at the same N/D.", DeprecationWarning, stacklevel=2)
+            kwargs["n_over_d"] = _EvalBlocks(int(eval_blocks))
         if fit_metrics is not None:
             warnings.warn("width_sweep(fit_metrics=...) is deprecated; the sweep fits "
                           f"{list(FIT_METRICS)} and result.fit(metrics) fits others.",
@@ -143,6 +258,71 @@ def _check_keywords(kwargs: dict[str, Any], own: set[str]) -> None:
         raise TypeError(f"train_config must be a TrainConfig; got {type(cfg).__name__}.")
 
 
+def _eval_blocks(widths: Sequence[int], val_blocks: torch.Tensor,
+                 n_over_d: float | _EvalBlocks) -> dict[int, int]:
+    """Validation blocks each width is measured on: ``ceil(n_over_d · D / seq_len)``, checked
+    against ``len(val_blocks)`` before any training."""
+    if isinstance(n_over_d, _EvalBlocks):  # deprecated: the same blocks at every width
+        return {int(w): n_over_d.n for w in widths}
+    if (isinstance(n_over_d, bool) or not isinstance(n_over_d, (int, float))
+            or not math.isfinite(n_over_d) or n_over_d <= 0):
+        raise ValueError(f"n_over_d = {n_over_d!r}, must be a finite number > 0 (tokens per "
+                         f"FFN dimension each width is measured at; default "
+                         f"{DEFAULT_N_OVER_D:g}).")
+    if getattr(val_blocks, "ndim", None) != 2:
+        raise ValueError("val_blocks must be a 2-D LongTensor (n_blocks, seq_len) from "
+                         f"data.token_blocks; got shape {tuple(getattr(val_blocks, 'shape', ()))}.")
+    n_blocks, seq_len = (int(v) for v in val_blocks.shape)
+    need = {int(w): math.ceil(n_over_d * int(w) / seq_len - 1e-9) for w in widths}
+    widest = max(need)
+    if need[widest] > n_blocks:
+        raise ValueError(
+            f"width_sweep(n_over_d={n_over_d:g}): the widest FFN (D = {widest}) is measured on "
+            f"ceil({n_over_d:g}·{widest} / {seq_len}) = {need[widest]} validation blocks of "
+            f"{seq_len} tokens ({need[widest] * seq_len} tokens), but val_blocks has "
+            f"{n_blocks} ({n_blocks * seq_len} tokens). Pass more held-out text, or a smaller "
+            f"n_over_d (at most {n_blocks * seq_len / widest:.3g} with these blocks; below 10 "
+            "every spectrum carries a FiniteSampleWarning).")
+    return need
+
+
+def _warn_few_tokens(table: pd.DataFrame) -> None:
+    """One FiniteSampleWarning for the whole sweep when some widths were measured at
+    N/D < 10: how many, and the floor at the smallest N/D."""
+    from .marchenko_pastur import FINITE_SAMPLE_N_OVER_D, finite_sample_warning
+
+    if table.empty or "n_over_d" not in table.columns:
+        return
+    worst = table.loc[table.groupby("width")["n_over_d"].idxmin()]
+    low = worst[worst["n_over_d"] < FINITE_SAMPLE_N_OVER_D]
+    if low.empty:
+        return
+    row = low.loc[low["n_over_d"].idxmin()]
+    n = int(row["n_tokens"])
+    found = finite_sample_warning(
+        n, int(round(n / row["n_over_d"])), f"at {len(low)} of {len(worst)} widths of the "
+        "sweep (the smallest N/D shown)", "Measure every width at the same N/D >= 10: "
+        f"width_sweep(n_over_d=...) (default {DEFAULT_N_OVER_D:g}) instead of eval_blocks, "
+        "with enough validation blocks.")
+    if found is not None:
+        warnings.warn(found[1], found[0], stacklevel=user_stacklevel())
+
+
+def _resumed_rows(done: Path, norm: str) -> list[dict]:
+    """The rows of a finished run's JSON; a run written before ``n_tokens`` / ``n_over_d``
+    were columns gets them from the run's token count."""
+    saved = json.loads(done.read_text())
+    rows = []
+    for r in saved["rows"]:
+        r = {**r, "norm": norm}
+        if "n_tokens" not in r and "n_tokens" in saved:
+            loss = r.pop("val_loss")
+            r.update(n_tokens=int(saved["n_tokens"]),
+                     n_over_d=int(saved["n_tokens"]) / int(r["width"]), val_loss=loss)
+        rows.append(r)
+    return rows
+
+
 @_old_keywords
 def width_sweep(
     widths: Sequence[int],
@@ -153,7 +333,7 @@ def width_sweep(
     seeds: Sequence[int] = (0,),
     preset: str = "tiny",
     train_config: TrainConfig | None = None,
-    eval_blocks: int = 16,
+    n_over_d: float = DEFAULT_N_OVER_D,
     point: str = "post",
     out_dir: str | Path | None = None,
     keep_spectra: bool = False,
@@ -167,7 +347,8 @@ def width_sweep(
     widths : sequence of int
         FFN widths D (``d_ff``), at least 3 distinct values for a fit.
     train_blocks, val_blocks : LongTensor (n_blocks, seq_len)
-        From :func:`nerve_interp.data.token_blocks`.
+        From :func:`nerve_interp.data.token_blocks`. ``val_blocks`` gives the validation
+        loss and the tokens the spectra are measured on (see ``n_over_d``).
     norms : sequence of {"pre_ln", "post_ln", "mix_ln", "none"}
         Norm placements (:data:`nerve_interp.models.NORMS`; the ``norm`` column of the
         table). The old spellings ``"pre"``, ``"post"``, ``"mix"`` still work with a
@@ -181,14 +362,24 @@ def width_sweep(
     train_config : TrainConfig, optional
         The training options, the same for every run (its seed is replaced by each run's
         seed).
-    eval_blocks : int
-        The first ``eval_blocks`` validation blocks are the fixed tokens spectra are
-        measured on (N = eval_blocks · seq_len tokens; keep N >> D).
+    n_over_d : float, default 32
+        Tokens per FFN dimension every width is measured at (> 0): width D gets the first
+        ``ceil(n_over_d · D / seq_len)`` validation blocks, so N/D >= n_over_d at every
+        width. Every metric depends on N/D (white noise at N/D = 32 gives PR 0.97·D, soft
+        rank 0.98·D, EEE 0.10; at 10, the line below which a ``FiniteSampleWarning`` is
+        raised, 0.91·D, 0.95·D, 0.18): measured at the same N/D, that bias is about the same
+        factor at every width, which a log-log slope does not see, and at 32 it is small in
+        itself. A fixed token count instead biases the widest widths most (for white noise at
+        1,024 tokens, soft rank / D falls from 0.97 at D = 64 to 0.78 at D = 512: a slope of
+        −0.10). Refused before any training when ``val_blocks`` is too short for the widest
+        width. The deprecated ``eval_blocks=n`` measures every width on the first ``n``
+        blocks instead.
     point : str, default "post"
         [SSL] measures the post-activation spectrum.
     out_dir : path, optional
         One JSON per finished run (``<norm>-D<width>-s<seed>.json``); runs already there
-        are not retrained (resume).
+        are not retrained (resume), whatever N they were measured at (see the ``n_tokens``
+        column).
     keep_spectra : bool, default False
         Keep every run's final spectra in ``WidthSweepResult.spectra`` (to plot them
         without retraining); with ``out_dir`` they are also saved there
@@ -201,20 +392,24 @@ def width_sweep(
     Returns
     -------
     WidthSweepResult
-        ``fits`` holds the soft- and hard-rank fits (:data:`FIT_METRICS`); ``fit(metrics)``
-        fits others (``fit_metrics=`` is deprecated).
+        ``table`` with ``n_tokens`` and ``n_over_d`` on every row; ``fits`` holds the soft-
+        and hard-rank fits (:data:`FIT_METRICS`); ``fit(metrics)`` fits others
+        (``fit_metrics=`` is deprecated).
+
+    Warns
+    -----
+    FiniteSampleWarning
+        Once for the whole sweep (not per model) when some width was measured at N/D < 10,
+        with how many and the white-noise floor at the smallest N/D.
     """
     from .models import norm_placement
-    from .results import SpectraResult
 
     if len(set(widths)) < 3:
         raise ValueError(f"widths={list(widths)}: a power-law fit needs at least 3 distinct "
                          "widths.")
     seeds = check_seeds(seeds, context=" (width_sweep trains one model per seed)")
-    placements = []
-    for n in norms:
-        placements.append(norm_placement(n))
-    base_cfg = train_config or TrainConfig()
+    n_eval = _eval_blocks(widths, val_blocks, n_over_d)
+    placements = [norm_placement(n) for n in norms]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -224,29 +419,41 @@ def width_sweep(
     bar = tqdm(runs, disable=not progress, desc="width sweep", unit="model", dynamic_ncols=True)
     for norm, width, seed in bar:
         bar.set_postfix(run=_run_key(norm, width, seed))
-        done = _finished_run(out, norm, width, seed)
-        if done is not None and (not keep_spectra or done.with_suffix(".safetensors").exists()):
-            rows.extend({**r, "norm": norm} for r in json.loads(done.read_text())["rows"])
-            if keep_spectra:
-                kept[(norm, int(width), int(seed))] = SpectraResult.load(
-                    done.with_suffix(".safetensors"))
-            continue
-        cfg = TrainConfig(**{**asdict(base_cfg), "seed": seed})
-        model_kw = {**(model_overrides or {}), "norm": norm, "d_ff": int(width)}
-        new, spectra = _train_run(preset, model_kw, cfg, train_blocks, val_blocks,
-                                  val_blocks[:eval_blocks], point)
-        rows.extend(new)
-        path = out / f"{_run_key(norm, width, seed)}.json" if out is not None else None
-        if keep_spectra:
-            kept[(norm, int(width), int(seed))] = spectra
-            if path is not None:
-                spectra.save(path.with_suffix(".safetensors"))
-        if path is not None:
-            path.write_text(json.dumps({"rows": new, "train_config": asdict(cfg),
-                                        "n_tokens": spectra.metadata["n_tokens"]}))
+        rows.extend(_one_run(
+            (norm, int(width), int(seed)), out, keep_spectra, kept,
+            lambda cfg, model_kw, w=int(width): _train_run(
+                preset, model_kw, cfg, train_blocks, val_blocks, val_blocks[:n_eval[w]], point),
+            train_config or TrainConfig(), model_overrides))
     result = WidthSweepResult(pd.DataFrame(rows), pd.DataFrame(), kept)
+    _warn_few_tokens(result.table)
     result.fits = result.fit(FIT_METRICS)
     return result
 
 
-__all__ = ["FIT_METRICS", "SWEEP_METRICS", "WidthSweepResult", "width_sweep"]
+def _one_run(key: tuple[str, int, int], out: Path | None, keep_spectra: bool, kept: dict,
+             train_one: Callable, base_cfg: TrainConfig, model_overrides: dict) -> list[dict]:
+    """The rows of one (norm, width, seed): resumed from ``out`` when it is there, else
+    trained by ``train_one(cfg, model_kw)`` and written to ``out``."""
+    from .results import SpectraResult
+
+    norm, width, seed = key
+    done = _finished_run(out, norm, width, seed)
+    if done is not None and (not keep_spectra or done.with_suffix(".safetensors").exists()):
+        if keep_spectra:
+            kept[key] = SpectraResult.load(done.with_suffix(".safetensors"))
+        return _resumed_rows(done, norm)
+    cfg = TrainConfig(**{**asdict(base_cfg), "seed": seed})
+    new, spectra = train_one(cfg, {**(model_overrides or {}), "norm": norm, "d_ff": width})
+    path = out / f"{_run_key(norm, width, seed)}.json" if out is not None else None
+    if keep_spectra:
+        kept[key] = spectra
+        if path is not None:
+            spectra.save(path.with_suffix(".safetensors"))
+    if path is not None:
+        path.write_text(json.dumps({"rows": new, "train_config": asdict(cfg),
+                                    "n_tokens": spectra.metadata["n_tokens"]}))
+    return new
+
+
+__all__ = ["DEFAULT_N_OVER_D", "FIT_METRICS", "MIN_SEEDS_FOR_WEIGHTS", "SWEEP_METRICS",
+           "WidthSweepResult", "width_sweep"]

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .errors import OutlierTokenWarning, RankDeficientWarning
+from .errors import FiniteSampleWarning, OutlierTokenWarning
 from .training import Callback, TrainState
 
 REINJECTION_POINT = "reinjection"
@@ -55,10 +55,18 @@ class SpectralTracker(Callback):
         the batch index, so every measurement uses the same tokens), ... They are checked
         here, before any training step.
 
+    Notes
+    -----
+    With fewer than 10 tokens per FFN dimension (N/D < 10) the first measurement (at setup,
+    step 0) raises a :class:`~nerve_interp.errors.FiniteSampleWarning` with the white-noise
+    floor at that N/D; later measurements use the same tokens and widths and do not repeat it.
+
     Attributes
     ----------
     frame : DataFrame
-        Tidy rows collected so far. ``seconds`` is the time spent measuring.
+        Tidy rows collected so far: ``step, layer, point, metric, value, n_tokens, n_over_d,
+        train_loss, val_loss`` (``n_tokens``: tokens of the spectra; ``n_over_d``: that per
+        FFN dimension). ``seconds`` is the time spent measuring.
     metadata : dict
         ``exclusion``: what the spectra left out (``SpectraResult.metadata["exclusion"]``);
         ``token_fraction`` and ``subsample_seed``: the token subsampling.
@@ -92,6 +100,7 @@ class SpectralTracker(Callback):
         self.rows: list[dict] = []
         self.seconds = 0.0
         self._measured: set[int] = set()
+        self._warned_n_over_d = False
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -111,7 +120,8 @@ class SpectralTracker(Callback):
         model.eval()
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RankDeficientWarning)  # said once, at setup
+                if self._warned_n_over_d:  # same tokens and widths at every step: said
+                    warnings.simplefilter("ignore", FiniteSampleWarning)  # at the first one
                 warnings.simplefilter("ignore", OutlierTokenWarning)  # kept as rows instead
                 res = collect_spectra(model, self.batches, **self.capture)
         finally:
@@ -120,22 +130,30 @@ class SpectralTracker(Callback):
         self.metadata["token_fraction"] = res.metadata["token_fraction"]
         self.metadata["subsample_seed"] = res.metadata["subsample_seed"]
         base = {"step": step, "train_loss": train_loss, "val_loss": val_loss}
+        self.rows.extend(self._rows(res, base))
+        self._measured.add(step)
+        self._warned_n_over_d = True
+        self.seconds += time.perf_counter() - t0
+
+    def _rows(self, res: Any, base: dict) -> list[dict]:
+        """Tidy rows of one measurement, each with the N and N/D of its spectra."""
+        rows = []
         for r in res.metrics().itertuples(index=False):
-            self.rows.append({**base, "layer": r.layer, "point": r.point, "metric": r.metric,
-                              "value": r.value, "se": r.se, "ci_low": r.ci_low,
-                              "ci_high": r.ci_high, "n_tokens": r.n_tokens,
-                              "n_over_d": r.n_over_d})
+            rows.append({**base, "layer": r.layer, "point": r.point, "metric": r.metric,
+                         "value": r.value, "se": r.se, "ci_low": r.ci_low,
+                         "ci_high": r.ci_high, "n_tokens": r.n_tokens, "n_over_d": r.n_over_d})
         for (layer, point), d in res.diagnostics.items():
-            self.rows.append({**base, "layer": layer, "point": point,
-                              "metric": "outlier_share", "value": d.outlier_share})
+            spec = res.spectrum(layer, point)
+            rows.append({**base, "layer": layer, "point": point, "metric": "outlier_share",
+                         "value": d.outlier_share, "n_tokens": spec.n_samples,
+                         "n_over_d": spec.n_samples / spec.dim})
         if self.reinjection:
             for r in res.reinjection(tidy=True).itertuples(index=False):
-                self.rows.append({**base, "layer": r.layer, "point": REINJECTION_POINT,
-                                  "metric": r.metric, "value": r.value, "se": r.se,
-                                  "ci_low": r.ci_low, "ci_high": r.ci_high,
-                                  "n_tokens": r.n_tokens, "n_over_d": r.n_over_d})
-        self._measured.add(step)
-        self.seconds += time.perf_counter() - t0
+                rows.append({**base, "layer": r.layer, "point": REINJECTION_POINT,
+                             "metric": r.metric, "value": r.value, "se": r.se,
+                             "ci_low": r.ci_low, "ci_high": r.ci_high,
+                             "n_tokens": r.n_tokens, "n_over_d": r.n_over_d})
+        return rows
 
     # training-loop hooks
     def on_train_begin(self, model: torch.nn.Module, state: TrainState) -> None:

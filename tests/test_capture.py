@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,24 @@ def test_rank_deficient_warning():
         ni.collect_spectra(make_tiny("gpt2"), [random_batch()], max_tokens=30, layers=[0],
                            progress=False)
     assert len(rec) == 1 and rec[0].filename == __file__  # one warning, at the user's line
+
+
+def test_finite_sample_warning_once_per_capture():
+    """N/D < 10 but N > D: one FiniteSampleWarning for the capture (not one per point), with
+    the floor at that N/D and the token count that reaches N/D = 10; none at N/D >= 10."""
+    from nerve_interp.errors import FiniteSampleWarning
+
+    model = make_tiny("gpt2")  # D = 128
+    batches = [random_batch(seed=s) for s in range(8)]
+    with pytest.warns(FiniteSampleWarning, match=r"N/D = 3 < 10 \(N = 384 tokens, D = 128\) "
+                      r"at 4 of 4 points .*At N/D = 3 white noise .* Raise max_tokens to "
+                      r">= 1280") as rec:
+        ni.collect_spectra(model, batches, max_tokens=384, layers=[0, 1], progress=False)
+    assert [w.category for w in rec] == [FiniteSampleWarning] and rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FiniteSampleWarning)
+        ni.collect_spectra(make_tiny("gpt2"), [random_batch(batch=64, seq=24)], layers=[0],
+                           progress=False)  # 1520 real tokens >= 10·D
 
 
 def test_max_tokens_and_layers_and_stop():

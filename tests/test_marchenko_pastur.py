@@ -56,7 +56,7 @@ def test_marchenko_pastur_moments_and_support():
         white_noise_metrics(0, 10)
 
 
-@pytest.mark.filterwarnings("ignore::nerve_interp.errors.RankDeficientWarning")
+@pytest.mark.filterwarnings("ignore::nerve_interp.errors.FiniteSampleWarning")
 def test_every_table_says_n_and_n_over_d():
     res = ni.collect_spectra(make_tiny("gpt2"), [random_batch(seed=s) for s in range(2)],
                              progress=False, layers=[0])

@@ -122,6 +122,126 @@ def test_t_interval_coverage():
     assert 0.90 <= hits / reps <= 0.99, hits / reps
 
 
+# --- weighted fits (y_se) ------------------------------------------------------------------
+
+SIGMA_LN = np.array([0.02, 0.05, 0.03, 0.10, 0.04, 0.08, 0.06, 0.12])  # known σ of ln y
+
+
+def _reference_wls(x, y, y_se):
+    """Independent reference: numpy's weighted polyfit and scipy's curve_fit with absolute
+    sigma give the line and the WLS covariance (Xᵀ W X)⁻¹; the reduced χ² from the residuals,
+    the Birge ratio max(1, χ²_ν) and the normal quantile written out here."""
+    import scipy.optimize
+
+    u, v, sig = np.log(x), np.log(y), np.asarray(y_se) / np.asarray(y)
+    (b, c), cov = np.polyfit(u, v, 1, w=1 / sig, cov="unscaled")
+    popt, pcov = scipy.optimize.curve_fit(lambda t, a0, a1: a0 + a1 * t, u, v, p0=[c, b],
+                                          sigma=sig, absolute_sigma=True)
+    np.testing.assert_allclose([popt[1], popt[0]], [b, c], rtol=1e-7)
+    np.testing.assert_allclose(pcov[::-1, ::-1], cov, rtol=1e-6)
+    chi2_red = float(np.sum(((v - (b * u + c)) / sig) ** 2) / (u.size - 2))
+    scale = max(1.0, chi2_red)
+    return b, c, math.sqrt(scale * cov[0, 0]), math.sqrt(scale * cov[1, 1]), chi2_red
+
+
+@pytest.mark.parametrize("understate", [0.5, 1.0, 3.0])  # χ²_ν < 1, ≈ 1, > 1
+def test_weighted_fit_matches_polyfit_and_curve_fit(understate):
+    rng = np.random.default_rng(11)
+    y = 2.0 * WIDTHS**0.8 * np.exp(SIGMA_LN * rng.standard_normal(WIDTHS.size))
+    y_se = y * SIGMA_LN / understate  # the σ given are `understate` times too small
+    fit = fit_power_law(WIDTHS, y, y_se=y_se, n_boot=0)
+    b, c, se_b, se_c, chi2_red = _reference_wls(WIDTHS, y, y_se)
+    assert fit.weighted and fit.chi2_reduced == pytest.approx(chi2_red, rel=1e-9)
+    assert fit.beta == pytest.approx(b, rel=1e-10)
+    assert fit.prefactor == pytest.approx(math.exp(c), rel=1e-10)
+    assert fit.beta_se == pytest.approx(se_b, rel=1e-8)
+    z = scipy.stats.norm.ppf(0.975)
+    assert fit.beta_ci == pytest.approx((b - z * se_b, b + z * se_b), rel=1e-8)
+    assert np.log(fit.prefactor_ci) == pytest.approx((c - z * se_c, c + z * se_c), rel=1e-8)
+    if understate == 3.0:  # the scatter, not the given σ, sets the interval: never narrower
+        assert chi2_red > 1 and fit.beta_se > math.sqrt(np.polyfit(
+            np.log(WIDTHS), np.log(y), 1, w=y / y_se, cov="unscaled")[1][0, 0])
+    assert "weighted, χ²_ν = " in str(fit) and "95% normal" in str(fit)
+
+
+def test_weighted_fit_known_answers():
+    """Exact power law: the line exactly, χ²_ν = 0 and an interval from the given σ alone;
+    equal relative errors: the OLS line; far-off points with large σ barely move it."""
+    x = np.array([1.0, 2, 4, 8, 16])
+    exact = fit_power_law(x, 3 * x**0.7, y_se=0.1 * 3 * x**0.7, n_boot=0)
+    assert exact.beta == pytest.approx(0.7, abs=1e-12) and exact.chi2_reduced < 1e-20
+    s_uu = np.sum((np.log(x) - np.log(x).mean()) ** 2) / 0.1**2
+    assert exact.beta_se == pytest.approx(1 / math.sqrt(s_uu), rel=1e-12)
+    xs, ys = noisy(seed=4, sigma=0.2)
+    same = fit_power_law(xs, ys, y_se=0.05 * ys, n_boot=0)
+    assert same.beta == pytest.approx(fit_power_law(xs, ys, n_boot=0).beta, rel=1e-12)
+    y = 3 * x**0.7
+    y[-1] *= 5  # an outlier ...
+    se = 0.01 * y
+    se[-1] = 100 * y[-1]  # ... with a huge error bar
+    assert fit_power_law(x, y, y_se=se, n_boot=0).beta == pytest.approx(0.7, abs=1e-3)
+
+
+def test_weighted_interval_coverage():
+    """Exact power law with Gaussian noise of known σ on ln y (different at each width):
+    the 95 % interval covers the true exponent in 91-99 % of 400 draws."""
+    rng = np.random.default_rng(2026)
+    true_beta, reps, hits, hits_boot = 0.85, 400, 0, 0
+    for i in range(reps):
+        y = 1.5 * WIDTHS**true_beta * np.exp(SIGMA_LN * rng.standard_normal(WIDTHS.size))
+        fit = fit_power_law(WIDTHS, y, y_se=y * SIGMA_LN, n_boot=200 if i < 100 else 0,
+                            seed=i)
+        hits += fit.beta_ci[0] <= true_beta <= fit.beta_ci[1]
+        if i < 100:
+            hits_boot += fit.beta_ci_boot[0] <= true_beta <= fit.beta_ci_boot[1]
+    assert 0.91 <= hits / reps <= 0.99, hits / reps
+    assert hits_boot >= 70, hits_boot  # 8 resampled points: coarse, but not useless
+
+
+def test_weighted_interval_widens_when_the_errors_are_understated():
+    """σ given 3× too small: the Birge ratio widens the interval back towards the truth
+    (coverage near the nominal 95 %, not the ~50 % the given σ alone would give)."""
+    rng = np.random.default_rng(7)
+    true_beta, reps, hits, raw = 0.85, 300, 0, 0
+    for _ in range(reps):
+        y = 1.5 * WIDTHS**true_beta * np.exp(SIGMA_LN * rng.standard_normal(WIDTHS.size))
+        fit = fit_power_law(WIDTHS, y, y_se=y * SIGMA_LN / 3, n_boot=0)
+        hits += fit.beta_ci[0] <= true_beta <= fit.beta_ci[1]
+        unscaled = fit.beta_se / math.sqrt(max(1.0, fit.chi2_reduced))
+        raw += abs(fit.beta - true_beta) <= 1.96 * unscaled
+    assert 0.85 <= hits / reps <= 0.99 and raw / reps < 0.7, (hits / reps, raw / reps)
+
+
+def test_weighted_bootstrap_and_table():
+    x, y = noisy(seed=8, sigma=0.1)
+    se = y * SIGMA_LN
+    f1 = fit_power_law(x, y, y_se=se, seed=5)
+    assert f1.beta_ci_boot == fit_power_law(x, y, y_se=se, seed=5).beta_ci_boot
+    assert f1.beta_ci_boot[0] < f1.beta < f1.beta_ci_boot[1] and f1.n_boot_used == 2000
+    df = pd.DataFrame({"width": x, "value": y, "value_se": se, "metric": "soft_rank"})
+    row = fit_table(df, by="metric", y_se="value_se", seed=5).iloc[0]
+    assert bool(row["weighted"]) and row["beta"] == f1.beta and row["beta_se"] == f1.beta_se
+    assert PowerLawFit.from_dict(row) == f1
+    old = {k: v for k, v in fit_power_law(x, y).to_dict().items()
+           if k not in ("weighted", "chi2_reduced")}  # a row written before weighted fits
+    assert not PowerLawFit.from_dict(old).weighted
+    with pytest.raises(ValueError, match="agg='median', y_se='value_se'"):
+        fit_table(df, by="metric", y_se="value_se", agg="median")
+    with pytest.raises(KeyError, match="value_sd"):
+        fit_table(df, by="metric", y_se="value_sd")
+
+
+@pytest.mark.parametrize("y_se, match", [
+    ([0.1, 0.2], r"y_se must have the shape of y, \(3,\).*got shape \(2,\)"),
+    ([0.1, 0.0, 0.2], r"y_se\[1\] = 0.0: standard errors must be finite and > 0"),
+    ([0.1, float("nan"), 0.2], r"y_se\[1\] = nan"),
+    ([0.1, -1, 0.2], r"y_se\[1\] = -1.0.*y_se=None for an unweighted fit"),
+])
+def test_bad_y_se(y_se, match):
+    with pytest.raises(ValueError, match=match):
+        fit_power_law([1, 2, 4], [1, 2, 3], y_se=y_se, n_boot=0)
+
+
 # --- bootstrap ------------------------------------------------------------------------------
 
 def test_bootstrap_contains_beta_and_is_deterministic():
@@ -303,7 +423,7 @@ def test_fit_table_row_back_to_a_power_law_fit():
     direct = fit_power_law(widths, values, n_boot=200, seed=3)
     back = PowerLawFit.from_dict(row)
     for key, want in direct.to_dict().items():
-        assert back.to_dict()[key] == pytest.approx(want, rel=1e-12), key
+        assert back.to_dict()[key] == pytest.approx(want, rel=1e-12, nan_ok=True), key
     assert back.n_boot_used == direct.n_boot_used > 0 and back.confidence == 0.95
     np.testing.assert_allclose(back.predict([100, 2000]), direct.predict([100, 2000]),
                                rtol=1e-12)

@@ -31,6 +31,26 @@ def test_rank_deficient_warns_and_negative_clipping_recorded():
     assert (s.eigenvalues > 1e-10 * s.eigenvalues[0]).sum() == 4
 
 
+def test_few_tokens_per_dimension_warn_with_the_white_noise_floor():
+    """N/D < 10 (N > D): a FiniteSampleWarning (not the rank-deficient subclass) quoting the
+    Marchenko-Pastur floor; N/D >= 10 is silent; filters on either class keep working."""
+    from nerve_interp.errors import FiniteSampleWarning
+
+    assert issubclass(RankDeficientWarning, FiniteSampleWarning)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((80, 20))  # N/D = 4
+    with pytest.warns(FiniteSampleWarning,
+                      match=r"N/D = 4 < 10 \(N = 80 tokens, D = 20\) at s:.*At N/D = 4 white "
+                            r"noise .* gives PR 0\.80·D, soft rank 0\.88·D, EEE 0\.28") as rec:
+        spectrum_from_covariance(np.cov(x, rowvar=False), x.mean(0), 80, name="s")
+    assert [w.category for w in rec] == [FiniteSampleWarning]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spectrum_from_covariance(np.eye(20), np.zeros(20), 200)  # N/D = 10: silent
+        warnings.simplefilter("ignore", FiniteSampleWarning)  # ignores the subclass too
+        spectrum_from_covariance(np.eye(20), np.zeros(20), 5)
+
+
 def test_large_negative_eigenvalue_warns():
     cov = np.diag([1.0, 0.5, -0.1])
     with pytest.warns(NegativeEigenvalueWarning, match="most negative -1.000e-01"):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from nerve_interp.errors import FiniteSampleWarning
 from nerve_interp.scaling import fit_power_law
 from nerve_interp.sweeps import width_sweep
 from nerve_interp.training import TrainConfig
@@ -17,15 +18,23 @@ def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
     blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
     cfg = TrainConfig(steps=6, batch_size=8, warmup=1, eval_every=6)
     kw = dict(norms=("pre_ln",), preset="tiny", model_overrides={"vocab_size": 64},
-              train_config=cfg, eval_blocks=32, out_dir=tmp_path, progress=False)
-    res = width_sweep([32, 64, 128], blocks, blocks[:32], **kw)
+              train_config=cfg, n_over_d=8, out_dir=tmp_path, progress=False)
+    # every width at N/D = 8 (8·D tokens: 8, 16, 32 blocks of 32): below 10, so one
+    # FiniteSampleWarning for the whole sweep, not one per model
+    with pytest.warns(FiniteSampleWarning, match=r"N/D = 8 < 10 \(N = 256 tokens, D = 32\) "
+                      r"at 3 of 3 widths of the sweep.*At N/D = 8 white noise") as rec:
+        res = width_sweep([32, 64, 128], blocks, blocks[:32], **kw)
+    assert [w.category for w in rec] == [FiniteSampleWarning] and rec[0].filename == __file__
     t = res.table
     assert sorted(t["width"].unique()) == [32, 64, 128] and set(t["layer"]) == {0, 1}
+    assert list(t.columns) == ["norm", "width", "seed", "layer", "point", "metric", "value",
+                               "n_tokens", "n_over_d", "val_loss"]
+    assert (t["n_tokens"] == 8 * t["width"]).all() and (t["n_over_d"] == 8).all()
     assert len(list(tmp_path.glob("*.json"))) == 3
     fit = res.fits.set_index("metric").loc["soft_rank"]
     per_width = (t[t["metric"] == "soft_rank"].groupby("width")["value"].median())
     ref = fit_power_law(per_width.index.to_numpy(), per_width.to_numpy())
-    assert fit["beta"] == ref.beta and fit["n"] == 3
+    assert fit["beta"] == ref.beta and fit["n"] == 3 and not fit["weighted"]
     # resume: nothing is retrained, the same table comes back
     import nerve_interp.training
 
@@ -47,6 +56,13 @@ def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
         old = width_sweep([32, 64, 128], blocks, blocks[:32], **{**kw, "norms": ("pre",)})
     assert rec[0].filename == __file__
     assert old.table.equals(t) and old.fits.equals(res.fits)
+    # a run written before n_tokens / n_over_d were columns gets them from its token count
+    for f in tmp_path.glob("pre-*.json"):
+        saved = json.loads(f.read_text())
+        saved["rows"] = [{k: v for k, v in r.items() if k not in ("n_tokens", "n_over_d")}
+                         for r in saved["rows"]]
+        f.write_text(json.dumps(saved))
+    assert width_sweep([32, 64, 128], blocks, blocks[:32], **kw).table.equals(t)
 
     # fit_metrics= still works, deprecated for result.fit(metrics)
     with pytest.warns(DeprecationWarning, match=r"fit_metrics=\.\.\.\) is deprecated") as rec:
@@ -67,10 +83,10 @@ def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
     blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
     cfg = TrainConfig(steps=4, batch_size=8, warmup=1, eval_every=4)
     kw = dict(norms=("pre_ln",), preset="tiny", model_overrides={"vocab_size": 64},
-              train_config=cfg, eval_blocks=32, out_dir=tmp_path, progress=False)
-    width_sweep([32, 64, 128], blocks, blocks[:32], **kw)  # metrics only
+              train_config=cfg, n_over_d=16, out_dir=tmp_path, progress=False)
+    width_sweep([32, 64, 128], blocks, blocks, **kw)  # metrics only
     assert not list(tmp_path.glob("*.safetensors"))
-    res = width_sweep([32, 64, 128], blocks, blocks[:32], keep_spectra=True, **kw)
+    res = width_sweep([32, 64, 128], blocks, blocks, keep_spectra=True, **kw)
     assert sorted(res.spectra) == [("pre_ln", 32, 0), ("pre_ln", 64, 0), ("pre_ln", 128, 0)]
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
     for (_, width, _), spectra in res.spectra.items():
@@ -83,11 +99,11 @@ def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
         raise AssertionError("a finished run was retrained")
 
     monkeypatch.setattr(nerve_interp.training, "train", no_training)
-    again = width_sweep([32, 64, 128], blocks, blocks[:32], keep_spectra=True, **kw)
+    again = width_sweep([32, 64, 128], blocks, blocks, keep_spectra=True, **kw)
     for key, spectra in res.spectra.items():
         np.testing.assert_array_equal(again.spectra[key].eigenvalues(0, "post"),
                                       spectra.eigenvalues(0, "post"))
-    assert width_sweep([32, 64, 128], blocks, blocks[:32], **kw).spectra == {}
+    assert width_sweep([32, 64, 128], blocks, blocks, **kw).spectra == {}
 
 
 def test_width_sweep_seeds_are_a_sequence():
@@ -115,10 +131,11 @@ def test_width_sweep_keywords(monkeypatch):
         raise Built
 
     monkeypatch.setattr(nerve_interp.models, "make_lm", fake_make_lm)
-    blocks = torch.ones(4, 8, dtype=torch.long)
+    blocks = torch.ones(16, 8, dtype=torch.long)  # 128 tokens: N/D = 1 at D = 128
     for kw in ({"vocab_size": 64}, {"model_overrides": {"vocab_size": 64}}):
         with pytest.raises(Built):
-            width_sweep([32, 64, 128], blocks, blocks, norms=("pre_ln",), progress=False, **kw)
+            width_sweep([32, 64, 128], blocks, blocks, norms=("pre_ln",), progress=False,
+                        n_over_d=1, **kw)
     assert seen[0] == seen[1] == ("tiny", {"seed": 0, "norm": "pre_ln", "d_ff": 32,
                                            "vocab_size": 64})
     with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['eval_block'\]"):
@@ -133,3 +150,104 @@ def test_width_sweep_keywords(monkeypatch):
     res = WidthSweepResult(table, pd.DataFrame())
     assert list(res.fit()["metric"]) == ["soft_rank"]
     assert list(res.fit(["eee", "soft_rank"])["metric"]) == ["eee", "soft_rank"]
+
+
+def _never_built(monkeypatch):
+    import nerve_interp.models
+
+    def make_lm(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(nerve_interp.models, "make_lm", make_lm)
+
+
+def test_width_sweep_n_over_d_is_checked_before_training(monkeypatch):
+    """Too few validation blocks for the widest width: refused before any training, saying
+    how many blocks are needed and the largest n_over_d these blocks allow."""
+    _never_built(monkeypatch)
+    val = torch.ones(32, 64, dtype=torch.long)  # 2,048 tokens
+    with pytest.raises(ValueError, match=r"n_over_d=32\): the widest FFN \(D = 512\) is "
+                       r"measured on ceil\(32·512 / 64\) = 256 validation blocks of 64 tokens "
+                       r"\(16384 tokens\), but val_blocks has 32 \(2048 tokens\).*more "
+                       r"held-out text, or a smaller n_over_d \(at most 4 with these"):
+        width_sweep([64, 128, 512], val, val, progress=False)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "32"):
+        with pytest.raises(ValueError, match="n_over_d = .*must be a finite number > 0"):
+            width_sweep([64, 128, 512], val, val, n_over_d=bad, progress=False)
+    with pytest.raises(ValueError, match=r"val_blocks must be a 2-D LongTensor"):
+        width_sweep([64, 128, 512], val, val.flatten(), n_over_d=1, progress=False)
+
+
+def test_width_sweep_eval_blocks_is_deprecated_but_works(monkeypatch):
+    """eval_blocks=n: the first n validation blocks at every width (old behaviour), with a
+    DeprecationWarning pointing to n_over_d at the caller's line."""
+    import nerve_interp.sweeps
+
+    seen = []
+
+    def fake_run(preset, model_kw, cfg, train_blocks, val_blocks, eval_set, point):
+        seen.append((model_kw["d_ff"], len(eval_set)))
+        raise StopIteration
+
+    monkeypatch.setattr(nerve_interp.sweeps, "_train_run", fake_run)
+    val = torch.ones(80, 16, dtype=torch.long)
+    with pytest.warns(DeprecationWarning, match=r"eval_blocks=\.\.\.\) is deprecated.*"
+                      r"n_over_d= \(default 32\)") as rec, pytest.raises(StopIteration):
+        width_sweep([16, 32, 64], val, val, eval_blocks=12, norms=("pre_ln",),
+                    progress=False)
+    assert rec[0].filename == __file__ and seen == [(16, 12)]
+    with pytest.raises(StopIteration):  # the default: ceil(32·D / 16) = 2·D blocks
+        width_sweep([16, 32, 20], val, val, norms=("pre_ln",), progress=False)
+    assert seen[1:] == [(16, 32)]
+    with pytest.raises(TypeError, match="both n_over_d= and the deprecated eval_blocks="):
+        width_sweep([16, 32, 64], val, val, eval_blocks=12, n_over_d=4, progress=False)
+
+
+def _table(n_seeds: int, seed: int = 0):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for width in (32, 64, 128, 256):
+        for s in range(n_seeds):
+            for layer in (0, 1):
+                v = 2.0 * width**0.6 * np.exp(0.05 * rng.standard_normal())
+                rows.append({"norm": "pre_ln", "width": width, "seed": s, "layer": layer,
+                             "point": "post", "metric": "soft_rank", "value": v,
+                             "n_tokens": 32 * width, "n_over_d": 32.0, "val_loss": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_width_sweep_fit_weights_by_the_seed_spread_only_with_enough_seeds():
+    """Per-width means with their standard error over seeds: weighted (y_se) when every
+    width has >= MIN_SEEDS_FOR_WEIGHTS seeds, else OLS on every (width, seed) point; the
+    weighted fit equals fit_power_law on the means with y_se = sd / sqrt(n_seeds)."""
+    import numpy as np
+    import pandas as pd
+
+    from nerve_interp.sweeps import MIN_SEEDS_FOR_WEIGHTS, WidthSweepResult
+
+    many = WidthSweepResult(_table(MIN_SEEDS_FOR_WEIGHTS), pd.DataFrame())
+    pw = many.per_width(["soft_rank"])
+    per_model = many.table.groupby(["width", "seed"])["value"].median()
+    mean = per_model.groupby("width").mean()
+    se = per_model.groupby("width").std(ddof=1) / np.sqrt(MIN_SEEDS_FOR_WEIGHTS)
+    np.testing.assert_allclose(pw["value"], mean.to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(pw["value_se"], se.to_numpy(), rtol=1e-12)
+    assert (pw["n_seeds"] == MIN_SEEDS_FOR_WEIGHTS).all() and (pw["n_over_d"] == 32).all()
+    fit = many.fit(["soft_rank"]).iloc[0]
+    ref = fit_power_law(mean.index.to_numpy(), mean.to_numpy(), y_se=se.to_numpy())
+    assert fit["weighted"] and fit["beta"] == pytest.approx(ref.beta, rel=1e-12)
+    assert fit["beta_se"] == pytest.approx(ref.beta_se, rel=1e-12) and fit["n"] == 4
+    ols = many.fit(["soft_rank"], weighted=False).iloc[0]
+    assert not ols["weighted"] and ols["n"] == 4 * MIN_SEEDS_FOR_WEIGHTS
+
+    two = WidthSweepResult(_table(2), pd.DataFrame())
+    auto = two.fit(["soft_rank"]).iloc[0]
+    assert not auto["weighted"] and auto["n"] == 8  # 2 seeds: too few for weights
+    assert two.fit(["soft_rank"], weighted=True).iloc[0]["weighted"]
+    one = WidthSweepResult(_table(1), pd.DataFrame())
+    with pytest.raises(ValueError, match=r"needs a standard error > 0 at every width; 4 of 4"):
+        one.fit(["soft_rank"], weighted=True)
+    assert not one.fit(["soft_rank"]).iloc[0]["weighted"]

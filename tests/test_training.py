@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
 
-from nerve_interp.errors import ResultsFileError
+from nerve_interp.errors import FiniteSampleWarning, ResultsFileError
 from nerve_interp.tracking import REINJECTION_POINT, SpectralTracker
 from nerve_interp.training import TrainConfig, lr_at, train
 
@@ -83,9 +84,14 @@ def test_config_errors():
 def test_spectral_tracker():
     val = blocks(8, seed=3)
     tracker = SpectralTracker([val], every=5)
-    run = train(make_tiny("gpt2"), blocks(), val, TrainConfig(steps=12, warmup=2, eval_every=6),
-                callbacks=[tracker], progress=False)
+    with pytest.warns(FiniteSampleWarning, match=r"N/D = 1\.5 < 10") as rec:  # 192 tokens, D 128
+        run = train(make_tiny("gpt2"), blocks(), val,
+                    TrainConfig(steps=12, warmup=2, eval_every=6), callbacks=[tracker],
+                    progress=False)
+    # said once, at the first measurement, not at each of the 4
+    assert sum(issubclass(w.category, FiniteSampleWarning) for w in rec) == 1
     f = tracker.frame
+    assert (f["n_tokens"] == 192).all() and np.allclose(f["n_over_d"], 1.5)
     assert sorted(f["step"].unique()) == [0, 5, 10, 12]
     assert set(f["point"]) == {"pre", "post", REINJECTION_POINT}
     assert {"participation_ratio", "js_divergence", "pr_gain"} <= set(f["metric"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .._warnings import user_stacklevel
 from ..diagnostics import TOKEN_META, decode_tokens, remove_rows, warn_outliers
-from ..errors import CaptureError, NegativeEigenvalueWarning, RankDeficientWarning
+from ..errors import CaptureError, NegativeEigenvalueWarning
 from ..sites import FFNSite
 from ..spectrum import NEGATIVE_WARN_TOL, spectrum_from_covariance
 from .run import Pipeline, RunState
@@ -108,16 +109,23 @@ def token_diagnostics(p: Pipeline, tokenizer: Any) -> tuple[dict, dict]:
 
 
 def warn_once(spectra: list, neg_tol: float = NEGATIVE_WARN_TOL) -> None:
-    """One warning per capture (not one per point) for rank deficiency and negatives."""
-    short = [s for s in spectra if s.rank_deficient]
+    """One warning per capture (not one per point) for few tokens per dimension and for
+    negatives: a ``FiniteSampleWarning`` when N/D < 10 at some point, a
+    ``RankDeficientWarning`` (its subclass) when N <= D; both quote the white-noise floor at
+    the smallest N/D."""
+    from ..marchenko_pastur import FINITE_SAMPLE_N_OVER_D, finite_sample_warning
+
+    short = [s for s in spectra if s.n_samples < FINITE_SAMPLE_N_OVER_D * s.dim]
     if short:
+        worst = min(short, key=lambda s: s.n_samples / s.dim)
         names = ", ".join(s.name for s in short[:3]) + (", ..." if len(short) > 3 else "")
-        warnings.warn(
-            f"N = {short[0].n_samples} tokens <= D = {short[0].dim} at {len(short)} of "
-            f"{len(spectra)} points ({names}): those spectra are rank-deficient "
-            f"(rank <= N - 1) and every metric depends on N/D. {_floor(short[0])} Raise "
-            "max_tokens (the papers use ~65k tokens, N >> D) before comparing metrics.",
-            RankDeficientWarning, stacklevel=user_stacklevel())
+        target = int(math.ceil(FINITE_SAMPLE_N_OVER_D * worst.dim))
+        category, message = finite_sample_warning(
+            int(worst.n_samples), int(worst.dim), f"at {len(short)} of {len(spectra)} points "
+            f"({names})", f"Raise max_tokens to >= {target} (N/D >= "
+            f"{FINITE_SAMPLE_N_OVER_D:g}; the papers use ~65k tokens, N >> D) before comparing "
+            "metrics, or compare only spectra measured at the same N/D.")
+        warnings.warn(message, category, stacklevel=user_stacklevel())
     bad = [s for s in spectra
            if s.min_eigenvalue < -neg_tol * max(float(s.eigenvalues[0]), 1e-300)]
     if bad:
@@ -127,16 +135,6 @@ def warn_once(spectra: list, neg_tol: float = NEGATIVE_WARN_TOL) -> None:
             f"{worst.min_eigenvalue:.3e}, λ_1 = {worst.eigenvalues[0]:.3e}); clipped to 0. "
             "This is more than round-off: report it with the model and dtype.",
             NegativeEigenvalueWarning, stacklevel=user_stacklevel())
-
-
-def _floor(spec: Any) -> str:
-    """What white noise gives at this N and D (the finite-sample floor), in words."""
-    from ..marchenko_pastur import white_noise_metrics
-
-    m = white_noise_metrics(int(spec.n_samples), int(spec.dim))
-    return (f"At N/D = {spec.n_samples / spec.dim:.2g} white noise (true PR = soft rank = D, "
-            f"EEE = 0) gives PR {m['participation_ratio_fraction']:.2f}·D, soft rank "
-            f"{m['soft_rank_fraction']:.2f}·D, EEE {m['eee']:.2f}.")
 
 
 # ------------------------------------------------------------------ model metadata
