@@ -48,6 +48,10 @@ DEFAULT_N_OVER_D = 32.0
 #: on every (width, seed) point covered 94–96 % throughout.
 MIN_SEEDS_FOR_WEIGHTS = 10
 
+#: Groups of evaluation blocks every sweep capture keeps (``collect_spectra(n_groups=...)``):
+#: each row's jackknife ``se``, and each model's ``model_se`` of its median over layers.
+SWEEP_GROUPS = 8
+
 
 @dataclass
 class WidthSweepResult:
@@ -56,8 +60,11 @@ class WidthSweepResult:
     Attributes
     ----------
     table : DataFrame
-        Tidy: ``norm, width, seed, layer, point, metric, value, n_tokens, n_over_d,
-        val_loss`` (``n_tokens``: the tokens the spectrum was measured on; ``n_over_d``: that
+        Tidy: ``norm, width, seed, layer, point, metric, value, se, model_se, n_tokens,
+        n_over_d, val_loss`` (``se``: the jackknife standard error of the value over
+        :data:`SWEEP_GROUPS` groups of evaluation blocks; ``model_se``: that of the model's
+        median over layers, the value a fit uses; ``n_tokens``: the tokens the spectrum was
+        measured on; ``n_over_d``: that
         per FFN dimension, ``n_tokens / width``).
     fits : DataFrame
         One power-law fit per ``norm`` and ``metric`` (``beta, beta_se, beta_ci_low,
@@ -85,9 +92,10 @@ class WidthSweepResult:
         """One value per width: the mean over seeds of :meth:`per_model`, ``norm, point,
         metric, width, value, value_se, n_seeds`` (+ ``n_tokens``, ``n_over_d``).
 
-        ``value_se`` is the standard error of that mean, ``sd over seeds / sqrt(n_seeds)``
-        (NaN with one seed), or, when the captures carry per-group statistics, the per-width
-        jackknife standard error (:func:`_jackknife_se`; not available yet).
+        ``value_se`` is the standard error of that mean: the larger of ``sd over seeds /
+        sqrt(n_seeds)`` (NaN with one seed) and the jackknife one, ``sqrt(Σ model_se²) /
+        n_seeds`` (:func:`_jackknife_se`; sampling of the evaluation tokens only, not the
+        spread between initialisations).
         """
         pm = self.per_model(metrics)
         keys = ["norm", "point", "metric", "width"]
@@ -98,8 +106,8 @@ class WidthSweepResult:
         out.insert(out.columns.get_loc("value") + 1, "value_se",
                    out.pop("value_sd") / out["n_seeds"] ** 0.5)
         jack = _jackknife_se(self.table, out)
-        if jack is not None:
-            out["value_se"] = jack
+        if jack is not None:  # the larger of the two where both exist
+            out["value_se"] = np.fmax(out["value_se"], jack)
         return out
 
     def fit(self, metrics: Sequence[str] = FIT_METRICS, *,
@@ -117,7 +125,9 @@ class WidthSweepResult:
             per-width means with their standard errors (:meth:`per_width`'s ``value_se``,
             passed as ``y_se`` to :func:`nerve_interp.scaling.fit_power_law`). None
             (default): weighted when every width has a standard error that rests on enough
-            data (at least :data:`MIN_SEEDS_FOR_WEIGHTS` seeds, or per-group statistics),
+            data (at least :data:`MIN_SEEDS_FOR_WEIGHTS` seeds; the jackknife se alone has
+            only K − 1 degrees of freedom and misses the spread between initialisations, so
+            a one-seed sweep is weighted only when you ask, ``weighted=True``),
             otherwise unweighted. The ``weighted`` column of the result says which.
         """
         from .scaling import fit_table
@@ -140,23 +150,45 @@ class WidthSweepResult:
     def _se_is_reliable(self, metrics: Sequence[str]) -> bool:
         pw = self.per_width(metrics)
         ok = (pw["value_se"] > 0) & np.isfinite(pw["value_se"])
-        enough = (pw["n_seeds"] >= MIN_SEEDS_FOR_WEIGHTS) | (
-            _jackknife_se(self.table, pw) is not None)
+        # the jackknife se alone does not make weights reliable: it has K - 1 degrees of
+        # freedom and leaves out the spread between initialisations (fit(weighted=True))
+        enough = pw["n_seeds"] >= MIN_SEEDS_FOR_WEIGHTS
         return bool(len(pw)) and bool((ok & enough).all())
 
 
 def _jackknife_se(table: pd.DataFrame, per_width: pd.DataFrame) -> pd.Series | None:
-    """HOOK for per-group statistics: the jackknife standard error of each row of
-    ``per_width`` (aligned with it), from the per-group statistics of the captures.
+    """The jackknife standard error of each row of ``per_width`` (aligned with it): each
+    model's ``model_se`` (the jackknife se of its median over layers, :func:`_median_se`)
+    combined over its seeds as the se of a mean, ``sqrt(Σ se_i²) / n_seeds``. None when the
+    table has no ``model_se`` (older sweeps)."""
+    if "model_se" not in table or table["model_se"].isna().all():
+        return None
+    keys = ["norm", "point", "metric", "width"]
+    per_model = table.groupby([*keys, "seed"], as_index=False)["model_se"].first()
+    per_model["var"] = per_model["model_se"] ** 2
+    agg = per_model.groupby(keys, as_index=False).agg(var=("var", "sum"), n=("seed", "count"))
+    agg["se"] = np.sqrt(agg["var"]) / agg["n"]
+    return per_width[keys].merge(agg[[*keys, "se"]], on=keys, how="left")["se"].set_axis(
+        per_width.index)
 
-    ``collect_spectra(..., n_groups=K)`` splits a capture's tokens into K groups and gives
-    :meth:`SpectraResult.metrics` jackknife ``se`` columns. Not wired yet: once ``_train_run``
-    captures with ``n_groups`` and copies ``se`` into ``table``, this returns the per-width
-    standard error (propagated through the median over layers and the mean over seeds) so a
-    single-seed sweep can be fitted weighted. Until then it returns None (the seed spread is
-    used).
-    """
-    return None
+
+def _median_se(spectra: Any, point: str) -> dict[str, float]:
+    """Per metric, the jackknife se of the median over layers (the value a sweep fits):
+    the median is taken in every leave-one-group-out sample. Empty without groups."""
+    from .jackknife import jackknife
+
+    specs = [spectra.spectrum(layer, point) for layer in spectra.layers]
+    if any(s.groups is None for s in specs):
+        return {}
+    full = [s.metrics() for s in specs]
+    loo = [s.loo_metrics() for s in specs]  # [layer][group] -> metrics
+    out = {}
+    for m in SWEEP_METRICS:
+        value = float(np.median([f[m] for f in full]))
+        loo_med = [float(np.median([layer[g][m] for layer in loo]))
+                   for g in range(len(loo[0]))]
+        out[m] = float(jackknife(value, loo_med)["se"])
+    return out
 
 
 def _run_key(norm: str, width: int, seed: int) -> str:
@@ -190,13 +222,23 @@ def _train_run(preset: str, model_kw: dict[str, Any], cfg: Any, train_blocks: to
     with warnings.catch_warnings():
         # N/D is in every row; _warn_few_tokens says it once for the whole sweep
         warnings.simplefilter("ignore", FiniteSampleWarning)
-        spectra = collect_spectra(model, [eval_set], points=(point,), progress=False)
+        spectra = collect_spectra(model, [eval_set], points=(point,), progress=False,
+                                  n_groups=_n_groups(eval_set))
+    model_se = _median_se(spectra, point)
     rows = [{"norm": model_kw["norm"], "width": model_kw["d_ff"], "seed": int(cfg.seed),
              "layer": int(r.layer), "point": r.point, "metric": r.metric,
-             "value": float(r.value), "n_tokens": int(r.n_tokens),
+             "value": float(r.value), "se": float(r.se),
+             "model_se": model_se.get(r.metric, math.nan), "n_tokens": int(r.n_tokens),
              "n_over_d": float(r.n_over_d), "val_loss": val_loss}
             for r in spectra.metrics().itertuples(index=False) if r.metric in SWEEP_METRICS]
     return rows, spectra
+
+
+def _n_groups(eval_set: torch.Tensor) -> int | None:
+    """:data:`SWEEP_GROUPS` groups of evaluation blocks (fewer with fewer than 16 blocks;
+    none below 4)."""
+    n = int(eval_set.shape[0])
+    return min(SWEEP_GROUPS, n // 2) if n >= 4 else None
 
 
 @dataclass(frozen=True)

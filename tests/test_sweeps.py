@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,8 +29,15 @@ def test_width_sweep_fits_and_resumes(tmp_path, monkeypatch):
     t = res.table
     assert sorted(t["width"].unique()) == [32, 64, 128] and set(t["layer"]) == {0, 1}
     assert list(t.columns) == ["norm", "width", "seed", "layer", "point", "metric", "value",
-                               "n_tokens", "n_over_d", "val_loss"]
+                               "se", "model_se", "n_tokens", "n_over_d", "val_loss"]
     assert (t["n_tokens"] == 8 * t["width"]).all() and (t["n_over_d"] == 8).all()
+    # every value carries its jackknife se over 8 groups of evaluation blocks, and one seed
+    # per width makes each width's se that of its model's median over layers
+    assert (t["se"] > 0).all() and (t["model_se"] > 0).all()
+    pw = res.per_width(["soft_rank"]).set_index("width")["value_se"]
+    soft = t[t["metric"] == "soft_rank"].groupby("width")["model_se"].first()
+    np.testing.assert_allclose(pw.loc[soft.index], soft, rtol=1e-12)
+    assert res.fit(["soft_rank"], weighted=True)["weighted"].all()
     assert len(list(tmp_path.glob("*.json"))) == 3
     fit = res.fits.set_index("metric").loc["soft_rank"]
     per_width = (t[t["metric"] == "soft_rank"].groupby("width")["value"].median())
@@ -78,6 +86,7 @@ def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
     import numpy as np
 
     import nerve_interp.training
+    from nerve_interp import metrics
 
     g = torch.Generator().manual_seed(0)
     blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
@@ -94,6 +103,16 @@ def test_width_sweep_keeps_spectra_and_reloads_them(tmp_path, monkeypatch):
         t = res.table
         want = t[(t["width"] == width) & (t["metric"] == "soft_rank")]["value"]
         np.testing.assert_allclose(m, want.to_numpy(), rtol=1e-12)
+        # model_se: the jackknife of the median over layers, recomputed from the saved
+        # leave-one-group-out spectra with numpy's median and the jackknife formula
+        specs = [spectra.spectrum(layer, "post") for layer in spectra.layers]
+        loo = np.array([[metrics.soft_rank(lam) for lam in s.groups.loo_eigenvalues]
+                        for s in specs])  # [layer, group]
+        med = np.median(loo, axis=0)
+        k = med.size
+        se = np.sqrt((k - 1) / k * ((med - med.mean()) ** 2).sum())
+        got = t[(t["width"] == width) & (t["metric"] == "soft_rank")]["model_se"].iloc[0]
+        assert got == pytest.approx(se, rel=1e-9)
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was retrained")
