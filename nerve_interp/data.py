@@ -162,12 +162,25 @@ class Corpus(list):
         self._name, self._split, self._seed = str(name), str(split), seed
         self._indices = range(len(self)) if indices is None else indices
 
-    name = property(lambda self: self._name, doc="The corpus name, e.g. ``'python-docs'``.")
-    split = property(lambda self: self._split, doc="``'train'``, ``'heldout'`` or ``'all'``.")
-    seed = property(lambda self: self._seed,
-                    doc="Seed of the document order; None for the source order.")
-    indices = property(lambda self: self._indices,
-                       doc="Positions of these documents in the seeded order, a ``range``.")
+    @property
+    def name(self) -> str:
+        """The corpus name, e.g. ``"python-docs"``."""
+        return self._name
+
+    @property
+    def split(self) -> str:
+        """``"train"``, ``"heldout"`` or ``"all"``."""
+        return self._split
+
+    @property
+    def seed(self) -> int | None:
+        """Seed of the document order; None for the source order."""
+        return self._seed
+
+    @property
+    def indices(self) -> range:
+        """Positions of these documents in the order of ``load_corpus(name, split, seed=seed)``."""
+        return self._indices
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
