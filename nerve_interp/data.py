@@ -133,11 +133,13 @@ def _python_docs() -> tuple[str, ...]:
 class Corpus(list):
     """The documents of a built-in corpus: a ``list`` of str that remembers where it came from.
 
-    :func:`load_corpus` returns one. It behaves as a list everywhere (it *is* one), and carries
-    three read-only attributes, ``name``, ``split`` and ``seed``, plus ``indices``: which
-    positions of that corpus order it holds, as a :class:`range` (``range(len(corpus))`` for a
-    whole one). :func:`~nerve_interp.capture.collect_spectra` records :meth:`metadata` in
-    ``SpectraResult.metadata["corpus"]`` when it is given one.
+    :func:`load_corpus` returns one. It behaves as a list everywhere (it *is* one) and
+    carries three read-only attributes, ``name``, ``split`` and ``seed``, plus ``indices``:
+    which positions of that corpus order it holds, as a :class:`range`
+    (``range(len(corpus))`` for a whole one). :func:`~nerve_interp.capture.collect_spectra`
+    records :meth:`metadata` in ``SpectraResult.metadata["corpus"]`` when it is given one.
+    The constructor (used by :func:`load_corpus` and by slicing) checks the name, split and
+    seed, not the documents: :meth:`is_unchanged` does that.
 
     Slicing keeps the provenance: ``corpus[:48]`` is a ``Corpus`` of the first 48 documents
     of the same order, its ``indices`` ``range(0, 48)``, so a capture on a slice still says
@@ -158,8 +160,11 @@ class Corpus(list):
 
     def __init__(self, docs: Sequence[str] = (), *, name: str, split: str,
                  seed: int | None, indices: range | None = None) -> None:
+        if name not in CORPORA or split not in SPLITS:
+            raise DataError(f"Corpus(name={name!r}, split={split!r}): the name must be one of "
+                            f"{CORPORA} and the split one of {SPLITS}.")
         super().__init__(docs)
-        self._name, self._split, self._seed = str(name), str(split), seed
+        self._name, self._split, self._seed = name, split, _check_seed(seed)
         self._indices = range(len(self)) if indices is None else indices
 
     @property

@@ -147,6 +147,12 @@ def test_corpus_carries_read_only_provenance_and_slices_keep_it():
         assert type(plain) is list
     back = pickle.loads(pickle.dumps(part))
     assert back == part and back.metadata() == part.metadata()
+    made = Corpus(["not a docstring"], name="python-docs", split="train", seed=0)
+    assert not made.is_unchanged()  # the constructor checks the provenance, not the text
+    with pytest.raises(DataError, match="wikitext"):
+        Corpus([], name="wikitext", split="train", seed=0)
+    with pytest.raises(ValueError, match="seed == -2"):
+        Corpus([], name="python-docs", split="train", seed=-2)
 
 
 def test_corpus_metadata_only_for_an_unchanged_corpus():
