@@ -30,8 +30,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     a = p.parse_args()
     tok = data.train_tokenizer(vocab_size=2048)
-    train_blocks = data.token_blocks(ni.load_corpus(split="train"), tok, a.seq_len)
-    val_blocks = data.token_blocks(ni.load_corpus(split="heldout"), tok, a.seq_len)
+    # seed=None: the blocks of earlier runs, so timings stay comparable
+    train_blocks = data.token_blocks(ni.load_corpus(split="train", seed=None), tok, a.seq_len)
+    val_blocks = data.token_blocks(ni.load_corpus(split="heldout", seed=None), tok, a.seq_len)
     cfg = TrainConfig(steps=a.steps, batch_size=16, warmup=a.steps // 10, eval_every=a.every)
     times: dict[str, list[float]] = {"plain": [], "tracked": []}
     measure_s = []

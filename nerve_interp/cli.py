@@ -282,7 +282,9 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          f"loaded in {t_load:.1f} s")
     if info.get("note"):
         echo(f"note    {info['note']}")
-    echo(f"text    {data_label}: {len(texts)} documents")
+    seed = getattr(texts, "seed", None)  # a load_corpus Corpus: its documents are shuffled
+    echo(f"text    {data_label}: {len(texts)} documents"
+         + (f" (random order, seed {seed})" if seed is not None else ""))
     t1 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutlierTokenWarning)  # printed below, as a table

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import pickle
 
+import numpy as np
 import pytest
 import torch
+from conftest import make_tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from nerve_interp.data import DataError, load_corpus, read_texts, tokenize_batches
+import nerve_interp as ni
+from nerve_interp.data import (
+    Corpus,
+    DataError,
+    corpus_metadata,
+    load_corpus,
+    read_texts,
+    tokenize_batches,
+)
 from nerve_interp.errors import NerveInterpError
 
 SENTENCES = [
@@ -66,11 +77,110 @@ def test_corpus_is_deterministic_and_returns_fresh_lists():
 
 
 def test_corpus_order_keeps_split_order():
-    everything = load_corpus(split="all")
-    rank = {d: i for i, d in enumerate(everything)}
+    for seed in (0, 7, None):
+        everything = load_corpus(split="all", seed=seed)
+        rank = {d: i for i, d in enumerate(everything)}
+        for split in ("train", "heldout"):
+            positions = [rank[d] for d in load_corpus(split=split, seed=seed)]
+            assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("split", ["train", "heldout", "all"])
+def test_default_order_is_a_seeded_permutation_of_the_source_order(split):
+    source = load_corpus(split=split, seed=None)
+    default = load_corpus(split=split)
+    assert default.seed == 0 and source.seed is None
+    assert sorted(default) == sorted(source) and default != source
+    assert load_corpus(split=split, seed=0) == default  # the same for the same seed
+    assert load_corpus(split=split, seed=np.int64(0)) == default
+    other = load_corpus(split=split, seed=1)
+    assert sorted(other) == sorted(source) and other != default
+    # a prefix is a sample, not the first modules: its documents are spread over the source
+    rank = {d: i for i, d in enumerate(source)}
+    first = [rank[d] for d in default[:100]]
+    assert max(first) > 0.8 * len(source) and min(first) < 0.2 * len(source)
+
+
+def test_seed_is_a_numpy_permutation_of_all_then_split():
+    """The order is numpy's, so it is the same on every machine with the same stdlib."""
+    source = load_corpus(split="all", seed=None)
+    order = np.random.default_rng(5).permutation(len(source))
+    shuffled = [source[i] for i in order]
+    assert load_corpus(split="all", seed=5) == shuffled
+    held = set(load_corpus(split="heldout", seed=None))
+    assert load_corpus(split="heldout", seed=5) == [d for d in shuffled if d in held]
+
+
+def test_split_does_not_depend_on_the_seed():
     for split in ("train", "heldout"):
-        positions = [rank[d] for d in load_corpus(split=split)]
-        assert positions == sorted(positions)
+        assert {frozenset(load_corpus(split=split, seed=s)) for s in (None, 0, 3)} == {
+            frozenset(load_corpus(split=split, seed=None))}
+
+
+@pytest.mark.parametrize(
+    ("seed", "error", "match"),
+    [(-1, ValueError, "seed == -1, must be >= 0"), (1.5, TypeError, "seed must be an int"),
+     ("0", TypeError, "got str '0'"), (True, TypeError, "got bool"),
+     (np.float64(2.0), TypeError, "seed must be an int")],
+)
+def test_seed_validation(seed, error, match):
+    with pytest.raises(error, match=match):
+        load_corpus(seed=seed)
+
+
+def test_corpus_carries_read_only_provenance_and_slices_keep_it():
+    docs = load_corpus("python-docs", split="heldout", seed=2)
+    assert isinstance(docs, Corpus) and isinstance(docs, list)
+    assert (docs.name, docs.split, docs.seed, docs.indices) == (
+        "python-docs", "heldout", 2, range(len(docs)))
+    for attr in ("name", "split", "seed", "indices"):
+        with pytest.raises(AttributeError):
+            setattr(docs, attr, None)
+    assert docs.metadata() == {"name": "python-docs", "split": "heldout", "seed": 2,
+                               "indices": [0, len(docs), 1]}
+    part = docs[10:40:3][2:]
+    assert isinstance(part, Corpus) and part == docs[16:40:3]
+    assert part.metadata()["indices"] == [16, 40, 3] and part.is_unchanged()
+    assert isinstance(docs[::-1], Corpus) and docs[::-1].is_unchanged()
+    assert isinstance(docs[0], str)
+    for plain in (docs + [], docs * 1, docs.copy(), list(docs), sorted(docs)):
+        assert type(plain) is list
+    back = pickle.loads(pickle.dumps(part))
+    assert back == part and back.metadata() == part.metadata()
+    made = Corpus(["not a docstring"], name="python-docs", split="train", seed=0)
+    assert not made.is_unchanged()  # the constructor checks the provenance, not the text
+    with pytest.raises(DataError, match="wikitext"):
+        Corpus([], name="wikitext", split="train", seed=0)
+    with pytest.raises(ValueError, match="seed == -2"):
+        Corpus([], name="python-docs", split="train", seed=-2)
+
+
+def test_corpus_metadata_only_for_an_unchanged_corpus():
+    docs = load_corpus(split="heldout")
+    assert corpus_metadata(docs) == docs.metadata()
+    assert corpus_metadata(list(docs)) is None and corpus_metadata(["a", "b"]) is None
+    for change in (lambda c: c.append("x"), lambda c: c.reverse(),
+                   lambda c: c.__setitem__(0, "x")):
+        changed = load_corpus(split="heldout")[:20]
+        change(changed)
+        assert not changed.is_unchanged()
+        with pytest.warns(UserWarning, match="was changed after load_corpus"):
+            assert corpus_metadata(changed) is None
+
+
+def test_collect_spectra_records_the_corpus_and_save_load_keeps_it(tmp_path, tiny_tokenizer):
+    model = make_tiny("gpt2")
+    docs = load_corpus(split="heldout", seed=4)[3:19]
+    kw = dict(tokenizer=tiny_tokenizer, max_length=16, batch_size=3, layers=[0],
+              diagnostics=False, progress=False)
+    res = ni.collect_spectra(model, docs, **kw)
+    want = {"name": "python-docs", "split": "heldout", "seed": 4, "indices": [3, 19, 1]}
+    assert res.metadata["corpus"] == want
+    back = ni.SpectraResult.load(res.save(tmp_path / "run.safetensors"))
+    assert back.metadata["corpus"] == want
+    plain = ni.collect_spectra(model, list(docs), **kw)
+    assert "corpus" not in plain.metadata
+    assert plain.eigenvalues(0, "post").tolist() == res.eigenvalues(0, "post").tolist()
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..data import corpus_metadata
 from ..diagnostics import (
     DEFAULT_MAX_OUTLIER_TOKENS,
     DEFAULT_OUTLIER_FRACTION,
@@ -144,7 +145,10 @@ def collect_spectra(
     checkpoint_every : int, default 20
         Batches (of this process) between checkpoints.
     data_label : str
-        What the text was (kept in the metadata, e.g. ``"python-docs/train"``).
+        What the text was (kept in the metadata, e.g. ``"python-docs/train"``). When
+        ``batches`` is what :func:`~nerve_interp.data.load_corpus` returned (or a slice of
+        it), ``metadata["corpus"]`` records its ``name``, ``split``, ``seed`` and
+        ``indices`` too (:class:`~nerve_interp.data.Corpus`); other data add no key.
     distributed : bool or None
         Data-parallel capture over ``torch.distributed`` processes (``torchrun``): batch
         ``i`` runs on rank ``i % world_size``, the statistics (token diagnostics and
@@ -237,6 +241,7 @@ def collect_spectra(
         n_groups=n_groups),
         device=device, vocab_size=vocab_size(wrapper._module, tokenizer),
         as_strings=is_texts(batches))
+    opts = dataclasses.replace(opts, corpus=corpus_metadata(batches))
     opts.check_sites(select_sites(all_sites, opts.layers))
 
     def capture(data: Any, opts: CaptureOptions) -> Any:

@@ -5,7 +5,8 @@
 ``_parameter_constraints``) and is then the single source for
 
 * the checkpoint manifest (:meth:`CaptureOptions.manifest`): what a resume must agree on;
-* the result metadata (:meth:`CaptureOptions.metadata`): what the capture was asked to do;
+* the result metadata (:meth:`CaptureOptions.metadata`): what the capture was asked to do
+  (and, for a :class:`~nerve_interp.data.Corpus`, which corpus, split and seed it read);
 * a multi-pass plan, which replays the capture with ``dataclasses.replace(opts, layers=...)``.
 """
 
@@ -110,6 +111,7 @@ class CaptureOptions:
     distributed: bool | None = None
     remote: Any = None
     n_groups: int | None = None
+    corpus: dict[str, Any] | None = None  # load_corpus provenance (nerve_interp.data.Corpus)
 
     # -------------------------------------------------------------- building
     @classmethod
@@ -196,7 +198,8 @@ class CaptureOptions:
                 "token_fraction": self.token_fraction, "subsample_seed": self.subsample_seed,
                 "exclusion": {**self.rule.to_dict(), "skip_first": self.skip_first},
                 "precision": self.precision, "data": self.data_label,
-                "remote": self.remote, "points": list(self.points), "n_groups": self.n_groups}
+                "remote": self.remote, "points": list(self.points), "n_groups": self.n_groups,
+                **({"corpus": dict(self.corpus)} if self.corpus is not None else {})}
 
 
 # ------------------------------------------------------------------ checks
