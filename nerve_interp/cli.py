@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import OutlierTokenWarning
+from .errors import FiniteSampleWarning, OutlierTokenWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Spectral interpretability of FFNs in language models (nnsight).")
@@ -286,8 +286,9 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     echo(f"text    {data_label}: {len(texts)} documents"
          + (f" (random order, seed {seed})" if seed is not None else ""))
     t1 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", OutlierTokenWarning)  # printed below, as a table
+        warnings.simplefilter("always", FiniteSampleWarning)  # printed below, as a line
         result = capture.collect_spectra(
             model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
             max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
@@ -298,6 +299,11 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
          f"{len(result.points)} points in {t_cap:.1f} s")
     echo(_finite_sample_line(result))
+    for w in caught:
+        if issubclass(w.category, FiniteSampleWarning):
+            echo(f"warning {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if meta.get("token_fraction") is not None:
         echo(f"subsampled token fraction {meta['token_fraction']:g} (seed "
              f"{meta['subsample_seed']}): {meta['n_excluded']['subsampled']} tokens left out")

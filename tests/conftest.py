@@ -50,6 +50,14 @@ def make_tiny(name: str) -> torch.nn.Module:
     return TINY[name]().eval()
 
 
+def interrupted(batches, n):
+    """The batches, with a KeyboardInterrupt where batch ``n`` would come (a killed run)."""
+    for i, b in enumerate(batches):
+        if i == n:
+            raise KeyboardInterrupt
+        yield b
+
+
 def random_batch(batch=4, seq=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, V, (batch, seq), generator=g)

@@ -15,6 +15,8 @@ def test_spectra_command(local_model, run_spectra, tmp_path):
     res = run_spectra("--max-tokens", "600", "--out", str(out), "--layers", "0,-1")
     assert res.exit_code == 0, res.output
     assert "PR gain" in res.output and "capture 600 tokens, 2 layers" in res.output
+    # N/D < 10: the FiniteSampleWarning is printed as a line of the report, not a traceback
+    assert "warning N/D = " in res.output and "white noise" in res.output
     for name in ("spectra.safetensors", "metrics.csv", "reinjection.csv", "spectra.png",
                  "reinjection.png", "capture.ckpt"):
         assert (out / name).exists(), name

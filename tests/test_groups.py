@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, random_batch, raw_hook_points
+from conftest import interrupted, make_tiny, random_batch, raw_hook_points
 from scipy import stats
 from test_moments import Passthrough, fourth
 
@@ -110,14 +110,8 @@ def test_groups_survive_resume_passes_and_files(llama, batches, tmp_path):
     whole = capture(llama, batches, n_groups=3)
     ckpt = tmp_path / "c.ckpt"
 
-    def dies(n):
-        for i, b in enumerate(batches):
-            if i == n:
-                raise KeyboardInterrupt
-            yield b
-
     with pytest.raises(KeyboardInterrupt):
-        capture(llama, dies(2), n_groups=3, checkpoint=ckpt, checkpoint_every=1)
+        capture(llama, interrupted(batches, 2), n_groups=3, checkpoint=ckpt, checkpoint_every=1)
     with pytest.raises(ni.errors.ResultsFileError, match="n_groups"):
         capture(llama, batches, n_groups=4, checkpoint=ckpt)  # other groups: refused
     resumed = capture(llama, batches, n_groups=3, checkpoint=ckpt)

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, random_batch, raw_hook_points
+from conftest import interrupted, make_tiny, random_batch, raw_hook_points
 from test_diagnostics import _Block
 
 import nerve_interp as ni
@@ -163,17 +163,11 @@ def test_fourth_moment_survives_resume_and_files(tmp_path):
     batches = [random_batch(seed=s) for s in range(4)]
     ckpt = tmp_path / "c.ckpt"
 
-    def dies(n):
-        for i, b in enumerate(batches):
-            if i == n:
-                raise KeyboardInterrupt
-            yield b
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         whole = ni.collect_spectra(model, batches, progress=False)
         with pytest.raises(KeyboardInterrupt):
-            ni.collect_spectra(model, dies(2), progress=False, checkpoint=ckpt,
+            ni.collect_spectra(model, interrupted(batches, 2), progress=False, checkpoint=ckpt,
                                checkpoint_every=1)
         resumed = ni.collect_spectra(model, batches, progress=False, checkpoint=ckpt)
     for key, spec in whole.items():
