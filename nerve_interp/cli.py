@@ -259,6 +259,15 @@ def _echo_reinjection(result: Any, echo: Any) -> None:
         echo(line)
 
 
+def _echo_warnings(caught: list, echo: Any) -> None:
+    """FiniteSampleWarning as a line of the report; any other warning re-raised."""
+    for w in caught:
+        if issubclass(w.category, FiniteSampleWarning):
+            echo(f"warning {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          skip_first: int, exclude: dict,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
@@ -299,11 +308,7 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
          f"{len(result.points)} points in {t_cap:.1f} s")
     echo(_finite_sample_line(result))
-    for w in caught:
-        if issubclass(w.category, FiniteSampleWarning):
-            echo(f"warning {w.message}")
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _echo_warnings(caught, echo)
     if meta.get("token_fraction") is not None:
         echo(f"subsampled token fraction {meta['token_fraction']:g} (seed "
              f"{meta['subsample_seed']}): {meta['n_excluded']['subsampled']} tokens left out")
