@@ -135,12 +135,15 @@ class GroupStats:
                 seed: int = 0, orders: int = CONVERGENCE_ORDERS) -> GroupSpectra:
         """The leave-one-group-out and convergence spectra (eigenvalues only)."""
         loo, loo_a = [], []
+        # the total's (A, v) around its own mean, formed once for all K groups
+        av = (total_moments.recentred(total.mean_, total.scatter_)
+              if total_moments is not None else None)
         for g in range(self.k):
             n_r, mean_r, m2_r = remove_group(total, self.accs[g])
             loo.append(_eigenvalues(m2_r, n_r))
             if total_moments is not None:
-                loo_a.append(_fourth_without(total, total_moments, self.accs[g],
-                                             self.moments[g], mean_r, m2_r, n_r))
+                loo_a.append(_fourth_without(total, av, self.accs[g], self.moments[g],
+                                             mean_r, m2_r, n_r))
         grid = [k for k in convergence_grid(self.k) if k < self.k]
         rng = np.random.default_rng(seed)
         conv_n = np.zeros((orders, len(grid)), dtype=np.int64)
@@ -199,12 +202,13 @@ def remove_group(total: CovarianceAccumulator, group: CovarianceAccumulator
     return n_r, mean_r, m2
 
 
-def _fourth_without(total: CovarianceAccumulator, total_moments: NormMoments,
+def _fourth_without(total: CovarianceAccumulator, av: tuple[torch.Tensor, torch.Tensor],
                     group: CovarianceAccumulator, group_moments: NormMoments,
                     mean_r: torch.Tensor, m2_r: torch.Tensor, n_r: int) -> float:
-    """``Σ ‖x − μ_r‖⁴`` over the rows not in ``group``."""
+    """``Σ ‖x − μ_r‖⁴`` over the rows not in ``group``; ``av`` is the total's ``(A, v)``
+    around its mean."""
     a_g, v_g = group_moments.recentred(total.mean_, group.scatter_)
-    a, v = total_moments.recentred(total.mean_, total.scatter_)
+    a, v = av
     return recentre_rest(a - a_g, v - v_g, m2_r, n_r, mean_r - total.mean_)
 
 
