@@ -43,6 +43,9 @@ _LAZY = {
     "plotting": ("nerve_interp.plotting", None),
     "jackknife": ("nerve_interp.jackknife", None),
     "show_versions": ("nerve_interp._versions", "show_versions"),
+    "nulls": ("nerve_interp.nulls", None),
+    "reinitialized": ("nerve_interp.reinit", "reinitialized"),
+    "compare": ("nerve_interp.compare", "compare"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -99,17 +99,25 @@ class GroupStats:
 
     def update(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
         """Fold rows ``[n, D]`` in; ``labels`` ``[n]`` is each row's group. Rows of one
-        sequence are contiguous, so each run of equal labels is folded as one view."""
+        sequence are contiguous, so each run of equal labels is folded as one view; rows of
+        non-token models (one row per example, labels interleaved) are gathered per group."""
         if rows.shape[0] == 0:
             return
         values, counts = torch.unique_consecutive(labels, return_counts=True)
+        if values.numel() > self.k:  # interleaved (one row per example): one gather per group
+            for g in torch.unique(values).tolist():
+                idx = (labels == g).nonzero().squeeze(1).to(rows.device)
+                self._fold(g, rows.index_select(0, idx))
+            return
         start = 0
         for g, c in zip(values.tolist(), counts.tolist(), strict=True):
-            part = rows[start:start + c]
-            if self.moments is not None:  # before the accumulator (it reads the earlier M2)
-                self.moments[g].update(part, self.accs[g])
-            self.accs[g].update(part)
+            self._fold(g, rows[start:start + c])
             start += c
+
+    def _fold(self, g: int, part: torch.Tensor) -> None:
+        if self.moments is not None:  # before the accumulator (it reads the earlier M2)
+            self.moments[g].update(part, self.accs[g])
+        self.accs[g].update(part)
 
     def pairs(self) -> list[tuple[NormMoments | None, CovarianceAccumulator]]:
         moments = self.moments or [None] * self.k

@@ -195,6 +195,64 @@ def plot_reinjection(
     return axes
 
 
+#: Colours of the nulls of :func:`plot_compare`, the same in every figure.
+NULL_PALETTE = {"init": "#9467bd", "gaussian_equivalent": "#ff7f0e", "independent": "#2ca02c",
+                "marchenko_pastur": "#7f7f7f"}
+
+
+def plot_compare(data: pd.DataFrame, *, metric: str = "pr_gain", point: str = "reinjection",
+                 axes: Any = None):
+    """A metric beside its nulls (:func:`nerve_interp.compare`'s table), per layer.
+
+    Left: the measured value (black) and each null's value with a band of the difference's
+    half-width around it (a measured point outside a null's band differs from that null at
+    the table's coverage). Right: measured − null with its interval and the zero line.
+
+    Parameters
+    ----------
+    data : DataFrame
+        ``compare(result, *nulls)``.
+    metric : str, default "pr_gain"
+    point : str, default "reinjection"
+        ``"pre"``, ``"post"``, ... for per-point metrics, ``"reinjection"`` for pre → post.
+    axes : two matplotlib Axes, optional
+
+    Returns
+    -------
+    ndarray of two matplotlib Axes
+    """
+    check_tidy(data, ("layer", "point", "metric", "value", "null", "null_value", "difference",
+                      "ci_low", "ci_high"))
+    df = data[(data["metric"] == metric) & (data["point"] == point)].sort_values("layer")
+    if df.empty:
+        raise KeyError(f"no rows with metric {metric!r} at point {point!r}; the table has "
+                       f"{sorted(set(zip(data['point'], data['metric'], strict=True)))[:12]}.")
+    if axes is None:
+        _, axes = _pyplot().subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+    left, right = axes
+    measured = df.drop_duplicates("layer")
+    left.plot(measured["layer"], measured["value"], "o-", color="k", label="measured", zorder=3)
+    for i, (name, g) in enumerate(df.groupby("null", sort=False)):
+        colour = NULL_PALETTE.get(str(name), f"C{i}")
+        half = (g["ci_high"] - g["ci_low"]) / 2
+        left.plot(g["layer"], g["null_value"], "s--", color=colour, label=str(name), ms=4)
+        left.fill_between(g["layer"], g["null_value"] - half, g["null_value"] + half,
+                          color=colour, alpha=0.2, lw=0)
+        right.errorbar(g["layer"] + 0.08 * i, g["difference"],
+                       yerr=[g["difference"] - g["ci_low"], g["ci_high"] - g["difference"]],
+                       fmt="o", color=colour, ms=4, capsize=2, label=str(name))
+    right.axhline(0.0, color="0.6", lw=0.8, ls="--")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    label = LABELS.get(metric, metric)
+    left.set(xlabel="layer", ylabel=label, title=f"{label}: measured and nulls")
+    right.set(xlabel="layer", ylabel="measured − null", title="difference (interval)")
+    left.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return axes
+
+
 #: Colours of the two token sets of :func:`plot_outliers`.
 TOKENS_PALETTE = {"all": "#d62728", "without outliers": "#1f77b4"}
 LABELS.update({"outlier_share": "share of variance in the top tokens",

@@ -28,6 +28,7 @@ from ._io import atomic_path, open_safetensors
 from .diagnostics import TokenDiagnostics
 from .errors import ResultsFileError, SiteError
 from .groups import GroupSpectra
+from .joint import JointInputs
 from .sites import parse_site, site_name
 from .spectrum import Spectrum
 
@@ -49,11 +50,15 @@ class SpectraResult:
         Token statistics of each point (outlier share and flag, top tokens).
     without_outliers : dict mapping (layer, point) -> Spectrum, optional
         For flagged points, the spectrum with their outlier tokens left out.
+    joint : dict mapping layer -> JointInputs, optional
+        Mean and covariance of each layer's nonlinearity inputs (``collect_spectra(...,
+        joint=True)``), for :func:`nerve_interp.nulls.gaussian_equivalent`.
     """
 
     def __init__(self, spectra: dict[tuple[int, str], Spectrum], metadata: dict | None = None,
                  *, diagnostics: dict[tuple[int, str], TokenDiagnostics] | None = None,
-                 without_outliers: dict[tuple[int, str], Spectrum] | None = None):
+                 without_outliers: dict[tuple[int, str], Spectrum] | None = None,
+                 joint: dict[int, JointInputs] | None = None):
         if not spectra:
             raise ValueError("a SpectraResult needs at least one spectrum.")
         from .sites import POINTS
@@ -63,6 +68,7 @@ class SpectraResult:
         self.metadata = dict(metadata or {})
         self.diagnostics = dict(diagnostics or {})
         self._without_outliers = dict(without_outliers or {})
+        self.joint = dict(joint or {})
 
     # ---------------------------------------------------------------- access
     @property
@@ -379,6 +385,9 @@ class SpectraResult:
             if spec.eigenvectors is not None:
                 tensors[f"{name}.eigenvectors"] = torch.from_numpy(
                     np.ascontiguousarray(spec.eigenvectors))
+            if spec.variances is not None:
+                tensors[f"{name}.variances"] = torch.from_numpy(
+                    np.ascontiguousarray(spec.variances))
             per_site[name] = {"n_samples": spec.n_samples, "n_negative": spec.n_negative,
                               "min_eigenvalue": spec.min_eigenvalue,
                               "fourth_moment": spec.fourth_moment}
@@ -400,15 +409,21 @@ class SpectraResult:
                 per_site[name]["without_outliers"] = {
                     "n_samples": free.n_samples, "n_negative": free.n_negative,
                     "min_eigenvalue": free.min_eigenvalue}
-                for key in ("eigenvalues", "mean", "eigenvectors"):
+                for key in ("eigenvalues", "mean", "eigenvectors", "variances"):
                     value = getattr(free, key)
                     if value is not None:
                         tensors[f"{name}.without_outliers.{key}"] = torch.from_numpy(
                             np.ascontiguousarray(value))
+        for layer, j in self.joint.items():
+            tensors[f"layers.{layer}.ffn.joint.mean"] = torch.from_numpy(j.mean)
+            tensors[f"layers.{layer}.ffn.joint.covariance"] = torch.from_numpy(j.covariance)
         header = {"format": FORMAT, "format_version": FORMAT_VERSION,
                   "nerve_interp_version": __version__,
                   "metadata": json.dumps(self.metadata, default=str),
-                  "sites": json.dumps(per_site)}
+                  "sites": json.dumps(per_site),
+                  "joint": json.dumps({str(layer): {"n_samples": j.n_samples,
+                                                    "parts": list(j.parts)}
+                                       for layer, j in self.joint.items()})}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=header)
         return path
@@ -449,12 +464,17 @@ class SpectraResult:
                 if "without_outliers" in info:
                     free[(layer, point)] = _read_spectrum(
                         f, keys, f"{name}.without_outliers", name, info["without_outliers"])
+            joint = {int(layer): JointInputs(
+                f.get_tensor(f"layers.{layer}.ffn.joint.mean").numpy(),
+                f.get_tensor(f"layers.{layer}.ffn.joint.covariance").numpy(),
+                int(j["n_samples"]), tuple(j["parts"]))
+                for layer, j in json.loads(header.get("joint", "{}")).items()}
         if model is not None and metadata.get("model") != model:
             raise ResultsFileError(
                 f"{path} holds spectra of {metadata.get('model')!r}, not {model!r}; load the "
                 "file of the right model or capture this one."
             )
-        return cls(spectra, metadata, diagnostics=diags, without_outliers=free)
+        return cls(spectra, metadata, diagnostics=diags, without_outliers=free, joint=joint)
 
     def __repr__(self) -> str:
         d = sorted({s.dim for s in self._spectra.values()})
@@ -502,8 +522,8 @@ def _tidy_reinjection(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_spectrum(f: Any, keys: set, prefix: str, name: str, info: dict) -> Spectrum:
-    vec = (f.get_tensor(f"{prefix}.eigenvectors").numpy()
-           if f"{prefix}.eigenvectors" in keys else None)
+    vec, var = (f.get_tensor(f"{prefix}.{k}").numpy() if f"{prefix}.{k}" in keys else None
+                for k in ("eigenvectors", "variances"))
     head = f"{prefix}.groups."
     groups = (GroupSpectra.from_arrays({k[len(head):]: f.get_tensor(k).numpy()
                                         for k in keys if k.startswith(head)})
@@ -513,7 +533,7 @@ def _read_spectrum(f: Any, keys: set, prefix: str, name: str, info: dict) -> Spe
                     n_samples=int(info["n_samples"]), eigenvectors=vec,
                     n_negative=int(info["n_negative"]),
                     min_eigenvalue=float(info["min_eigenvalue"]), name=name,
-                    fourth_moment=info.get("fourth_moment"), groups=groups)
+                    fourth_moment=info.get("fourth_moment"), groups=groups, variances=var)
 
 
 __all__ = ["SpectraResult"]

@@ -50,6 +50,10 @@ class Spectrum:
     groups : GroupSpectra or None
         The leave-one-group-out and convergence spectra of a capture with ``n_groups=K``
         (:mod:`nerve_interp.groups`): they give :meth:`intervals` and convergence curves.
+    variances : ndarray of shape (D,), float64, or None
+        The covariance's diagonal (each unit's variance): the population of the
+        independent-features null (:func:`nerve_interp.nulls.independent`). None in files
+        written before it was kept.
     """
 
     eigenvalues: np.ndarray
@@ -61,6 +65,7 @@ class Spectrum:
     name: str = "spectrum"
     fourth_moment: float | None = None
     groups: GroupSpectra | None = None
+    variances: np.ndarray | None = None
     _metric_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -198,6 +203,7 @@ def spectrum_from_covariance(
         n_negative=n_neg,
         min_eigenvalue=min_val,
         name=name,
+        variances=torch.diagonal(cov).clamp_min(0.0).numpy().copy(),
     )
 
 

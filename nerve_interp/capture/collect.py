@@ -66,6 +66,7 @@ def collect_spectra(
     distributed: bool | None = None,
     remote: Any = None,
     n_groups: int | None = None,
+    joint: bool = False,
 ):
     """Eigenspectra of FFN activations before and after the nonlinearity, layer by layer.
 
@@ -194,6 +195,13 @@ def collect_spectra(
         jackknife ``se`` / ``ci_low`` / ``ci_high`` and ``convergence()`` extrapolates each
         metric to N → ∞. Costs K + 21 extra eigenvalue decompositions per point at the end.
         16 is a good choice; it needs at least K sequences. Not with ``remote=``.
+    joint : bool, default False
+        Keep, per layer, the mean and covariance of the nonlinearity's inputs
+        (:class:`nerve_interp.joint.JointInputs`, ``result.joint``): ``pre`` for plain FFNs
+        (no extra cost), ``pre ‖ up`` jointly for gated FFNs (one more accumulator of width
+        2D per layer: 4·D² float64 and a Gram of that width). They are what
+        :func:`nerve_interp.nulls.gaussian_equivalent` samples. Needs ``pre`` (and ``up``
+        for gated FFNs) among ``points``; not with ``exclude_norm_above`` or ``remote=``.
 
     Returns
     -------
@@ -238,7 +246,7 @@ def collect_spectra(
         checkpoint_every=checkpoint_every, data_label=data_label, diagnostics=diagnostics,
         outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold,
         max_outlier_tokens=max_outlier_tokens, distributed=distributed, remote=remote,
-        n_groups=n_groups),
+        n_groups=n_groups, joint=joint),
         device=device, vocab_size=vocab_size(wrapper._module, tokenizer),
         as_strings=is_texts(batches))
     opts = dataclasses.replace(opts, corpus=corpus_metadata(batches))

@@ -30,7 +30,7 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
     p.selector.check_counted(state.n_tokens, state.tally, p.model)
     if p.shard.is_main:
         p.selector.warn(state.tally)
-    spectra = {}
+    spectra, joint = {}, {}
     for sink in tqdm(p.sinks, desc="eigendecompositions", unit="point",
                      disable=not p.opts.progress or not p.shard.is_main, leave=False):
         sink.merge_groups()
@@ -45,6 +45,7 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
         if sink.groups is not None:  # K leave-one-out + convergence spectra, then free K·D²
             spectra[sink.key].groups = sink.groups.spectra(acc, sink.moments)
             sink.groups = None
+        joint.update(_joint(p, sink, sites))
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
     # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
     warn_once(list(spectra.values()),
@@ -56,7 +57,22 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
             warn_outliers(diags, p.model, stacklevel=user_stacklevel() + 1)
     meta = {**model_metadata(p.wrapper._module, sites, n_layers), **p.opts.metadata(),
             **_run_metadata(p, state, sites, diags)}
-    return SpectraResult(spectra, meta, diagnostics=diags or None, without_outliers=free or None)
+    return SpectraResult(spectra, meta, diagnostics=diags or None, without_outliers=free or None,
+                         joint=joint or None)
+
+
+def _joint(p: Pipeline, sink: Any, sites: Sequence[FFNSite]) -> dict[int, Any]:
+    """``{layer: JointInputs}`` of this sink when ``joint=True`` asks for it: the ``up``
+    sink's pre ‖ up accumulator (gated FFNs), the ``pre`` accumulator itself (plain FFNs)."""
+    from ..joint import joint_from_accumulator
+
+    layer, point = sink.key
+    if sink.joint is not None:
+        return {layer: joint_from_accumulator(sink.joint, ("pre", "up"))}
+    kind = next((s.kind for s in sites if s.layer == layer), "")
+    if p.opts.joint and point == "pre" and kind != "gated":
+        return {layer: joint_from_accumulator(sink.acc, ("pre",))}
+    return {}
 
 
 def _run_metadata(p: Pipeline, state: RunState, sites: Sequence[FFNSite], diags: dict
@@ -75,9 +91,26 @@ def _run_metadata(p: Pipeline, state: RunState, sites: Sequence[FFNSite], diags:
         "data_sha1": state.data_sha1, "world_size": p.shard.world_size,
         "layers": [s.layer for s in sites],
         "site_paths": {s.name(pt): s.paths[pt] for s in sites for pt in p.opts.points},
+        "activations": _activations(p.wrapper._module, sites),
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _activations(root: torch.nn.Module, sites: Sequence[FFNSite]) -> dict[str, str | None]:
+    """``{layer: name}`` of each site's nonlinearity (:func:`nerve_interp.joint.activation_name`
+    of the module whose input is ``pre``; None when unknown)."""
+    from ..joint import activation_name
+
+    out = {}
+    for s in sites:
+        mod_path, _, io = s.paths.get("pre", "").rpartition(".")
+        try:
+            module = root.get_submodule(mod_path) if io == "input" else None
+        except AttributeError:
+            module = None
+        out[str(s.layer)] = activation_name(module)
+    return out
 
 
 def token_diagnostics(p: Pipeline, tokenizer: Any) -> tuple[dict, dict]:

@@ -45,7 +45,7 @@ KEYWORDS: dict[str, Any] = {
     "diagnostics": True, "outlier_fraction": DEFAULT_OUTLIER_FRACTION,
     "outlier_threshold": DEFAULT_OUTLIER_THRESHOLD,
     "max_outlier_tokens": DEFAULT_MAX_OUTLIER_TOKENS, "distributed": None, "remote": None,
-    "n_groups": None,
+    "n_groups": None, "joint": False,
 }
 """The capture options of ``collect_spectra`` (every keyword but ``tokenizer`` and
 ``sites``) and their defaults."""
@@ -111,6 +111,7 @@ class CaptureOptions:
     distributed: bool | None = None
     remote: Any = None
     n_groups: int | None = None
+    joint: bool = False
     corpus: dict[str, Any] | None = None  # load_corpus provenance (nerve_interp.data.Corpus)
 
     # -------------------------------------------------------------- building
@@ -165,12 +166,29 @@ class CaptureOptions:
                                     k["outlier_fraction"], k["outlier_threshold"],
                                     k["max_outlier_tokens"]),
             distributed=k["distributed"], remote=k["remote"],
-            n_groups=_n_groups(k["n_groups"]))
+            n_groups=_n_groups(k["n_groups"]), joint=_flag(k["joint"], "joint"))
 
     def check_sites(self, sites: Sequence[FFNSite]) -> None:
         """Every point exists at the chosen sites (``act`` / ``up`` need a gated FFN)."""
         for p in self.points:
             sites[0].path(p)  # raises a clear SiteError for act/up on a plain FFN
+        if self.joint:
+            self._check_joint(sites[0])
+
+    def _check_joint(self, site: FFNSite) -> None:
+        need = ("pre", "up") if site.kind == "gated" else ("pre",)
+        missing = [p for p in need if p not in self.points]
+        if missing:
+            raise SiteError(
+                "joint=True keeps the covariance of the nonlinearity's inputs "
+                f"({' and '.join(need)} of a {site.kind} FFN), so points must include "
+                f"{list(need)}; they are {list(self.points)}. Pass "
+                f"points={tuple(dict.fromkeys((*need, *self.points)))}.")
+        if self.rule.norm_above is not None or self.remote is not None:
+            raise ValueError(
+                "joint=True needs the same token rows at pre and up in this process: it cannot "
+                "be combined with exclude_norm_above (which drops different rows per point) or "
+                "remote=... (which returns no rows). Drop one of them.")
 
     # -------------------------------------------------------------- what it records
     def manifest(self, meta: dict, sites: Sequence[FFNSite], rank: int = 0,
@@ -187,6 +205,8 @@ class CaptureOptions:
                            subsample_seed=self.subsample_seed)
         if self.n_groups is not None:
             options["n_groups"] = self.n_groups
+        if self.joint:
+            options["joint"] = True
         return {"model": str(meta["model"]), "model_class": str(meta["model_class"]),
                 "sites": {site_name(s.layer, p): s.paths[p] for s in sites for p in self.points},
                 "options": options,
@@ -199,6 +219,7 @@ class CaptureOptions:
                 "exclusion": {**self.rule.to_dict(), "skip_first": self.skip_first},
                 "precision": self.precision, "data": self.data_label,
                 "remote": self.remote, "points": list(self.points), "n_groups": self.n_groups,
+                "joint": self.joint,
                 **({"corpus": dict(self.corpus)} if self.corpus is not None else {})}
 
 

@@ -41,6 +41,7 @@ class PointSink:
     tokens: TokenNormStats | None = None
     moments: NormMoments | None = None
     groups: GroupStats | None = None
+    joint: CovarianceAccumulator | None = None  # gated ``up`` with joint=True: pre ‖ up
 
     @property
     def name(self) -> str:
@@ -85,9 +86,12 @@ class Sinks:
                           if with_tokens else None)
                 groups = (GroupStats(acc.name, opts.n_groups, opts.precision, moments=moments)
                           if opts.n_groups is not None else None)
+                joint = (CovarianceAccumulator(f"{s.name('pre')} ‖ up", precision=opts.precision)
+                         if opts.joint and s.kind == "gated" and p == "up" else None)
                 self.points.append(PointSink(
                     (s.layer, p), s.paths[p], acc, tokens,
-                    NormMoments(acc.name) if moments and groups is None else None, groups))
+                    NormMoments(acc.name) if moments and groups is None else None, groups,
+                    joint))
 
     def __iter__(self) -> Iterator[PointSink]:
         return iter(self.points)
@@ -110,6 +114,8 @@ class Sinks:
         """Checkpoint prefix → {key: state object} of every group's statistics."""
         out: dict[str, dict[Key, Any]] = {}
         for p in self.points:
+            if p.joint is not None:
+                out.setdefault("joint.", {})[p.key] = p.joint
             if p.groups is None:
                 continue
             for g, (mom, acc) in enumerate(p.groups.pairs()):
@@ -124,6 +130,7 @@ class Sinks:
         accumulators, of the groups where there are groups."""
         pairs, accs = [], []
         for p in self.points:
+            accs += [p.joint] if p.joint is not None else []
             if p.groups is not None:
                 pairs += [(m, a) for m, a in p.groups.pairs() if m is not None]
                 accs += p.groups.accs
