@@ -377,3 +377,24 @@ def test_save_load_round_trip_and_self_contained_html(tmp_path):
     assert page.count("class='ni-card'") == 2
     with pytest.raises(FileNotFoundError, match="metadata.json"):
         DirectionReport.load(tmp_path)
+
+
+def test_directions_command(local_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from nerve_interp.cli import app
+
+    folder, text = local_model
+    out = tmp_path / "dirs"
+    res = CliRunner().invoke(app, ["directions", "--model", str(folder), "--text", str(text),
+                                   "--layer", "1", "--directions", "top:3", "--out", str(out),
+                                   "--max-tokens", "800", "--k-examples", "4"])
+    assert res.exit_code == 0, res.output
+    assert "layers.1.ffn.post" in res.output and "promotes:" in res.output
+    back = DirectionReport.load(out)
+    assert back.directions["index"].tolist() == [0, 1, 2]
+    assert (out / "report.html").exists() and not back.readout.empty
+    bad = CliRunner().invoke(app, ["directions", "--model", str(folder), "--text", str(text),
+                                   "--layer", "1", "--directions", "middle:3", "--out",
+                                   str(out), "--max-tokens", "200"])
+    assert bad.exit_code != 0 and "not a direction spec" in str(bad.exception)
