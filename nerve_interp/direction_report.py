@@ -257,8 +257,9 @@ def build_report(root: torch.nn.Module, site: Any, point: str, chosen: Any, stat
             "model": model_label(root), "spectra_model": spectra.model, "layer": site.layer,
             "point": point, "site": site.name(point),
             "directions": directions_spec if isinstance(directions_spec, str)
-            else ("custom" if chosen.kind == "custom" else [int(i) for i in index]),
-            "kind": chosen.kind, "n_tokens": stats.n_tokens, "k_examples": opts.k_examples,
+            else ("custom" if (chosen.kind == "custom").all() else [int(i) for i in index]),
+            "kinds": sorted(set(chosen.kind.tolist())), "n_tokens": stats.n_tokens,
+            "k_examples": opts.k_examples,
             "context": [opts.before, opts.after], "max_tokens": opts.max_tokens,
             "exclude_positions": list(opts.exclude_positions), "min_count": opts.min_count,
             "readout": weights.names if isinstance(weights, ReadoutWeights) else None,

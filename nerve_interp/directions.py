@@ -27,7 +27,9 @@ Which directions (``directions=``)
   ``u_i`` that the dominant pre directions do not span, and ``"reinjected:k"`` takes the ``k``
   largest ``ρ_i``. Needs both points of the layer with eigenvectors;
 * a sequence of eigen-indices (0 = largest eigenvalue);
-* an array ``[D, d]`` of directions (columns, normalised here), e.g. a random control.
+* an array ``[D, d]`` of directions (columns, normalised here), e.g. a random control;
+* several of these at once: ``"top:8,tail:8,reinjected:8"`` or a list such as
+  ``["top:8", random_basis]``, concatenated in order, each direction keeping its kind.
 
 The sign of an eigenvector is arbitrary; each direction is signed so that its largest
 ``|projection|`` on this text is positive (the ``sign`` column records the flip, and the
@@ -69,8 +71,8 @@ class DirectionSet:
         Unit directions as columns.
     index : array of shape (d,)
         Eigen-index of each (descending order), -1 for custom directions.
-    kind : str
-        ``top``, ``tail``, ``reinjected``, ``index`` or ``custom``.
+    kind : array of str of shape (d,)
+        ``top``, ``tail``, ``reinjected``, ``index`` or ``custom``, per direction.
     variance : array of shape (d,)
         ``uᵀΣu``: the eigenvalue of an eigen-direction.
     variance_share : array of shape (d,)
@@ -81,7 +83,7 @@ class DirectionSet:
 
     basis: np.ndarray
     index: np.ndarray
-    kind: str
+    kind: np.ndarray
     variance: np.ndarray
     variance_share: np.ndarray
     reinjected: np.ndarray
@@ -116,6 +118,9 @@ def select_directions(spectra: Any, layer: int, point: str, directions: Any, *,
                       reinjected_energy: float = 0.9) -> DirectionSet:
     """Resolve ``directions`` (module docstring) for ``spectra``'s ``(layer, point)``.
 
+    Several specs combine: ``"top:8,tail:8,reinjected:8"`` or a list of specs, indices and
+    arrays; the directions are concatenated in that order, each keeping its own kind.
+
     Raises
     ------
     NotFittedError
@@ -127,10 +132,28 @@ def select_directions(spectra: Any, layer: int, point: str, directions: Any, *,
 
     Examples
     --------
-    >>> from nerve_interp.results import SpectraResult  # doctest: +SKIP
-    >>> select_directions(spectra, 3, "post", "top:4").index  # doctest: +SKIP
-    array([0, 1, 2, 3])
+    >>> select_directions(spectra, 3, "post", "top:2,tail:1").kind  # doctest: +SKIP
+    array(['top', 'top', 'tail'], dtype='<U4')
     """
+    if isinstance(directions, str) and "," in directions:
+        parts: list[Any] = [p.strip() for p in directions.split(",") if p.strip()]
+        parts = [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+    elif isinstance(directions, (list, tuple)) and any(
+            isinstance(p, (str, np.ndarray)) for p in directions):
+        parts = list(directions)
+    else:
+        return _one_spec(spectra, layer, point, directions, reinjected_energy)
+    if not parts:
+        raise _bad_spec(directions, spectra.eigenvalues(layer, point).size)
+    sets = [_one_spec(spectra, layer, point, [p] if isinstance(p, (int, np.integer)) else p,
+                      reinjected_energy) for p in parts]
+    return DirectionSet(*(np.concatenate([getattr(s, f.name) for s in sets],
+                                         axis=1 if f.name == "basis" else 0)
+                          for f in dataclasses.fields(DirectionSet)))
+
+
+def _one_spec(spectra: Any, layer: int, point: str, directions: Any, energy: float
+              ) -> DirectionSet:
     lam = spectra.eigenvalues(layer, point)
     vecs = spectra.eigenvectors(layer, point)
     d = lam.size
@@ -145,7 +168,7 @@ def select_directions(spectra: Any, layer: int, point: str, directions: Any, *,
             if point != "post":
                 raise ValueError(f"directions={directions!r} needs point='post' (reinjected "
                                  f"directions are post directions); got point={point!r}.")
-            rho = reinjection_scores(spectra, layer, reinjected_energy)
+            rho = reinjection_scores(spectra, layer, energy)
             if k > effective_rank_count(lam):
                 raise ValueError(f"k == {k}, more than the {effective_rank_count(lam)} "
                                  f"directions with variance{where}.")
@@ -166,8 +189,9 @@ def select_directions(spectra: Any, layer: int, point: str, directions: Any, *,
 
 def _eigen_set(lam: np.ndarray, vecs: np.ndarray, idx: np.ndarray, kind: str,
                rho: np.ndarray) -> DirectionSet:
-    return DirectionSet(vecs[:, idx], np.asarray(idx), kind, lam[idx], lam[idx] / lam.sum(),
-                        rho[idx])
+    idx = np.asarray(idx)
+    return DirectionSet(vecs[:, idx], idx, np.full(idx.size, kind), lam[idx],
+                        lam[idx] / lam.sum(), rho[idx])
 
 
 def _custom_set(lam: np.ndarray, vecs: np.ndarray, arr: np.ndarray) -> DirectionSet:
@@ -180,7 +204,7 @@ def _custom_set(lam: np.ndarray, vecs: np.ndarray, arr: np.ndarray) -> Direction
     basis = arr / norms
     var = (lam[:, None] * (vecs.T @ basis) ** 2).sum(0)
     d = basis.shape[1]
-    return DirectionSet(basis, np.full(d, -1), "custom", var, var / lam.sum(),
+    return DirectionSet(basis, np.full(d, -1), np.full(d, "custom"), var, var / lam.sum(),
                         np.full(d, np.nan))
 
 

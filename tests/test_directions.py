@@ -114,7 +114,7 @@ def test_reinjected_scores_known_answer():
     np.testing.assert_allclose(reinjection_scores(fake, 0, 0.9), [0, 0, 3, 2, 1, 0.5],
                                atol=1e-12)
     chosen = select_directions(fake, 0, "post", "reinjected:2")
-    assert chosen.index.tolist() == [2, 3] and chosen.kind == "reinjected"
+    assert chosen.index.tolist() == [2, 3] and chosen.kind.tolist() == ["reinjected"] * 2
     # a post basis rotated away from the pre one: ρ_i = λ_i (1 − ‖U_rᵀ u_i‖²), by hand
     q2 = np.linalg.qr(np.random.default_rng(4).standard_normal((d, d)))[0]
     fake.vecs["post"] = q2
@@ -130,9 +130,14 @@ def test_direction_specs():
     assert select_directions(fake, 0, "post", "top:2").index.tolist() == [0, 1]
     assert select_directions(fake, 0, "post", "tail:2").index.tolist() == [2, 3]  # λ=0 out
     assert select_directions(fake, 0, "post", [4, 1]).index.tolist() == [4, 1]
+    both = select_directions(fake, 0, "post", "top:2, tail:1,4")
+    assert both.index.tolist() == [0, 1, 3, 4]
+    assert both.kind.tolist() == ["top", "top", "tail", "index"] and both.basis.shape == (d, 4)
+    mixed = select_directions(fake, 0, "post", ["top:1", np.ones((d, 2))])
+    assert mixed.kind.tolist() == ["top", "custom", "custom"] and mixed.index[1] == -1
     custom = select_directions(fake, 0, "post", np.ones((d, 1)))
     np.testing.assert_allclose(custom.variance, [14 / 5])  # uᵀΣu of the unit mean vector
-    for bad in ("middle:3", "top:0", "top:x", "top", 1.5, [7], []):
+    for bad in ("middle:3", "top:0", "top:x", "top", 1.5, [7], [], "top:1,,x"):
         with pytest.raises(ValueError, match="directions=|out of range"):
             select_directions(fake, 0, "post", bad)
     with pytest.raises(ValueError, match="k == 9"):
