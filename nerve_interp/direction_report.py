@@ -58,8 +58,8 @@ class DirectionReport:
         self.metadata = dict(metadata)
 
     def card_html(self, direction: int) -> str:
-        """The HTML card of one direction (its position in the report)."""
-        return _card(self, int(direction))
+        """The HTML card of one direction (its position in the report), with its style."""
+        return f"<div class='ni-report'><style>{_CSS}</style>{_card(self, int(direction))}</div>"
 
     def to_html(self, *, page: bool = False) -> str:
         """Every card; ``page=True`` wraps them in a full, self-contained HTML page."""
