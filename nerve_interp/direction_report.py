@@ -105,8 +105,9 @@ class DirectionReport:
                                     "by DirectionReport.save().")
         frames = {}
         for name in FRAMES:
-            df = pd.read_csv(src / f"{name}.csv", keep_default_na=False,
-                             na_values=[""] if name != "examples" else [])
+            df = pd.read_csv(src / f"{name}.csv", keep_default_na=False, na_values=[""])
+            if "token" in df:  # a token that decodes to "" is not missing
+                df["token"] = df["token"].fillna("").astype(str)
             for col in _LIST_COLUMNS:
                 if col in df:
                     df[col] = [json.loads(v) for v in df[col]]

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .capture.backends import align_rows
+from .capture.backends import check_alignment
 from .capture.collect import input_device, vocab_size
 from .capture.run import to_device
 from .capture.selection import Tally, TokenSelector
@@ -362,7 +362,7 @@ def run_pass(wrapper: Any, site: FFNSite, point: str, texts: Any, tokenizer: Any
         inputs = {k: to_device(v, device) for k, v in batch.inputs.items()}
         with torch.no_grad(), wrapper.trace(**inputs) as tracer:
             x = wrapper.get(path)
-            align_rows(x, sel, name)  # checks the shape against the mask
+            check_alignment(tuple(x.shape), sel.mask_shape, name)
             stats.update(x.reshape(*sel.mask_shape, x.shape[-1]), batch, sel.idx.cpu(), name)
             tracer.stop()
     if stats.n_tokens == 0:

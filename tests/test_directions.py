@@ -363,13 +363,27 @@ def test_bad_inputs_raise_clear_errors():
         explain_directions(model, spectra, data, layer=1, directions="bottom:3")
     with pytest.raises(ValueError, match="k_examples"):
         explain_directions(model, spectra, data, layer=1, k_examples=0)
+    gpt2 = make_tiny("gpt2")  # FFN width 128, not 48
+    with pytest.raises(ni.errors.CaptureError, match="width 128 .* D = 48"):
+        explain_directions(gpt2, spectra, data, layer=1)
+
+
+class _TrickyTokenizer:
+    """Decodes ids to strings CSV and HTML must survive."""
+
+    TOKENS = ("", "\n", '"', ",", "NA", "None", "<u>x</u>", "  x ")
+
+    def decode(self, ids):
+        return self.TOKENS[ids[0] % len(self.TOKENS)]
 
 
 def test_save_load_round_trip_and_self_contained_html(tmp_path):
     model = make_tiny("llama")
     data = [random_batch(seed=s) for s in range(2)]
     rep = explain_directions(model, _spectra(model, data, [1]), data, layer=1,
-                             directions="top:2", k_examples=4)
+                             tokenizer=_TrickyTokenizer(), directions="top:2", k_examples=4,
+                             options=DirectionOptions(min_count=1))
+    assert set(rep.tokens.token) >= {"", "NA", "\n"}
     out = rep.save(tmp_path / "rep")
     back = DirectionReport.load(out)
     for name in ("directions", "examples", "tokens", "readout", "buckets"):
@@ -379,7 +393,7 @@ def test_save_load_round_trip_and_self_contained_html(tmp_path):
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page
     assert "http://" not in page and "https://" not in page
-    assert page.count("class='ni-card'") == 2
+    assert page.count("class='ni-card'") == 2 and "<u>" not in page  # tokens escaped
     with pytest.raises(FileNotFoundError, match="metadata.json"):
         DirectionReport.load(tmp_path)
 
