@@ -29,6 +29,11 @@ accuracy
     relative to fp32.
 eigh
     ``spectrum_from_covariance`` (float64 eigvalsh on the host) time vs D.
+directions
+    The second pass of ``explain_directions`` (``run_pass``: read one ``post`` point, project
+    onto d directions, heaps and per-token sums; O(N·D·d)) as a ratio to a plain forward of
+    the same tokens, for a middle and the last layer (where the pass cannot stop early) and
+    d = 16, 64. CPU: TinyLM ``small`` and SmolLM2-135M.
 memory
     Peak memory of a capture vs token count (fresh subprocess per N on CPU, ``ru_maxrss``
     above the model's own footprint; ``torch.cuda.max_memory_allocated`` on CUDA): the
@@ -72,7 +77,7 @@ from nerve_interp.covariance import (  # noqa: E402
 from nerve_interp.sites import as_nnsight, find_ffn_sites  # noqa: E402
 from nerve_interp.spectrum import Spectrum, spectrum_from_covariance  # noqa: E402
 
-PARTS = ("throughput", "accuracy", "eigh", "memory")
+PARTS = ("throughput", "accuracy", "eigh", "directions", "memory")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -565,6 +570,80 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------ (e) directions
+def _time_round_robin(variants: dict[str, Any], reps: int, device: torch.device
+                      ) -> dict[str, list[float]]:
+    """Seconds per call of each variant: one untimed warm-up, then ``reps`` rounds with the
+    order rotated every round."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(reps):
+        names = list(variants)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            variants[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def directions_case(label: str, model: torch.nn.Module, batches: list[dict], ds: list[int],
+                    reps: int) -> dict:
+    """run_pass at a middle and the last layer, d directions, vs a plain forward."""
+    from nerve_interp.capture.collect import vocab_size
+    from nerve_interp.directions import DirectionOptions, DirectionStats, run_pass
+
+    device = next(model.parameters()).device
+    wrapper = as_nnsight(model)
+    sites = find_ffn_sites(wrapper)
+    width = _dims(wrapper, sites[-1:], batches)[-1]
+    vocab = vocab_size(model, None)
+    n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+    opts = DirectionOptions(max_tokens=None)
+
+    def second_pass(site: Any, basis: torch.Tensor) -> None:
+        stats = DirectionStats(basis, torch.zeros(width, dtype=torch.float64), 20, 12, 4,
+                               vocab)
+        run_pass(wrapper, site, "post", batches, None, stats, opts)
+
+    variants: dict[str, Any] = {"plain": lambda: plain_forward(model, batches)}
+    g = torch.Generator().manual_seed(0)
+    for site in (sites[len(sites) // 2], sites[-1]):
+        for d in ds:
+            basis = torch.linalg.qr(torch.randn(width, d, generator=g, dtype=torch.float64))[0]
+            variants[f"layer {site.layer}, d={d}"] = \
+                lambda s=site, b=basis: second_pass(s, b)
+    times = _time_round_robin(variants, reps, device)
+    rows = [{"variant": name, "median_s": statistics.median(ts),
+             "tokens_per_s": n_tok / statistics.median(ts),
+             "x_plain": _median_ratio(ts, times["plain"])} for name, ts in times.items()]
+    return {"case": label, "D": width, "layers": len(sites), "tokens": n_tok,
+            "batches": len(batches), "reps": reps, "rows": rows}
+
+
+def bench_directions(args: argparse.Namespace) -> list[dict]:
+    from nerve_interp.models import make_lm
+
+    small = dict(n_layers=2, d_model=64) if args.quick else {}
+    m = make_lm("small", seed=0, **small).eval()
+    nb, bs, seq = (1, 2, 32) if args.quick else (4, 8, 128)
+    ds = [16] if args.quick else [16, 64]
+    cases = [directions_case("TinyLM small (cpu, fp32 weights)", m,
+                             _random_batches(nb, bs, seq, 256, "cpu"), ds, args.reps)]
+    if not args.no_smollm and not args.quick:
+        from nerve_interp.data import load_corpus, tokenize_batches
+        from nerve_interp.zoo import load_model
+
+        m, tok = load_model("smollm2-135m")
+        texts = load_corpus("python-docs", seed=None)[:8]
+        batches = list(tokenize_batches(texts, tok, batch_size=4, max_length=128))
+        cases.append(directions_case("SmolLM2-135M (cpu, fp32 weights)", m, batches, ds,
+                                     args.reps))
+    return cases
+
+
 # ------------------------------------------------------------------ report
 def _fmt(x: float) -> str:
     return f"{x:.2e}" if (x and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
@@ -598,6 +677,13 @@ def print_report(res: dict) -> None:
         print(f"\n[c] eigh (spectrum_from_covariance, fp64 eigvalsh) vs D; log-log slope of the "
               f"last 3: {e['loglog_slope_last3']:.2f}")
         print("  " + "  ".join(f"D={r['D']}: {r['eigvalsh_s']:.3f}s" for r in e["rows"]))
+    for case in res.get("directions", []):
+        print(f"\n[e] explain_directions' second pass vs a plain forward: {case['case']}, "
+              f"{case['layers']} layers, post D={case['D']}, {case['tokens']} tokens, "
+              f"{case['reps']} reps")
+        for r in case["rows"]:
+            print(f"  {r['variant']:<24}{r['median_s']:>10.3f} s{r['tokens_per_s']:>10,.0f} "
+                  f"tok/s{r['x_plain']:>8.2f}x plain")
     for m in res.get("memory", []):
         print(f"\n[d] peak memory of collect_spectra vs N on {m['device']} ({m['how']})")
         for r in m["rows"]:
@@ -626,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     run = {"throughput": bench_throughput, "accuracy": bench_accuracy, "eigh": bench_eigh,
-           "memory": bench_memory}
+           "directions": bench_directions, "memory": bench_memory}
     res["part_s"] = {}
     for part in (p for p in PARTS if p in parts):
         t_part = time.perf_counter()

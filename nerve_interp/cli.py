@@ -509,6 +509,77 @@ def version() -> None:
     show_versions()
 
 
+def _direction_lines(report: Any) -> list[str]:
+    """One line per direction: its variance share, the commonest tokens among its top
+    examples and, with a readout, the tokens it promotes most."""
+    lines = []
+    for d in report.directions.itertuples():
+        ex = report.examples[(report.examples.direction == d.direction)
+                             & (report.examples.side == "top")]
+        common = ", ".join(repr(t) for t in ex.token.value_counts().index[:3])
+        ro = report.readout[(report.readout.direction == d.direction)
+                            & (report.readout.side == "promoted")]
+        promoted = ", ".join(repr(t) for t in ro.token[:3]) if len(ro) else "-"
+        label = f"u{d.index}" if d.index >= 0 else f"#{d.direction}"
+        lines.append(f"  {label:<6} {100 * d.variance_share:6.2f}%  top-token share "
+                     f"{d.top_token_share:.2f}  top: {common}  promotes: {promoted}")
+    return lines
+
+
+@app.command("directions")
+def directions_command(
+    model: Annotated[str, typer.Option(help="Short name, hub name or local folder.")],
+    layer: Annotated[int, typer.Option(help="The layer (negative counts from the end).")],
+    out: Annotated[Path, typer.Option(help="Output folder (frames as CSV, report.html).")],
+    directions: Annotated[str, typer.Option(
+        help="top:k, tail:k, reinjected:k or comma-separated eigen-indices.")] = "top:8",
+    point: Annotated[str, typer.Option(help="pre, post, act or up.")] = "post",
+    text: Annotated[Path | None, typer.Option(
+        help=".txt/.jsonl: first 90% of paragraphs for spectra, last 10% for the contexts; "
+             "default: python-docs train / heldout.")] = None,
+    spectra: Annotated[Path | None, typer.Option(
+        help="A saved spectra file with eigenvectors (skips the capture).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to measure the spectra on.")] = 20000,
+    explain_tokens: Annotated[int, typer.Option(help="Tokens read for the contexts.")] = 20000,
+    k_examples: Annotated[int, typer.Option(help="Examples per direction and side.")] = 20,
+    exclude_positions: Annotated[str | None, typer.Option(
+        help=EXCLUDE_POSITIONS_HELP)] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+) -> None:
+    """What the eigen-directions of one FFN point respond to and promote: one HTML page."""
+    from . import capture, data, results, zoo
+    from . import directions as dirs
+
+    t0 = time.perf_counter()
+    spec: Any = directions if ":" in directions else _parse_ints(directions, "eigen-indices")
+    excluded = tuple(_parse_ints(exclude_positions, "positions") or ())
+    lm, tokenizer = zoo.load_model(model, device=device)
+    if text is None:
+        train = data.load_corpus("python-docs", "train")
+        held = data.load_corpus("python-docs", "heldout")
+    else:
+        train, held = _split_texts(data.read_texts(text))
+    if spectra is not None:
+        result = results.SpectraResult.load(spectra)
+    else:
+        points = ("pre", "post") if str(spec).startswith("reinjected") else (point,)
+        result = capture.collect_spectra(
+            lm, train, tokenizer=tokenizer, layers=[layer], points=points,
+            max_tokens=max_tokens, eigenvectors=True, exclude_positions=excluded)
+    report = dirs.explain_directions(
+        lm, result, held, tokenizer=tokenizer, layer=layer, point=point, directions=spec,
+        k_examples=k_examples, max_tokens=explain_tokens,
+        options=dirs.DirectionOptions(exclude_positions=excluded))
+    report.save(out)
+    typer.echo(f"{report.metadata['site']} of {report.metadata['model']}: "
+               f"{len(report.directions)} directions over {report.metadata['n_tokens']} tokens")
+    typer.echo("\n".join(_direction_lines(report)))
+    if report.readout.empty:
+        typer.echo(report.metadata["readout_note"])
+    typer.echo(f"\nwrote {out}/report.html, directions.csv, examples.csv, tokens.csv, "
+               f"readout.csv, buckets.csv, metadata.json; total {time.perf_counter() - t0:.0f} s")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -24,7 +24,9 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     out = tmp_path / "quick.json"
     res = bench.main(["--quick", "--out", str(out), "--memory-tokens", "256"])
     saved = json.loads(out.read_text())
-    assert saved["quick"] and set(saved) >= {"throughput", "accuracy", "eigh", "memory"}
+    assert saved["quick"] and set(saved) >= {"throughput", "accuracy", "eigh", "memory",
+                                             "directions"}
+    assert {r["variant"] for r in res["directions"][0]["rows"]} == {"plain", "layer 1, d=16"}
     case = res["throughput"][0]
     assert {r["variant"] for r in case["rows"]} == {
         "plain", "nnsight fp64", "raw fp64", "nnsight fp32", "raw fp32",
