@@ -68,8 +68,10 @@ class WidthSweepResult:
         per FFN dimension, ``n_tokens / width``).
     fits : DataFrame
         One power-law fit per ``norm`` and ``metric`` (``beta, beta_se, beta_ci_low,
-        beta_ci_high, r2, n, ..., weighted, chi2_reduced``): :meth:`fit` of
-        :data:`FIT_METRICS`.
+        beta_ci_high, r2, n, ..., weighted, chi2_reduced``), next to the saturating
+        alternative ``a · D / (b + D)`` on the same points (``sat_a, sat_b``, the AICs of
+        both in ``ln y``, ``delta_aic`` and ``preferred``; see
+        :func:`nerve_interp.scaling.fit_table`): :meth:`fit` of :data:`FIT_METRICS`.
     spectra : dict
         ``{(norm, width, seed): SpectraResult}`` of every run with ``keep_spectra=True``
         (eigenvalues and means, no eigenvectors); empty otherwise.
