@@ -269,7 +269,8 @@ def plot_outliers(
 
 
 #: Colours of the ablation subspaces and line styles of the modes.
-SUBSPACE_PALETTE = {"top": "#d62728", "tail": "#1f77b4", "random": "#7f7f7f"}
+SUBSPACE_PALETTE = {"top": "#d62728", "tail": "#1f77b4", "random": "#7f7f7f",
+                    "random_matched": "#2ca02c"}
 MODE_STYLES = {"keep": "-", "remove": "--"}
 LABELS.update({
     "delta_loss": "Δ loss (ablated − clean, nats)",
