@@ -609,15 +609,17 @@ def _tabulate(label, ablations, resolved, stats, spectra, n_boot) -> pd.DataFram
         layer = layers[0] if len(layers) == 1 else ",".join(map(str, layers))
         dim = spectra.spectrum(layers[0], point).dim
         frac = float(np.mean([resolved[i][1] for i in idx]))
+        n_dir = float(np.mean([next(iter(resolved[i][0].values())).basis.shape[1]
+                               for i in idx]))
         for name in stats[idx[0]].sums:
             sums = np.array([stats[i].sums[name] for i in idx])
             counts = np.array(stats[idx[0]].counts[name])
             value, lo, hi = _ratio_ci(sums, counts, n_boot=n_boot, rng=rng)
             rows.append((label, layer, point, subspace, mode, k, dim, frac, name, value, lo, hi,
-                         len(idx)))
+                         len(idx), n_dir))
     return pd.DataFrame(rows, columns=["model", "layer", "point", "subspace", "mode", "k", "dim",
                                        "variance_fraction", "metric", "value", "ci_low",
-                                       "ci_high", "n_seeds"])
+                                       "ci_high", "n_seeds", "n_directions"])
 
 
 def ablate(
@@ -650,9 +652,14 @@ def ablate(
     point : {"post", "pre", "act", "up"}
         Ablating ``pre`` lets the nonlinearity act on the projected input (the reinjection
         test); ``post`` removes the subspace from what the down-projection reads.
-    subspace : {"top", "tail", "random"} or slice
+    subspace : {"top", "tail", "random", "random_matched"} or slice
+        ``random_matched`` is the variance-matched control: random orthonormal directions,
+        as many as it takes to hold the variance fraction of the top-k
+        (:func:`nerve_interp.projection.matched_random_basis`); the table's ``k`` is that
+        top-k and ``n_directions`` the count of random directions.
     k : int
-        Subspace size (0 <= k <= D; tail: <= number of directions with variance).
+        Subspace size (0 <= k <= D; tail: <= number of directions with variance;
+        ``random_matched``: the top-k whose variance is matched).
     energy : float, optional
         Instead of ``k``: the smallest k whose top (or tail) eigenvalues hold this share of
         the variance (energy matching; with several layers, the first layer's k is used).
@@ -733,11 +740,16 @@ def ablation_sweep(
     control for top / tail). An int ``n`` still means ``range(n)``, with a
     DeprecationWarning.
 
+    Add ``"random_matched"`` to ``subspaces`` for the variance-matched control (as many
+    random directions as hold the top-k's variance fraction, one draw per seed): compare
+    top-k with it at the same ``k``, i.e. at the same variance fraction.
+
     Returns
     -------
     AblationResult
         ``.table`` with columns ``layer, point, subspace, mode, k, variance_fraction, metric,
-        value, ci_low, ci_high``; ``.summary()``; plot with ``plotting.plot_ablation``.
+        value, ci_low, ci_high, n_seeds, n_directions``; ``.summary()``; plot with
+        ``plotting.plot_ablation``.
     """
     seeds = _sweep_seeds(seeds)
     layers = spectra.layers if layers is None else list(layers)
@@ -752,7 +764,7 @@ def ablation_sweep(
                 sizes = sorted({0, *sizes})
             for mode in modes:
                 for k in sizes:
-                    for seed in seeds if subspace == "random" else (0,):
+                    for seed in seeds if subspace.startswith("random") else (0,):
                         ablations.append(Ablation((parse_site(spec.name)[0],), point,
                                                   subspace, k, mode, seed, center))
     return run_ablations(model, spectra, batches, ablations, tokenizer=tokenizer, **kwargs)

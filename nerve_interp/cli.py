@@ -425,7 +425,9 @@ def ablate(
     point: Annotated[str, typer.Option(help="pre, post, act or up.")] = "post",
     ks: Annotated[str | None, typer.Option(
         help="Comma-separated subspace sizes (default: 8 on a log grid up to D).")] = None,
-    subspaces: Annotated[str, typer.Option(help="Comma-separated.")] = "top,tail,random",
+    subspaces: Annotated[str, typer.Option(
+        help="Comma-separated: top, tail, random, random_matched (random directions holding "
+             "the top-k's variance).")] = "top,tail,random",
     modes: Annotated[str, typer.Option(help="Comma-separated.")] = "keep,remove",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds of the random subspaces "
                                             "(one per seed and size), e.g. 0,1,2.")] = "0,1,2",

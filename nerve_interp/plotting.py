@@ -327,7 +327,8 @@ def plot_outliers(
 
 
 #: Colours of the ablation subspaces and line styles of the modes.
-SUBSPACE_PALETTE = {"top": "#d62728", "tail": "#1f77b4", "random": "#7f7f7f"}
+SUBSPACE_PALETTE = {"top": "#d62728", "tail": "#1f77b4", "random": "#7f7f7f",
+                    "random_matched": "#2ca02c"}
 MODE_STYLES = {"keep": "-", "remove": "--"}
 LABELS.update({
     "delta_loss": "Δ loss (ablated − clean, nats)",
@@ -417,6 +418,7 @@ def plot_power_law(
     estimator: str = "mean",
     ax: Any = None,
     confidence: float = 0.95,
+    saturating: bool = False,
     **kwargs: Any,
 ):
     """Log-log scatter of a metric against width, with the fitted power law per group.
@@ -447,13 +449,19 @@ def plot_power_law(
         Where to draw; a new figure if omitted.
     confidence : float, default 0.95
         Coverage of the t-interval in the legend.
+    saturating : bool, default False
+        Also draw the saturating alternative ``y = a · D / (b + D)``
+        (:func:`nerve_interp.scaling.fit_saturating`, on the same per-``x`` values) as a
+        dashed line of the group's colour, its legend label giving ``ΔAIC = AIC_sat −
+        AIC_pow`` (> 0 favours the power law).
     **kwargs
         Passed to ``Axes.scatter`` for the markers.
 
     Returns
     -------
     matplotlib Axes
-        ``ax.get_lines()`` holds exactly one fitted line per group that could be fitted.
+        ``ax.get_lines()`` holds exactly one fitted line per group that could be fitted (two
+        with ``saturating=True``: the power law, then the dashed saturating curve).
 
     Examples
     --------
@@ -473,9 +481,11 @@ def plot_power_law(
     colours = _hue_colours(hue, [name for name, _ in groups])
     scatter_kw = {"s": 22, "zorder": 3, **kwargs}
     for (name, g), colour in zip(groups, colours, strict=True):
-        _draw_power_law(ax, g, x, y, label=None if name is None else str(name), colour=colour,
-                        fits=fits, estimator=estimator, confidence=confidence,
-                        scatter_kw=scatter_kw)
+        fitted = _draw_power_law(ax, g, x, y, label=None if name is None else str(name),
+                                 colour=colour, fits=fits, estimator=estimator,
+                                 confidence=confidence, scatter_kw=scatter_kw)
+        if saturating and fitted is not None:
+            _draw_saturating(ax, g, x, y, fitted, estimator, colour)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("FFN width D" if x == "width" else x)
@@ -524,8 +534,9 @@ def _hue_colours(hue: str | None, names: list[Any]) -> list[Any]:
 
 def _draw_power_law(ax: Any, g: pd.DataFrame, x: str, y: str, *, label: str | None,
                     colour: Any, fits: bool, estimator: str, confidence: float,
-                    scatter_kw: dict) -> None:
-    """One group: ``estimator`` ± 1 SD at each ``x``, and its fitted line when ``fits``."""
+                    scatter_kw: dict) -> PowerLawFit | None:
+    """One group: ``estimator`` ± 1 SD at each ``x``, and its fitted line when ``fits``
+    (returned; None when not drawn)."""
     stats = g.groupby(x, sort=True)[y].agg([estimator, "std", "count"])
     xs = stats.index.to_numpy(dtype=float)
     centre = stats[estimator].to_numpy(dtype=float)
@@ -539,6 +550,20 @@ def _draw_power_law(ax: Any, g: pd.DataFrame, x: str, y: str, *, label: str | No
         grid = np.geomspace(xs.min(), xs.max(), 64)
         ax.plot(grid, fitted.predict(grid), color=colour, linewidth=1.4,
                 label=_fit_label(fitted, label))
+    return fitted
+
+
+def _draw_saturating(ax: Any, g: pd.DataFrame, x: str, y: str, power: PowerLawFit,
+                     estimator: str, colour: Any) -> None:
+    """The dashed saturating curve ``a · x / (b + x)`` fitted to the same per-``x`` values."""
+    from .scaling import fit_saturating
+
+    stats = g.groupby(x, sort=True)[y].agg(estimator)
+    xs, centre = stats.index.to_numpy(dtype=float), stats.to_numpy(dtype=float)
+    sat = fit_saturating(xs, centre)
+    grid = np.geomspace(xs.min(), xs.max(), 64)
+    ax.plot(grid, sat.predict(grid), color=colour, linewidth=1.2, linestyle="--",
+            label=f"a·D/(b+D), b = {sat.b:.3g}: ΔAIC = {sat.aic - power.aic:+.1f}")
 
 
 def _fit_group(xs: np.ndarray, centre: np.ndarray, x: str, label: str | None,

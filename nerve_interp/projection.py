@@ -8,7 +8,13 @@ index set S and let ``U_S`` be those columns, ``P = U_S U_Sᵀ``:
   of rank r < D (e.g. a gate projection from d_model < D dims) is not "ablated" in directions
   that carry nothing;
 * a ``slice`` of eigen-indices;
-* ``random``: a Haar-random orthonormal k-basis (seeded), the control.
+* ``random``: a Haar-random orthonormal k-basis (seeded), the control of the same size;
+* ``random_matched``: the control of the same *variance*: the first m columns of a
+  Haar-random orthonormal basis ``Q`` of all of R^D (seeded), with m the smallest number
+  whose span holds at least the variance fraction of the top-k subspace,
+  ``m = min{m : tr(Q_mᵀ Σ Q_m) / tr Σ >= Σ_{i<k} λ_i / Σ λ}`` (:func:`matched_random_basis`).
+  A random direction holds about ``1/D`` of the variance, so m is about ``D`` times the
+  top-k's fraction: many more directions than k. ``k`` names the top-k it is matched to.
 
 Modes (mean-preserving by default; ``center=False`` drops μ):
 
@@ -29,7 +35,7 @@ import torch
 
 from ._validation import check_eigenvalues
 
-SUBSPACES = ("top", "tail", "random")
+SUBSPACES = ("top", "tail", "random", "random_matched")
 MODES = ("keep", "remove")
 #: Eigenvalues below this share of λ_1 count as zero variance for ``tail``.
 TAIL_RTOL = 1e-12
@@ -67,8 +73,8 @@ def subspace_indices(eigenvalues: Any, subspace: str | slice, k: int | None = No
     if isinstance(subspace, slice):
         return np.arange(d)[subspace]
     if subspace not in ("top", "tail"):
-        raise ValueError(f"subspace={subspace!r}{context}; use 'top', 'tail', 'random' or a "
-                         "slice of eigen-indices.")
+        raise ValueError(f"subspace={subspace!r}{context}; use 'top', 'tail', 'random', "
+                         "'random_matched' or a slice of eigen-indices.")
     limit = d if subspace == "top" else effective_rank_count(lam)
     k = check_k(k, limit, context=context + (" (tail: directions with variance)"
                                              if subspace == "tail" else ""))
@@ -97,6 +103,47 @@ def random_basis(d: int, k: int, seed: int = 0) -> np.ndarray:
     g = np.random.default_rng(seed).standard_normal((d, k))
     q, r = np.linalg.qr(g)
     return q * np.sign(np.diag(r))
+
+
+def matched_random_basis(eigenvalues: Any, eigenvectors: np.ndarray, fraction: float,
+                         seed: int = 0) -> np.ndarray:
+    """The smallest prefix of a Haar-random orthonormal basis of R^D that holds ``fraction``
+    of the variance: the ``random_matched`` subspace.
+
+    Parameters
+    ----------
+    eigenvalues : array-like of shape (D,)
+        Descending eigenvalues of the point (variance, squared activation units).
+    eigenvectors : ndarray of shape (D, D)
+        Their eigenvectors, as columns.
+    fraction : float
+        Target share of the variance, in [0, 1] (e.g. the top-k's).
+    seed : int
+        Seed of the random basis (:func:`random_basis` of size D: the same seed gives nested
+        subspaces for growing ``fraction``).
+
+    Returns
+    -------
+    ndarray of shape (D, m)
+        ``Q[:, :m]`` with ``m`` the smallest count whose span holds at least ``fraction``
+        of the variance (``m = 0`` for ``fraction = 0``; at most D). Its variance fraction
+        overshoots ``fraction`` by less than one direction's share.
+
+    Examples
+    --------
+    >>> lam = np.array([8.0, 4.0, 2.0, 1.0, 1.0])
+    >>> b = matched_random_basis(lam, np.eye(5), 0.5, seed=0)
+    >>> round(variance_fraction(lam, np.eye(5), b), 3) >= 0.5
+    True
+    """
+    lam = check_eigenvalues(eigenvalues)
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction == {fraction}, must be in [0, 1] (share of variance).")
+    d = lam.size
+    q = random_basis(d, d, seed)
+    share = ((q.T @ np.asarray(eigenvectors)) ** 2) @ lam / lam.sum()  # per random direction
+    m = 0 if fraction <= 0 else int(np.searchsorted(np.cumsum(share), fraction - 1e-12) + 1)
+    return q[:, : min(m, d)]
 
 
 def energy_k(eigenvalues: Any, fraction: float, subspace: str = "top") -> int:
@@ -194,6 +241,11 @@ def make_projection(eigenvalues: Any, eigenvectors: np.ndarray, mean: np.ndarray
     if subspace == "random":
         basis = random_basis(d, check_k(k, d, context=context), seed)
         frac = variance_fraction(eigenvalues, u_all, basis)
+    elif subspace == "random_matched":  # as much variance as the top-k, in random directions
+        target = variance_fraction(eigenvalues, None,
+                                   subspace_indices(eigenvalues, "top", k, context=context))
+        basis = matched_random_basis(eigenvalues, u_all, target, seed)
+        frac = variance_fraction(eigenvalues, u_all, basis)
     else:
         idx = subspace_indices(eigenvalues, subspace, k, context=context)
         basis = u_all[:, idx]
@@ -211,6 +263,7 @@ __all__ = [
     "effective_rank_count",
     "energy_k",
     "make_projection",
+    "matched_random_basis",
     "random_basis",
     "subspace_indices",
     "variance_fraction",

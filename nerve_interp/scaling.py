@@ -12,7 +12,22 @@ on ``(ln x, ln y)``, the same numbers ``numpy.polyfit(ln x, ln y, 1)`` gives. Wi
 ``beta_ci``         ``beta ± t_{0.975, n−2} · beta_se`` (the ± of the follow-up)
 ``beta_ci_boot``    percentile interval of ``beta`` over pairs resampled with replacement
 ``r2``              ``1 − SS_res / SS_tot`` on the log scale
+``aic``             Akaike information criterion of the line (see below)
 ==================  =============================================================
+
+**Power law or saturation?** A handful of widths rarely tells a power law from a curve that
+bends over. :func:`fit_saturating` fits the alternative ``y = a · x / (b + x)`` (linear in
+``x`` for ``x ≪ b``, flat at ``a`` for ``x ≫ b``) on the same points, by least squares on
+``ln y`` like the power law (weighted by the same ``w_i`` when ``y_se`` is given), and both
+get the Gaussian AIC *in log y*, with residuals ``r_i = ln y_i − ln ŷ_i``::
+
+    AIC = n · ln(2π · RSS_w / n) + n − Σ ln w_i + 2k,    RSS_w = Σ w_i r_i²,  k = 3
+
+(``w_i = 1`` unweighted; ``k`` counts the two curve parameters and the noise variance, so
+both models have ``k = 3`` and ``ΔAIC = AIC_saturating − AIC_power_law = n · ln(RSS_sat /
+RSS_pow)``). :func:`fit_table` reports both and ``preferred``: ``"power_law"`` when
+``ΔAIC > 2``, ``"saturating"`` when ``ΔAIC < −2``, ``"tie"`` in between (the usual reading:
+a difference under 2 is no evidence either way).
 
 Weighted fits (``y_se=`` given, the standard error of each ``y``): weighted least squares on
 ``(ln x, ln y)`` with weights ``w_i = 1 / σ_i²``, ``σ_i = y_se_i / y_i`` (the delta method),
@@ -63,11 +78,21 @@ FIT_COLUMNS: tuple[str, ...] = (
     "n_boot_used",
     "weighted",
     "chi2_reduced",
+    "aic",
+    "sat_a",
+    "sat_b",
+    "aic_saturating",
+    "delta_aic",
+    "preferred",
 )
 
 #: Columns a row needs for :meth:`PowerLawFit.from_dict` (tables written before weighted fits
-#: lack ``weighted`` and ``chi2_reduced``: an unweighted fit).
-_REQUIRED_COLUMNS = FIT_COLUMNS[:-2]
+#: lack ``weighted`` and ``chi2_reduced``: an unweighted fit; before the AIC, ``aic`` and the
+#: saturating columns).
+_REQUIRED_COLUMNS = FIT_COLUMNS[:-8]
+
+#: ``|ΔAIC|`` below which :func:`fit_table` calls the two models a ``"tie"``.
+AIC_TIE = 2.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,9 @@ class PowerLawFit:
     chi2_reduced : float
         ``χ²_ν = Σ w_i r_i² / (n − 2)`` of a weighted fit (about 1 when the scatter matches the
         given errors; above 1 it widened the interval); ``nan`` for an unweighted fit.
+    aic : float
+        Gaussian AIC of the line in ``ln y`` (:func:`gaussian_aic`, ``k = 3``), to compare
+        with :attr:`SaturatingFit.aic` on the same points.
     """
 
     beta: float
@@ -126,6 +154,7 @@ class PowerLawFit:
     n_boot_used: int = 0
     weighted: bool = False
     chi2_reduced: float = math.nan
+    aic: float = math.nan
 
     @property
     def beta_pm(self) -> float:
@@ -164,6 +193,7 @@ class PowerLawFit:
             "n_boot_used": self.n_boot_used,
             "weighted": self.weighted,
             "chi2_reduced": self.chi2_reduced,
+            "aic": self.aic,
         }
 
     @classmethod
@@ -208,7 +238,8 @@ class PowerLawFit:
                    confidence=float(confidence), n_boot_used=int(row["n_boot_used"]),
                    weighted=bool(row["weighted"]) if "weighted" in row else False,
                    chi2_reduced=float(row["chi2_reduced"]) if "chi2_reduced" in row
-                   else math.nan)
+                   else math.nan,
+                   aic=float(row["aic"]) if "aic" in row else math.nan)
 
     def __str__(self) -> str:
         pct = f"{100 * self.confidence:g}%"
@@ -454,7 +485,9 @@ def fit_power_law(
                 f"all {n_boot} bootstrap resamples had a single distinct x, so beta_ci_boot is "
                 "(nan, nan); use the t-interval.", RuntimeWarning, stacklevel=2)
 
+    resid = v - (intercept + slope * u)
     return PowerLawFit(
+        aic=gaussian_aic(resid, w),
         beta=slope,
         beta_se=se,
         beta_ci=(slope - q * se, slope + q * se),
@@ -469,6 +502,152 @@ def fit_power_law(
         weighted=w is not None,
         chi2_reduced=line["chi2_reduced"],
     )
+
+
+def gaussian_aic(resid: ArrayLike, w: ArrayLike | None = None, k: int = 3) -> float:
+    """Akaike information criterion of a least-squares fit with Gaussian noise.
+
+    ``AIC = n · ln(2π · RSS_w / n) + n − Σ ln w_i + 2k`` with ``RSS_w = Σ w_i r_i²``: minus
+    twice the maximised log-likelihood of residuals ``r_i ~ N(0, s² / w_i)`` (``s²`` at its
+    maximum-likelihood value ``RSS_w / n``), plus ``2k``.
+
+    Parameters
+    ----------
+    resid : array-like of shape (n,)
+        Residuals of the fit in the space it was fitted in (here ``ln y − ln ŷ``).
+    w : array-like of shape (n,), optional
+        Relative weights (``1 / σ_i²`` up to a common factor); all 1 when omitted.
+    k : int, default 3
+        Fitted parameters, the noise variance included (3 for a two-parameter curve).
+
+    Returns
+    -------
+    float
+        The AIC; lower is better, and only differences between models fitted to the same
+        points mean anything. ``-inf`` for a perfect fit (``RSS = 0``).
+
+    Examples
+    --------
+    >>> round(gaussian_aic([0.1, -0.1, 0.2, -0.2]), 4)
+    2.596
+    """
+    r = _to_numpy(resid)
+    w = np.ones_like(r) if w is None else _to_numpy(w)
+    n = r.size
+    rss = float(w @ (r * r))
+    if rss <= 0:
+        return -math.inf
+    return n * math.log(2 * math.pi * rss / n) + n - float(np.log(w).sum()) + 2 * k
+
+
+@dataclass(frozen=True)
+class SaturatingFit:
+    """Result of :func:`fit_saturating`: ``y ≈ a · x / (b + x)``.
+
+    Attributes
+    ----------
+    a : float
+        The plateau ``y`` approaches for ``x ≫ b`` (units of ``y``).
+    b : float
+        The half-saturation size, where ``y = a / 2`` (units of ``x``).
+    aic : float
+        Gaussian AIC in ``ln y`` (:func:`gaussian_aic`, ``k = 3``).
+    rss : float
+        ``Σ w_i (ln y_i − ln ŷ_i)²`` at the optimum.
+    n : int
+        Points fitted.
+    at_bound : bool
+        True when ``b`` sits at the edge of its search range, ``[x_min · e⁻⁷, x_max · e⁷]``:
+        the data are then a straight line (``b`` at the top, a power law with β = 1) or flat
+        (``b`` at the bottom) as far as this model can tell.
+    """
+
+    a: float
+    b: float
+    aic: float
+    rss: float
+    n: int
+    at_bound: bool = False
+
+    def predict(self, x: ArrayLike) -> Any:
+        """``a · x / (b + x)``: a float for a scalar ``x``, else an array of ``x``'s shape."""
+        xa = _to_numpy(x)
+        out = self.a * xa / (self.b + xa)
+        return float(out) if out.ndim == 0 else out
+
+
+def _saturating_rss(t: float, u: np.ndarray, v: np.ndarray, x: np.ndarray,
+                    w: np.ndarray) -> tuple[float, float]:
+    """RSS_w and ln a of the best saturating curve with ``b = exp(t)`` (ln a profiled out:
+    the weighted mean of ``ln y − ln x + ln(b + x)``)."""
+    z = v - u + np.log(np.exp(t) + x)
+    ln_a = float(w @ z) / float(w.sum())
+    r = z - ln_a
+    return float(w @ (r * r)), ln_a
+
+
+def fit_saturating(x: ArrayLike, y: ArrayLike, *, y_se: ArrayLike | None = None
+                   ) -> SaturatingFit:
+    """Fit ``y = a · x / (b + x)`` by least squares on ``ln y`` (the power law's alternative).
+
+    For each ``b`` the best ``ln a`` is a (weighted) mean, so the fit is a one-dimensional
+    search over ``ln b``: a grid of 241 points over ``[ln x_min − 7, ln x_max + 7]``, then
+    ``scipy.optimize.minimize_scalar`` (bounded) between the grid neighbours of its best
+    point.
+
+    Parameters
+    ----------
+    x, y : array-like of shape (n,)
+        As for :func:`fit_power_law` (finite, > 0, ``n >= 3``).
+    y_se : array-like of shape (n,), optional
+        Standard errors of ``y``: weights ``(y_i / y_se_i)²`` on ``ln y``, the power law's.
+
+    Returns
+    -------
+    SaturatingFit
+        ``a``, ``b``, ``aic``, ``rss``, ``n``, ``at_bound``.
+
+    Examples
+    --------
+    >>> x = [16, 32, 64, 128, 256, 512]
+    >>> fit = fit_saturating(x, [20 * v / (50 + v) for v in x])
+    >>> round(fit.a, 4), round(fit.b, 4)
+    (20.0, 50.0)
+    """
+    import scipy.optimize
+
+    xa, ya = _check_xy(x, y)
+    w = np.ones_like(ya) if y_se is None else (ya / _check_y_se(y_se, ya)) ** 2
+    u, v = np.log(xa), np.log(ya)
+    lo, hi = float(u.min()) - 7.0, float(u.max()) + 7.0
+    grid = np.linspace(lo, hi, 241)
+    rss = np.array([_saturating_rss(t, u, v, xa, w)[0] for t in grid])
+    i = int(np.argmin(rss))
+    res = scipy.optimize.minimize_scalar(
+        lambda t: _saturating_rss(t, u, v, xa, w)[0], method="bounded",
+        bounds=(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]),
+        options={"xatol": 1e-10})
+    t = float(res.x) if res.fun <= rss[i] else float(grid[i])
+    best, ln_a = _saturating_rss(t, u, v, xa, w)
+    resid = v - (ln_a + u - np.log(math.exp(t) + xa))
+    return SaturatingFit(a=math.exp(ln_a), b=math.exp(t), aic=gaussian_aic(resid, w),
+                         rss=best, n=int(xa.size),
+                         at_bound=bool(min(t - lo, hi - t) < (hi - lo) / 240))
+
+
+def _preferred(delta_aic: float) -> str:
+    if delta_aic > AIC_TIE:
+        return "power_law"
+    return "saturating" if delta_aic < -AIC_TIE else "tie"
+
+
+def _model_comparison(fit: PowerLawFit, xs: np.ndarray, ys: np.ndarray,
+                      se: np.ndarray | None) -> dict[str, Any]:
+    """The saturating columns of a :func:`fit_table` row."""
+    sat = fit_saturating(xs, ys, y_se=se)
+    delta = sat.aic - fit.aic
+    return {"sat_a": sat.a, "sat_b": sat.b, "aic_saturating": sat.aic, "delta_aic": delta,
+            "preferred": _preferred(delta)}
 
 
 def fit_table(
@@ -512,7 +691,12 @@ def fit_table(
         One row per group: the ``by`` columns, then ``beta, beta_se, beta_ci_low,
         beta_ci_high, beta_boot_low, beta_boot_high, prefactor, r2, n``, then
         ``prefactor_ci_low, prefactor_ci_high, x_min, x_max, n_boot_used, weighted,
-        chi2_reduced`` (:data:`FIT_COLUMNS`).
+        chi2_reduced``, then the model comparison ``aic`` (of the power law), ``sat_a,
+        sat_b`` (the saturating fit ``y = sat_a · x / (sat_b + x)``, :func:`fit_saturating`),
+        ``aic_saturating``, ``delta_aic = aic_saturating − aic`` (> 0 favours the power law)
+        and ``preferred`` (``"power_law"``, ``"saturating"`` or ``"tie"`` when
+        ``|delta_aic| <= 2``) (:data:`FIT_COLUMNS`; the AIC is Gaussian in ``ln y``, see the
+        module docstring).
 
     Raises
     ------
@@ -559,7 +743,9 @@ def fit_table(
         except ValueError as err:
             where = ", ".join(f"{k}={v!r}" for k, v in label.items()) or "whole table"
             raise ValueError(f"cannot fit {y} against {x} for group {where}: {err}") from err
-        rows.append({**label, **fit.to_dict()})
+        xs, ys = g[x].to_numpy(dtype=float), g[y].to_numpy(dtype=float)
+        se = None if y_se is None else g[y_se].to_numpy(dtype=float)
+        rows.append({**label, **fit.to_dict(), **_model_comparison(fit, xs, ys, se)})
     return pd.DataFrame(rows, columns=[*keys, *FIT_COLUMNS])
 
 
@@ -601,4 +787,5 @@ def asymmetry(soft_fit: PowerLawFit | float, hard_fit: PowerLawFit | float) -> f
     return beta(soft_fit, "soft_fit") - beta(hard_fit, "hard_fit")
 
 
-__all__ = ["FIT_COLUMNS", "PowerLawFit", "asymmetry", "fit_power_law", "fit_table"]
+__all__ = ["AIC_TIE", "FIT_COLUMNS", "PowerLawFit", "SaturatingFit", "asymmetry",
+           "fit_power_law", "fit_saturating", "fit_table", "gaussian_aic"]

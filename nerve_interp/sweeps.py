@@ -68,8 +68,10 @@ class WidthSweepResult:
         per FFN dimension, ``n_tokens / width``).
     fits : DataFrame
         One power-law fit per ``norm`` and ``metric`` (``beta, beta_se, beta_ci_low,
-        beta_ci_high, r2, n, ..., weighted, chi2_reduced``): :meth:`fit` of
-        :data:`FIT_METRICS`.
+        beta_ci_high, r2, n, ..., weighted, chi2_reduced``), next to the saturating
+        alternative ``a · D / (b + D)`` on the same points (``sat_a, sat_b``, the AICs of
+        both in ``ln y``, ``delta_aic`` and ``preferred``; see
+        :func:`nerve_interp.scaling.fit_table`): :meth:`fit` of :data:`FIT_METRICS`.
     spectra : dict
         ``{(norm, width, seed): SpectraResult}`` of every run with ``keep_spectra=True``
         (eigenvalues and means, no eigenvectors); empty otherwise.
@@ -191,34 +193,41 @@ def _median_se(spectra: Any, point: str) -> dict[str, float]:
     return out
 
 
-def _run_key(norm: str, width: int, seed: int) -> str:
-    return f"{norm}-D{width}-s{seed}"
+def _run_key(norm: str, width: int, seed: int, untrained: bool = False) -> str:
+    return f"{norm}-D{width}-s{seed}" + ("-init" if untrained else "")
 
 
-def _finished_run(out: Path | None, norm: str, width: int, seed: int) -> Path | None:
+def _finished_run(out: Path | None, norm: str, width: int, seed: int,
+                  untrained: bool = False) -> Path | None:
     """The JSON of a finished run in ``out``: under its key, or under the key an older
-    version wrote with the old norm spelling (``pre-D64-s0.json``); None if there is none."""
+    version wrote with the old norm spelling (``pre-D64-s0.json``); None if there is none.
+    Untrained runs are kept under ``...-init.json``."""
     from .models import DEPRECATED_NORMS
 
     if out is None:
         return None
     spellings = [norm, *(old for old, new in DEPRECATED_NORMS.items() if new == norm)]
-    paths = [out / f"{_run_key(n, width, seed)}.json" for n in spellings]
+    paths = [out / f"{_run_key(n, width, seed, untrained)}.json" for n in spellings]
     return next((p for p in paths if p.exists()), None)
 
 
 def _train_run(preset: str, model_kw: dict[str, Any], cfg: Any, train_blocks: torch.Tensor,
                val_blocks: torch.Tensor, eval_set: torch.Tensor,
                point: str) -> tuple[list[dict], Any]:
-    """Train one model of the sweep; its tidy rows (``norm, width, seed, layer, point,
-    metric, value, n_tokens, n_over_d, val_loss``) and final spectra on ``eval_set``."""
+    """Train one model of the sweep (not when ``untrained``: the model as initialised); its
+    tidy rows (``norm, width, seed, layer, point, metric, value, n_tokens, n_over_d,
+    val_loss``) and final spectra on ``eval_set``."""
     from .capture import collect_spectra
     from .models import make_lm
-    from .training import train
+    from .training import evaluate, train
 
     model = make_lm(preset, seed=cfg.seed, **model_kw)
-    run = train(model, train_blocks, val_blocks, cfg, progress=False)
-    val_loss = float(run.history.query("split == 'val'")["loss"].iloc[-1])
+    if isinstance(cfg, _Untrained):  # the init null: no optimizer step
+        val_loss = evaluate(model, val_blocks, batch_size=cfg.batch_size,
+                            max_batches=cfg.eval_batches)
+    else:
+        run = train(model, train_blocks, val_blocks, cfg, progress=False)
+        val_loss = float(run.history.query("split == 'val'")["loss"].iloc[-1])
     with warnings.catch_warnings():
         # N/D is in every row; _warn_few_tokens says it once for the whole sweep
         warnings.simplefilter("ignore", FiniteSampleWarning)
@@ -241,6 +250,11 @@ def _n_groups(eval_set: torch.Tensor) -> int | None:
     return min(SWEEP_GROUPS, n // 2) if n >= 4 else None
 
 
+@dataclass
+class _Untrained(TrainConfig):
+    """The training options of ``width_sweep(untrained=True)``: measure, do not train."""
+
+
 @dataclass(frozen=True)
 class _EvalBlocks:
     """The deprecated ``eval_blocks=n``: the first ``n`` validation blocks at every width."""
@@ -254,17 +268,21 @@ def _old_keywords(sweep: Callable) -> Callable:
     ``fit_metrics=`` (deprecated) sets ``fits`` to :meth:`WidthSweepResult.fit` of them, and
     ``eval_blocks=n`` (deprecated for ``n_over_d``) measures every width on the first ``n``
     validation blocks. Checks the LMConfig field names and ``train_config`` before anything
-    is trained."""
+    is trained. ``untrained=True`` (documented in ``width_sweep``) travels as a
+    ``_Untrained`` train_config."""
     own = {name for name, p in inspect.signature(sweep).parameters.items()
            if p.kind is not p.VAR_KEYWORD}
 
     @functools.wraps(sweep)
     def width_sweep(*args: Any, model_overrides: dict[str, Any] | None = None,
                     fit_metrics: Sequence[str] | None = None, eval_blocks: int | None = None,
-                    **kwargs: Any) -> WidthSweepResult:
+                    untrained: bool = False, **kwargs: Any) -> WidthSweepResult:
         if model_overrides:
             kwargs = {**model_overrides, **kwargs}
         _check_keywords(kwargs, own)
+        if untrained:
+            kwargs["train_config"] = _Untrained(**asdict(kwargs.get("train_config")
+                                                         or TrainConfig()))
         if eval_blocks is not None:
             if "n_over_d" in kwargs:
                 raise TypeError("width_sweep() got both n_over_d= and the deprecated "
@@ -426,6 +444,13 @@ def width_sweep(
         Keep every run's final spectra in ``WidthSweepResult.spectra`` (to plot them
         without retraining); with ``out_dir`` they are also saved there
         (``<norm>-D<width>-s<seed>.safetensors``) and reloaded on resume.
+    untrained : bool, default False
+        Measure every model as initialised (the same seed, hence the same weights the
+        trained run starts from, on the same evaluation tokens), with no optimizer step: the
+        *init* null of a sweep. A claim about what training does to the exponents is the
+        difference between a sweep and its ``untrained=True`` twin. ``val_loss`` is then the
+        initial loss (``train_config``'s ``eval_batches`` × ``batch_size`` blocks); with
+        ``out_dir`` the runs are kept as ``<norm>-D<width>-s<seed>-init.json``.
     **model_overrides
         :class:`nerve_interp.models.LMConfig` fields that replace the preset's, as in
         :func:`nerve_interp.models.make_lm` (e.g. ``vocab_size=len(tok)``); also accepted as
@@ -456,16 +481,17 @@ def width_sweep(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     runs = [(n, w, s) for n in placements for w in widths for s in seeds]
+    untrained = isinstance(train_config, _Untrained)  # width_sweep(untrained=True)
     rows: list[dict] = []
     kept: dict[tuple[str, int, int], Any] = {}
     bar = tqdm(runs, disable=not progress, desc="width sweep", unit="model", dynamic_ncols=True)
     for norm, width, seed in bar:
-        bar.set_postfix(run=_run_key(norm, width, seed))
+        bar.set_postfix(run=_run_key(norm, width, seed, untrained))
         rows.extend(_one_run(
             (norm, int(width), int(seed)), out, keep_spectra, kept,
             lambda cfg, model_kw, w=int(width): _train_run(
                 preset, model_kw, cfg, train_blocks, val_blocks, val_blocks[:n_eval[w]], point),
-            train_config or TrainConfig(), model_overrides))
+            train_config or TrainConfig(), model_overrides, untrained))
     result = WidthSweepResult(pd.DataFrame(rows), pd.DataFrame(), kept)
     _warn_few_tokens(result.table)
     result.fits = result.fit(FIT_METRICS)
@@ -473,20 +499,21 @@ def width_sweep(
 
 
 def _one_run(key: tuple[str, int, int], out: Path | None, keep_spectra: bool, kept: dict,
-             train_one: Callable, base_cfg: TrainConfig, model_overrides: dict) -> list[dict]:
+             train_one: Callable, base_cfg: TrainConfig, model_overrides: dict,
+             untrained: bool = False) -> list[dict]:
     """The rows of one (norm, width, seed): resumed from ``out`` when it is there, else
     trained by ``train_one(cfg, model_kw)`` and written to ``out``."""
     from .results import SpectraResult
 
     norm, width, seed = key
-    done = _finished_run(out, norm, width, seed)
+    done = _finished_run(out, norm, width, seed, untrained)
     if done is not None and (not keep_spectra or done.with_suffix(".safetensors").exists()):
         if keep_spectra:
             kept[key] = SpectraResult.load(done.with_suffix(".safetensors"))
         return _resumed_rows(done, norm)
-    cfg = TrainConfig(**{**asdict(base_cfg), "seed": seed})
+    cfg = type(base_cfg)(**{**asdict(base_cfg), "seed": seed})
     new, spectra = train_one(cfg, {**(model_overrides or {}), "norm": norm, "d_ff": width})
-    path = out / f"{_run_key(norm, width, seed)}.json" if out is not None else None
+    path = out / f"{_run_key(norm, width, seed, untrained)}.json" if out is not None else None
     if keep_spectra:
         kept[key] = spectra
         if path is not None:

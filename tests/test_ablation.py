@@ -239,3 +239,28 @@ def test_options_object_and_keywords(llama):
         run_ablations(model, spectra, HELD, abls, batchsize=4)
     with pytest.raises(ValueError, match="copies == 0, must be >= 1"):
         ablate(model, spectra, HELD, layers=1, k=1, copies=0)
+
+
+def test_random_matched_control(llama):
+    """The variance-matched random control: as much variance as the top-k, more directions,
+    and the same loss as the raw-hook projection it stands for."""
+    model, spectra = llama
+    spec = spectra.spectrum(2, "post")
+    clean, _ = raw_hook_loss(model, HELD, 2, None)
+    proj, frac = make_projection(spec.eigenvalues, spec.require_eigenvectors(), spec.mean,
+                                 subspace="random_matched", k=3, mode="remove", seed=1)
+    ref, _ = raw_hook_loss(model, HELD, 2, lambda x: proj(x.double()).float())
+    res = ablate(model, spectra, HELD, layers=2, subspace="random_matched", k=3, mode="remove",
+                 seed=1, progress=False)
+    assert value(res, "delta_loss") == pytest.approx(ref - clean, abs=1e-5)
+    row = res.table.iloc[0]
+    assert row["n_directions"] == proj.basis.shape[1] > 3
+    assert row["variance_fraction"] == pytest.approx(frac)
+    sweep = ablation_sweep(model, spectra, HELD, layers=[2], ks=[1, 3],
+                           subspaces=("top", "random_matched"), modes=("remove",),
+                           seeds=(0, 1), progress=False).table
+    dl = sweep[sweep["metric"] == "delta_loss"].set_index(["subspace", "k"])
+    assert (dl.loc["random_matched", "n_seeds"] == 2).all()
+    for k in (1, 3):
+        top = dl.loc[("top", k), "variance_fraction"]
+        assert top - 1e-12 <= dl.loc[("random_matched", k), "variance_fraction"] < top + 0.2

@@ -102,3 +102,42 @@ def test_bad_arguments(point):
         make_projection(lam, u, mu, k=1, mode="drop")
     with pytest.raises(ValueError, match="subspace='middle'"):
         make_projection(lam, u, mu, subspace="middle", k=1)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 8])
+def test_random_matched_holds_the_top_k_variance(point, k):
+    """random_matched: the smallest prefix of a seeded Haar basis of R^D whose sample
+    variance share reaches the top-k's, checked against a numpy reference on the data."""
+    x, lam, u, mu = point
+    d = lam.size
+    proj, frac = make_projection(lam, u, mu, subspace="random_matched", k=k, mode="remove",
+                                 seed=2)
+    xc = x - mu
+    target = float(np.sum((xc @ u[:, :k]) ** 2) / np.sum(xc**2))  # top-k share, from the data
+    # reference: QR of the same seeded Gaussian matrix, sign-fixed, then the shortest prefix
+    g = np.random.default_rng(2).standard_normal((d, d))
+    q, r = np.linalg.qr(g)
+    q = q * np.sign(np.diag(r))
+    shares = np.array([np.sum((xc @ q[:, :m]) ** 2) / np.sum(xc**2) for m in range(d + 1)])
+    m = int(np.argmax(shares >= target - 1e-12))
+    assert proj.basis.shape == (d, m)
+    np.testing.assert_allclose(proj.basis.numpy(), q[:, :m], atol=1e-12)
+    assert frac == pytest.approx(shares[m], rel=1e-9, abs=1e-12)
+    assert frac >= target - 1e-12
+    if m:
+        assert shares[m - 1] < target  # no shorter prefix would do
+    if 0 < k < d:
+        assert m > k  # random directions hold less variance than top ones: more are needed
+
+
+def test_random_matched_known_answer_on_a_flat_spectrum():
+    """With a flat spectrum every direction holds 1/D: m equals k exactly."""
+    from nerve_interp.projection import matched_random_basis
+
+    d = 12
+    lam = np.ones(d)
+    for k in (0, 1, 5, 12):
+        b = matched_random_basis(lam, np.eye(d), k / d, seed=0)
+        assert b.shape == (d, k)
+    with pytest.raises(ValueError, match="fraction"):
+        matched_random_basis(lam, np.eye(d), 1.5)

@@ -431,3 +431,111 @@ def test_fit_table_row_back_to_a_power_law_fit():
     assert PowerLawFit.from_dict(direct.to_dict(), confidence=0.9).confidence == 0.9
     with pytest.raises(KeyError, match="missing \\['beta_se'\\]"):
         PowerLawFit.from_dict({k: v for k, v in direct.to_dict().items() if k != "beta_se"})
+
+
+# --- power law or saturation: AIC --------------------------------------------------------
+
+SAT_WIDTHS = np.repeat([32.0, 48, 64, 96, 128, 192, 256, 384], 3)
+
+
+def _reference_aic(resid, w=None, k=3):
+    """-2 log-likelihood of N(0, s²/w_i) residuals at the MLE s² = Σ w r² / n, plus 2k."""
+    w = np.ones_like(resid) if w is None else np.asarray(w, float)
+    s2 = float(np.sum(w * resid**2)) / resid.size
+    return -2 * float(np.sum(scipy.stats.norm.logpdf(resid, scale=np.sqrt(s2 / w)))) + 2 * k
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_power_law_data_prefer_the_power_law(seed):
+    rng = np.random.default_rng(seed)
+    y = 3 * SAT_WIDTHS**0.5 * np.exp(0.05 * rng.standard_normal(SAT_WIDTHS.size))
+    row = fit_table(pd.DataFrame({"width": SAT_WIDTHS, "value": y}), by=(), n_boot=0).iloc[0]
+    assert row["delta_aic"] > 2 and row["preferred"] == "power_law"
+    assert row["delta_aic"] == pytest.approx(row["aic_saturating"] - row["aic"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_saturating_data_prefer_saturation(seed):
+    rng = np.random.default_rng(seed)
+    y = 40 * SAT_WIDTHS / (100 + SAT_WIDTHS) * np.exp(0.05 * rng.standard_normal(SAT_WIDTHS.size))
+    row = fit_table(pd.DataFrame({"width": SAT_WIDTHS, "value": y}), by=(), n_boot=0).iloc[0]
+    assert row["delta_aic"] < -2 and row["preferred"] == "saturating"
+    assert row["sat_a"] == pytest.approx(40, rel=0.15)
+    assert row["sat_b"] == pytest.approx(100, rel=0.4)
+
+
+def test_saturating_exact_and_against_curve_fit():
+    from scipy.optimize import curve_fit
+
+    from nerve_interp.scaling import fit_saturating
+
+    x = SAT_WIDTHS
+    exact = fit_saturating(x, 20 * x / (50 + x))
+    assert exact.a == pytest.approx(20, rel=1e-6) and exact.b == pytest.approx(50, rel=1e-6)
+    assert not exact.at_bound
+    rng = np.random.default_rng(3)
+    y = 20 * x / (50 + x) * np.exp(0.1 * rng.standard_normal(x.size))
+    fit = fit_saturating(x, y)
+    (ln_a, ln_b), _ = curve_fit(lambda d, la, lb: la + np.log(d) - np.log(np.exp(lb) + d),
+                                x, np.log(y), p0=[np.log(20), np.log(50)])
+    assert fit.a == pytest.approx(np.exp(ln_a), rel=1e-4)
+    assert fit.b == pytest.approx(np.exp(ln_b), rel=1e-4)
+    resid = np.log(y) - np.log(fit.predict(x))
+    assert fit.aic == pytest.approx(_reference_aic(resid), rel=1e-9)
+    assert fit.rss == pytest.approx(float(resid @ resid), rel=1e-9)
+    # a straight line has no bend: b runs to the top of its range
+    assert fit_saturating(x, 0.5 * x).at_bound
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_aic_is_the_gaussian_formula(weighted):
+    x, y = noisy(beta=0.6, sigma=0.1, seed=4)
+    se = 0.05 * y * (1 + np.arange(x.size) % 3) if weighted else None
+    fit = fit_power_law(x, y, n_boot=0, y_se=se)
+    w = None if se is None else (y / se) ** 2
+    slope, intercept = np.polyfit(np.log(x), np.log(y), 1, w=None if w is None else np.sqrt(w))
+    resid = np.log(y) - (intercept + slope * np.log(x))
+    assert fit.aic == pytest.approx(_reference_aic(resid, w), rel=1e-9)
+    n, rss = x.size, float(np.sum((np.ones_like(y) if w is None else w) * resid**2))
+    if w is None:  # the closed form of the module docstring
+        assert fit.aic == pytest.approx(n * math.log(2 * math.pi * rss / n) + n + 6, rel=1e-12)
+    row = fit_table(pd.DataFrame({"width": x, "value": y, "se": se if weighted else 1.0}),
+                    by=(), n_boot=0, y_se="se" if weighted else None).iloc[0]
+    assert row["aic"] == pytest.approx(fit.aic)
+    # equal k: ΔAIC is n · ln(RSS_sat / RSS_pow)
+    assert row["delta_aic"] == pytest.approx(
+        n * math.log(_sat_rss(x, y, row, w) / rss), rel=1e-9)
+
+
+def _sat_rss(x, y, row, w):
+    r = np.log(y) - np.log(row["sat_a"] * x / (row["sat_b"] + x))
+    return float(np.sum((np.ones_like(y) if w is None else w) * r**2))
+
+
+def test_old_rows_without_aic_still_load():
+    x, y = noisy()
+    row = fit_power_law(x, y, n_boot=0).to_dict()
+    old = {k: v for k, v in row.items() if k not in FIT_COLUMNS[-8:]}
+    assert math.isnan(PowerLawFit.from_dict(old).aic)
+    assert PowerLawFit.from_dict(row).aic == pytest.approx(row["aic"])
+    assert list(fit_table(pd.DataFrame({"width": x, "value": y}), by=(), n_boot=0).columns) \
+        == list(FIT_COLUMNS)
+
+
+def test_plot_power_law_draws_the_saturating_fit_dashed():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nerve_interp.plotting import plot_power_law
+
+    df = _sweep().query("metric == 'soft_rank'")
+    ax = plot_power_law(df, hue="point", saturating=True)
+    lines = ax.get_lines()
+    assert len(lines) == 4
+    assert [ln.get_linestyle() for ln in lines] == ["-", "--", "-", "--"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("ΔAIC" in t for t in labels)
+    assert len(plot_power_law(df, hue="point", ax=plt.subplots()[1]).get_lines()) == 2
+    plt.close("all")

@@ -270,3 +270,38 @@ def test_width_sweep_fit_weights_by_the_seed_spread_only_with_enough_seeds():
     with pytest.raises(ValueError, match=r"needs a standard error > 0 at every width; 4 of 4"):
         one.fit(["soft_rank"], weighted=True)
     assert not one.fit(["soft_rank"]).iloc[0]["weighted"]
+
+
+def test_untrained_sweep_is_the_model_at_init(tmp_path, monkeypatch):
+    """untrained=True measures make_lm(preset, seed) as initialised: no optimizer step, the
+    same values as capturing that model directly, kept apart from the trained runs."""
+    import nerve_interp.training
+    from nerve_interp.capture import collect_spectra
+    from nerve_interp.models import make_lm
+
+    g = torch.Generator().manual_seed(0)
+    blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
+    cfg = TrainConfig(steps=6, batch_size=8, warmup=1, eval_every=6)
+    kw = dict(norms=("pre_ln",), preset="tiny", model_overrides={"vocab_size": 64},
+              train_config=cfg, n_over_d=16, out_dir=tmp_path, progress=False, seeds=(0, 1))
+
+    def no_training(*a, **k):
+        raise AssertionError("an untrained sweep trained")
+
+    with monkeypatch.context() as m:
+        m.setattr(nerve_interp.training, "train", no_training)
+        init = width_sweep([32, 48, 64], blocks, blocks[:32], untrained=True, **kw)
+    assert sorted(p.name for p in tmp_path.glob("*.json"))[0] == "pre_ln-D32-s0-init.json"
+    model = make_lm("tiny", seed=1, vocab_size=64, norm="pre_ln", d_ff=48)
+    ref = collect_spectra(model, [blocks[:24]], points=("post",), progress=False)
+    ref = ref.metrics().query("metric == 'soft_rank'").set_index("layer")["value"]
+    got = init.table.query("metric == 'soft_rank' and width == 48 and seed == 1")
+    np.testing.assert_allclose(got.set_index("layer")["value"].loc[ref.index], ref, rtol=1e-6)
+    assert np.isclose(got["val_loss"].iloc[0], np.log(64), atol=0.5)  # about uniform at init
+    trained = width_sweep([32, 48, 64], blocks, blocks[:32], **kw)
+    assert len(list(tmp_path.glob("*.json"))) == 12
+    assert not np.allclose(trained.table["value"], init.table["value"])
+    # resume: the init runs come back from their own files
+    monkeypatch.setattr(nerve_interp.training, "train", no_training)
+    assert width_sweep([32, 48, 64], blocks, blocks[:32], untrained=True, **kw).table.equals(
+        init.table)
