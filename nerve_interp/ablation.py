@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._validation import check_positive_int, check_seeds
+from ._warnings import user_stacklevel
 from .capture import iter_batches, model_label, token_hash
 from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
@@ -670,8 +671,16 @@ def ablate(
     -------
     AblationResult
     """
+    _check_spectra(spectra, point)
     n = len(find_ffn_sites(as_nnsight(model)))
     idx = [layers] if isinstance(layers, int) else list(layers)
+    if not idx:
+        raise ValueError("layers is empty; pass the layer(s) to ablate together, e.g. "
+                         f"layers=[{spectra.layers[0]}].")
+    for i in idx:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"layers must be ints (negative counts from the end), e.g. [0, -1]; "
+                            f"got {type(i).__name__} {i!r} in {layers!r}.")
     resolved = tuple(sorted({resolve_layer(int(i), n) for i in idx}))
     if (k is None) == (energy is None):
         raise ValueError("pass exactly one of k= (subspace size) and energy= (share of variance).")
@@ -703,9 +712,56 @@ def _sweep_seeds(seeds: Any) -> tuple[int, ...]:
                              "sequence of seeds, e.g. seeds=(0, 1, 2).")
         warnings.warn(f"ablation_sweep(seeds={seeds}) as a count is deprecated: seeds is a "
                       f"sequence of seeds everywhere (as in width_sweep); use "
-                      f"seeds=range({seeds}), the same seeds.", DeprecationWarning, stacklevel=3)
+                      f"seeds=range({seeds}), the same seeds.", DeprecationWarning,
+                      stacklevel=user_stacklevel())
         seeds = range(int(seeds))
     return check_seeds(seeds, context=context)
+
+
+def _choices(values: Any, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
+    given = (values,) if isinstance(values, str) else tuple(values)
+    bad = [v for v in given if v not in allowed]
+    if bad or not given:
+        raise ValueError(f"{name}={values!r}: " + (f"unknown {bad}; " if bad else "empty; ")
+                         + f"pass some of {allowed}, e.g. {name}={allowed}.")
+    return given
+
+
+def check_sweep_options(*, point: str = "post", ks: Sequence[int] | None = None,
+                        subspaces: Sequence[str] = ("top", "tail", "random"),
+                        modes: Sequence[str] = ("keep", "remove"),
+                        seeds: Any = (0, 1, 2)) -> tuple[int, ...]:
+    """Refuse arguments of :func:`ablation_sweep` that would fail or silently do nothing
+    (the CLI calls it before loading a model): an unknown point, subspace or mode, an empty
+    ``subspaces`` / ``modes`` / ``ks``, a size that is not an int >= 0, no seed. Returns
+    the seeds of the random subspaces (none without ``"random"``)."""
+    _choices(point, POINTS, "point")
+    _choices(subspaces, ("top", "tail", "random"), "subspaces")
+    _choices(modes, ("keep", "remove"), "modes")
+    if ks is not None:
+        if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+            raise TypeError(f"ks must be a sequence of subspace sizes, e.g. ks=[1, 8, 64]; "
+                            f"got {type(ks).__name__} {ks!r}.")
+        if not list(ks):
+            raise ValueError("ks is empty: no subspace size to ablate; pass sizes, e.g. "
+                             "ks=[1, 8, 64], or ks=None for a log grid up to D.")
+        for k in ks:
+            check_positive_int(k, "ks", minimum=0, context=f" in ks={list(ks)!r} (subspace "
+                               "sizes, 0 <= k <= D)")
+    return _sweep_seeds(seeds) if "random" in subspaces else ()
+
+
+def _check_spectra(spectra: Any, point: str) -> None:
+    """``spectra`` is a SpectraResult with eigenvectors at ``point``."""
+    from .results import SpectraResult
+
+    if not isinstance(spectra, SpectraResult):
+        raise TypeError(f"spectra must be a SpectraResult (from collect_spectra(..., "
+                        f"eigenvectors=True) or SpectraResult.load); got "
+                        f"{type(spectra).__name__} {spectra!r:.60}.")
+    if point not in spectra.points:
+        raise SiteError(f"the spectra hold points {spectra.points}, not {point!r}; capture "
+                        f"them with points=({point!r},) or ablate one of those.")
 
 
 def ablation_sweep(
@@ -739,8 +795,13 @@ def ablation_sweep(
         ``.table`` with columns ``layer, point, subspace, mode, k, variance_fraction, metric,
         value, ci_low, ci_high``; ``.summary()``; plot with ``plotting.plot_ablation``.
     """
-    seeds = _sweep_seeds(seeds)
+    seeds = check_sweep_options(point=point, ks=ks, subspaces=subspaces, modes=modes,
+                                seeds=seeds)
+    _check_spectra(spectra, point)
     layers = spectra.layers if layers is None else list(layers)
+    if not layers:
+        raise ValueError(f"layers is empty; pass layers to ablate, e.g. "
+                         f"layers=[{spectra.layers[0]}] (or None: every layer of the spectra).")
     ablations = []
     for layer in layers:
         spec = spectra.spectrum(layer, point)
@@ -759,4 +820,5 @@ def ablation_sweep(
 
 
 __all__ = ["ENCODER_METRICS", "LM_METRICS", "Ablation", "AblationOptions", "AblationResult",
-           "HeldOutWarning", "ablate", "ablation_sweep", "default_ks", "run_ablations"]
+           "HeldOutWarning", "ablate", "ablation_sweep", "check_sweep_options", "default_ks",
+           "run_ablations"]

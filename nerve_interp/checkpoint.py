@@ -213,8 +213,8 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
                 else "another data shard")
         raise ResultsFileError(
             f"checkpoint {path} belongs to {what}:\n  " + "\n  ".join(diffs)
-            + "\nDelete it, pass another checkpoint path, or call with the settings it was "
-            "written with."
+            + "\nDelete it (CLI: --fresh), pass another checkpoint path (CLI: --checkpoint "
+            "PATH), or call with the settings it was written with."
         )
     if state.get("nerve_interp") != __version__:
         warnings.warn(

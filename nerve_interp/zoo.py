@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from nerve_interp._validation import check_device
 from nerve_interp.errors import NerveInterpError
 
 __all__ = ["OFFLINE_MODELS", "available_models", "default_cache_dir", "load_model"]
@@ -414,6 +415,7 @@ def load_model(
         raise NerveInterpError(
             f"name must be a non-empty str, got {name!r}.\n{_short_names_hint()}"
         )
+    check_device(device)
     if device_map is not None and device is not None:
         raise NerveInterpError(
             f"load_model({name!r}) got device={device!r} and device_map={device_map!r}; pass "

@@ -58,6 +58,7 @@ def collect_spectra(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
+    checkpoint_seconds: float | None = 300.0,
     data_label: str = "",
     diagnostics: bool = True,
     outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
@@ -144,6 +145,9 @@ def collect_spectra(
         (:mod:`nerve_interp.checkpoint`, how-to "Resume a long capture").
     checkpoint_every : int, default 20
         Batches (of this process) between checkpoints.
+    checkpoint_seconds : float or None, default 300
+        Also write a checkpoint when this many seconds have passed since the last one (the
+        first one too), so a slow capture loses at most 5 minutes; None: batches only.
     data_label : str
         What the text was (kept in the metadata, e.g. ``"python-docs/train"``). When
         ``batches`` is what :func:`~nerve_interp.data.load_corpus` returned (or a slice of
@@ -235,7 +239,8 @@ def collect_spectra(
         subsample_seed=subsample_seed, batch_size=batch_size, max_length=max_length,
         eigenvectors=eigenvectors, gram_dtype=gram_dtype, precision=precision,
         memory_budget=memory_budget, progress=progress, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, data_label=data_label, diagnostics=diagnostics,
+        checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+        data_label=data_label, diagnostics=diagnostics,
         outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold,
         max_outlier_tokens=max_outlier_tokens, distributed=distributed, remote=remote,
         n_groups=n_groups),
@@ -274,7 +279,9 @@ def _one_pass(wrapper: Any, all_sites: list[FFNSite], data: Any, tokenizer: Any,
                                         device, with_meta=bool(sinks.token_stats)),
                  backend=backend, shard=shard,
                  checkpointer=Checkpointer(shard.checkpoint_path(opts.checkpoint),
-                                           opts.checkpoint_every, manifest),
+                                           opts.checkpoint_every, manifest,
+                                           seconds=opts.checkpoint_seconds,
+                                           announce=opts.progress and shard.is_main),
                  device=device)
     state = run(p, numbered(data, tokenizer, batch_size=opts.batch_size,
                             max_length=opts.max_length))
