@@ -61,7 +61,10 @@ def check_eigenvalues(eigenvalues: Any, name: str = "eigenvalues") -> np.ndarray
 def check_positive_int(value: Any, name: str, *, context: str = "", minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` or a ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}{context}.")
+        hint = (f"; pass the number itself, {name}={int(value)}" if isinstance(value, str)
+                and value.strip().lstrip("-").isdigit() else "")
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}{context}"
+                        f"{hint}.")
     if value < minimum:
         raise ValueError(f"{name} == {value}, must be >= {minimum}{context}.")
     return int(value)

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from ._validation import check_positive_int, check_seeds
 from ._warnings import user_stacklevel
 from .capture import iter_batches, model_label, token_hash
+from .capture.collect import input_limits
+from .capture.source import PREFIX_TOKENS, sequence_fingerprints
 from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
 from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, resolve_layer, select_sites
@@ -404,21 +406,40 @@ class _EvalSet:
     held_out: bool
 
 
-def _eval_set(batches: Any, tokenizer: Any, spectra: Any, opts: AblationOptions) -> _EvalSet:
+def _eval_set(batches: Any, tokenizer: Any, spectra: Any, opts: AblationOptions,
+              target: _Target) -> _EvalSet:
     batch_list = list(iter_batches(batches, tokenizer, batch_size=opts.batch_size,
                                    max_length=opts.max_length))
     if opts.max_batches is not None:
         batch_list = batch_list[:opts.max_batches]
     if not batch_list:
         raise CaptureError("no evaluation batches: pass held-out texts or batches.")
+    limits = input_limits(target.root, tokenizer)
+    for i, b in enumerate(batch_list):
+        limits.check(b, f"evaluation batch {i}")
     sha1 = token_hash(batch_list)
-    held_out = sha1 != spectra.metadata.get("data_sha1")
-    if not held_out:
-        warnings.warn("the evaluation tokens are exactly the tokens the spectra were captured "
-                      "on; effects measured on the same text overstate how general they are. "
-                      "Evaluate on held-out text (e.g. load_corpus(split='heldout')).",
-                      HeldOutWarning, stacklevel=4)
+    held_out = _check_held_out(batch_list, sha1, spectra)
     return _EvalSet(batch_list, sha1, held_out)
+
+
+def _check_held_out(batch_list: list[dict], sha1: str, spectra: Any) -> bool:
+    """Whether no evaluation sequence is a document the spectra were captured on (by the
+    fingerprint of its first tokens, :func:`~nerve_interp.capture.source.sequence_fingerprints`;
+    spectra without fingerprints: the whole token hash); warns when some are."""
+    captured = spectra.metadata.get("document_hashes")
+    if captured is None:
+        shared, n = (batch_list and sha1 == spectra.metadata.get("data_sha1")), 1
+        what = "the evaluation tokens are exactly the tokens the spectra were captured on"
+    else:
+        prints = [f for b in batch_list for f in sequence_fingerprints(b)]
+        shared, n = sum(f in set(captured) for f in prints), len(prints)
+        what = (f"{shared} of {n} evaluation sequences start like sequences the spectra were "
+                f"captured on (the same first {PREFIX_TOKENS} tokens: the same documents)")
+    if shared:
+        warnings.warn(f"{what}; effects measured on the same text overstate how general they "
+                      "are. Evaluate on held-out text (e.g. load_corpus(split='heldout')).",
+                      HeldOutWarning, stacklevel=user_stacklevel())
+    return not shared
 
 
 def _resolve(spectra: Any, target: _Target, ablations: Sequence[Ablation]) -> list[tuple]:
@@ -590,7 +611,7 @@ def run_ablations(
     """
     opts = AblationOptions.from_keywords(options, keywords)
     target = _target(model, spectra, ablations)
-    eval_set = _eval_set(batches, tokenizer, spectra, opts)
+    eval_set = _eval_set(batches, tokenizer, spectra, opts, target)
     resolved = _resolve(spectra, target, ablations)
     plan = _plan(target, ablations, eval_set.batches[0], opts)
     tally = _evaluate(target, plan, resolved, eval_set, opts)

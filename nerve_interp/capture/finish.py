@@ -73,6 +73,7 @@ def _run_metadata(p: Pipeline, state: RunState, sites: Sequence[FFNSite], diags:
             flagged=[d.name for d in diags.values() if d.outlier_flag]),
         "gram_dtype": str(first.gram_dtype).replace("torch.", ""),
         "data_sha1": state.data_sha1, "world_size": p.shard.world_size,
+        "document_hashes": sorted(state.data.documents),
         "layers": [s.layer for s in sites],
         "site_paths": {s.name(pt): s.paths[pt] for s in sites for pt in p.opts.points},
         "versions": _versions(),

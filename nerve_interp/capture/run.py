@@ -27,7 +27,7 @@ from .options import CaptureOptions
 from .selection import Tally, TokenSelector
 from .shard import NormCalibration, Shard
 from .sinks import Sinks
-from .source import Batch, DataHash
+from .source import Batch, DataHash, InputLimits
 
 
 @dataclasses.dataclass
@@ -64,6 +64,7 @@ class Pipeline:
     shard: Shard
     checkpointer: Checkpointer
     device: torch.device
+    limits: InputLimits = InputLimits()
 
 
 def run(p: Pipeline, data: Iterable[Batch]) -> RunState:
@@ -100,6 +101,7 @@ def _step(p: Pipeline, batch: Batch, state: RunState, calibration: NormCalibrati
                             state.tally)
     if sel is None:
         return None
+    p.limits.check(batch.inputs, f"while capturing {p.model} ({batch.describe()})")
     inputs = {k: to_device(v, p.device) for k, v in batch.inputs.items()}
     calibration.before_trace(batch.index)
     try:

@@ -182,14 +182,64 @@ def batches(data: Any, tokenizer: Any = None, *, batch_size: int = 8, max_length
         yield batch
 
 
+PREFIX_TOKENS = 16
+"""A sequence's fingerprint hashes its first real tokens: the same document truncated at
+another ``max_length`` (or packed in other batches) gets the same fingerprint."""
+
+
+def sequence_fingerprints(inputs: dict) -> list[str]:
+    """One 16-hex-digit fingerprint per sequence of a batch: SHA-1 of its first
+    :data:`PREFIX_TOKENS` real token ids (none for a model without token inputs)."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return []
+    mask = inputs.get("attention_mask")
+    out = []
+    for j, row in enumerate(ids):
+        real = row if mask is None else row[mask[j].bool()]
+        out.append(hashlib.sha1(real[:PREFIX_TOKENS].to(torch.int64).cpu().numpy().tobytes())
+                   .hexdigest()[:16])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+    """What a model's token inputs must respect: ids in ``[0, vocab_size)`` and, for models
+    with learned absolute position embeddings, at most ``max_positions`` tokens."""
+
+    vocab_size: int | None = None
+    max_positions: int | None = None
+
+    def check(self, inputs: dict, where: str) -> None:
+        """Raise a ``DataError`` naming the batch, the bad value and the limit."""
+        from ..data import DataError
+
+        ids = inputs.get("input_ids")
+        if ids is None or not ids.numel():
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if self.vocab_size is not None and (lo < 0 or hi >= self.vocab_size):
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{where}: token id {bad} is outside the model's vocabulary "
+                            f"(ids 0 to {self.vocab_size - 1}); tokenize with this model's "
+                            "own tokenizer (pass texts with tokenizer=...).")
+        if self.max_positions is not None and ids.shape[-1] > self.max_positions:
+            raise DataError(f"{where}: {ids.shape[-1]} tokens per sequence, but the model has "
+                            f"{self.max_positions} positions; pass max_length <= "
+                            f"{self.max_positions} (or cut the sequences).")
+
+
 class DataHash:
-    """Running SHA-1 of the batches seen (their real token ids, row by row)."""
+    """Running SHA-1 of the batches seen (their real token ids, row by row), and the
+    fingerprint of every sequence (:func:`sequence_fingerprints`)."""
 
     def __init__(self) -> None:
         self._h = hashlib.sha1()
+        self.documents: set[str] = set()
 
     def update(self, batch: Batch) -> None:
         _hash_batch(self._h, batch.inputs)
+        self.documents.update(sequence_fingerprints(batch.inputs))
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -223,4 +273,5 @@ def is_texts(data: Any) -> bool:
     return isinstance(data, Sequence) and bool(data) and all(isinstance(b, str) for b in data)
 
 
-__all__ = ["Batch", "DataHash", "batches", "is_texts", "iter_batches", "peek", "token_hash"]
+__all__ = ["PREFIX_TOKENS", "Batch", "DataHash", "InputLimits", "batches", "is_texts",
+           "iter_batches", "peek", "sequence_fingerprints", "token_hash"]
