@@ -102,6 +102,32 @@ def tensor_digest(tensors: dict[str, Any], header: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def object_digest(obj: Any) -> str:
+    """SHA-256 of a nested structure of dicts, lists, tuples, tensors and plain values (a
+    ``torch.save`` payload), in its iteration order: tensors by name, dtype, shape and bytes,
+    everything else by ``repr``."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k!r}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            h.update(f"{path}={x!r}|".encode())
+
+    walk(obj, "")
+    return h.hexdigest()
+
+
 def save_safetensors(tensors: dict[str, Any], path: Path, header: dict[str, str]) -> Path:
     """Write ``tensors`` with ``header`` and its checksum (:func:`tensor_digest`) atomically."""
     from safetensors.torch import save_file

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_path
+from ._io import atomic_path, object_digest
 from .errors import ResultsFileError
 
 OPTIMIZERS = ("adamw", "sgd", "muon", "lion")
@@ -355,6 +355,10 @@ def _resume(run: _Run) -> None:
     except Exception as err:
         raise ResultsFileError(f"checkpoint {ckpt} cannot be read ({err}); delete it to "
                                "start afresh.") from None
+    want = saved.pop("sha256", None)  # checkpoints written before checksums have none
+    if want is not None and object_digest(saved) != want:
+        raise ResultsFileError(f"checkpoint {ckpt} is damaged: its contents do not match the "
+                               "SHA-256 checksum written with it. Delete it to start afresh.")
     diffs = _config_diff(saved.get("config") or {}, _config_dict(run.cfg))
     if diffs:
         raise ResultsFileError(f"checkpoint {ckpt} was written with another TrainConfig:\n  "
@@ -372,13 +376,13 @@ def _resume(run: _Run) -> None:
 
 
 def _save_checkpoint(run: _Run) -> None:
+    payload = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+               "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
+               "step": run.state.step, "history": run.state.history,
+               "config": _config_dict(run.cfg), "callbacks": run.callbacks.state_dict(),
+               "data_sha1": run.data_sha1}
     with atomic_path(run.checkpoint) as tmp:
-        torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                    "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                    "step": run.state.step, "history": run.state.history,
-                    "config": _config_dict(run.cfg), "callbacks": run.callbacks.state_dict(),
-                    "data_sha1": run.data_sha1},
-                   tmp)
+        torch.save({**payload, "sha256": object_digest(payload)}, tmp)
 
 
 def _start(model: torch.nn.Module, cfg: TrainConfig, callbacks: Sequence[Callback],

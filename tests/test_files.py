@@ -178,3 +178,19 @@ def test_kill_during_a_checkpoint_write_leaves_no_temporary_after_the_resume(tmp
     ni.collect_spectra(make_tiny("gpt2"), [random_batch(seed=s) for s in range(3)],
                        progress=False, checkpoint=ckpt, layers=[0, 1])
     assert ckpt.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_damaged_training_checkpoint_is_refused(tmp_path):
+    from test_training import blocks
+
+    from nerve_interp.training import TrainConfig, train
+
+    ckpt, cfg = tmp_path / "run.pt", TrainConfig(steps=2, warmup=1)
+    train(make_tiny("llama"), blocks(), None, cfg, checkpoint=ckpt, progress=False)
+    train(make_tiny("llama"), blocks(), None, cfg, checkpoint=ckpt, progress=False)  # intact
+    blob = bytearray(ckpt.read_bytes())
+    mid = len(blob) // 2  # inside the weights (torch.load itself would not notice)
+    blob[mid:mid + 64] = bytes((b + 1) % 256 for b in blob[mid:mid + 64])
+    ckpt.write_bytes(bytes(blob))
+    with pytest.raises(ResultsFileError, match=rf"{ckpt} (is damaged|cannot be read).*Delete"):
+        train(make_tiny("llama"), blocks(), None, cfg, checkpoint=ckpt, progress=False)

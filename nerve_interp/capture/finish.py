@@ -31,8 +31,9 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
     if p.shard.is_main:
         p.selector.warn(state.tally)
     spectra = {}
-    for sink in tqdm(p.sinks, desc="eigendecompositions", unit="point",
-                     disable=not p.opts.progress or not p.shard.is_main, leave=False):
+    for sink in tqdm(p.sinks.points, desc="eigendecompositions", unit="point",
+                     disable=not p.opts.progress or not p.shard.is_main, leave=False,
+                     dynamic_ncols=True):
         sink.merge_groups()
         acc = sink.acc
         if acc.n_samples_seen_ < 2:
