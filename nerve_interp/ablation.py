@@ -424,17 +424,20 @@ def _eval_set(batches: Any, tokenizer: Any, spectra: Any, opts: AblationOptions,
 
 def _check_held_out(batch_list: list[dict], sha1: str, spectra: Any) -> bool:
     """Whether no evaluation sequence is a document the spectra were captured on (by the
-    fingerprint of its first tokens, :func:`~nerve_interp.capture.source.sequence_fingerprints`;
+    fingerprint of its first 64 tokens,
+    :func:`~nerve_interp.capture.source.sequence_fingerprints`;
     spectra without fingerprints: the whole token hash); warns when some are."""
     captured = spectra.metadata.get("document_hashes")
     if captured is None:
         shared, n = (batch_list and sha1 == spectra.metadata.get("data_sha1")), 1
         what = "the evaluation tokens are exactly the tokens the spectra were captured on"
     else:
-        prints = [f for b in batch_list for f in sequence_fingerprints(b)]
-        shared, n = sum(f in set(captured) for f in prints), len(prints)
+        prints = [f[-1] for b in batch_list for f in sequence_fingerprints(b)]  # longest
+        captured = set(captured)
+        shared, n = sum(f in captured for f in prints), len(prints)
         what = (f"{shared} of {n} evaluation sequences start like sequences the spectra were "
-                f"captured on (the same first {PREFIX_TOKENS} tokens: the same documents)")
+                f"captured on (the same first {PREFIX_TOKENS[-1]} tokens, first "
+                f"{PREFIX_TOKENS[0]} of shorter ones: the same documents)")
     if shared:
         warnings.warn(f"{what}; effects measured on the same text overstate how general they "
                       "are. Evaluate on held-out text (e.g. load_corpus(split='heldout')).",

@@ -182,23 +182,27 @@ def batches(data: Any, tokenizer: Any = None, *, batch_size: int = 8, max_length
         yield batch
 
 
-PREFIX_TOKENS = 16
-"""A sequence's fingerprint hashes its first real tokens: the same document truncated at
-another ``max_length`` (or packed in other batches) gets the same fingerprint."""
+PREFIX_TOKENS = (16, 64)
+"""A sequence's fingerprints hash its first 16 and first 64 real tokens: the same document
+truncated at another ``max_length`` (or packed in other batches) gets the same ones. 64
+shared tokens mean the same text; 16 (used when a sequence is shorter than 64) can also be a
+common opening ("Return the ...")."""
 
 
-def sequence_fingerprints(inputs: dict) -> list[str]:
-    """One 16-hex-digit fingerprint per sequence of a batch: SHA-1 of its first
-    :data:`PREFIX_TOKENS` real token ids (none for a model without token inputs)."""
+def sequence_fingerprints(inputs: dict) -> list[list[str]]:
+    """Per sequence of a batch, its fingerprints ``"<P>:<16 hex digits>"``: SHA-1 of its first
+    ``P`` real token ids for each ``P`` of :data:`PREFIX_TOKENS` it reaches (its whole length
+    when shorter than all), the longest last; none for a model without token inputs."""
     ids = inputs.get("input_ids")
     if ids is None:
         return []
     mask = inputs.get("attention_mask")
     out = []
     for j, row in enumerate(ids):
-        real = row if mask is None else row[mask[j].bool()]
-        out.append(hashlib.sha1(real[:PREFIX_TOKENS].to(torch.int64).cpu().numpy().tobytes())
-                   .hexdigest()[:16])
+        real = (row if mask is None else row[mask[j].bool()]).to(torch.int64).cpu()
+        sizes = [p for p in PREFIX_TOKENS if len(real) >= p] or [len(real)]
+        out.append([f"{p}:" + hashlib.sha1(real[:p].numpy().tobytes()).hexdigest()[:16]
+                    for p in sizes])
     return out
 
 
@@ -239,7 +243,8 @@ class DataHash:
 
     def update(self, batch: Batch) -> None:
         _hash_batch(self._h, batch.inputs)
-        self.documents.update(sequence_fingerprints(batch.inputs))
+        for prints in sequence_fingerprints(batch.inputs):
+            self.documents.update(prints)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
