@@ -394,7 +394,8 @@ def read_texts(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"read_texts: no such file: {str(path)!r}")
+        raise FileNotFoundError(f"read_texts: no such file: {str(path)!r}; pass an existing "
+                                ".txt (paragraphs) or .jsonl ('text' field) file.")
     suffix = path.suffix.lower()
     raw = _read_utf8(path)
     if suffix == ".txt":

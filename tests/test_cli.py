@@ -161,6 +161,8 @@ def no_model_load(monkeypatch):
     (["--points", "pre,mid"], "unknown 'mid'", "choose from pre,post,act,up"),
     (["--exclude-positions", "-1"], "exclude_positions", ">= 0"),
     (["--device", "gpu"], "is not a device", "pass 'cpu'"),
+    (["--text", "{file}.missing"], "no such file", "pass an existing .txt"),
+    (["--text", "{file}.latin1.txt"], "is not UTF-8 text", "iconv -f cp1252"),
 ])
 def test_cli_arguments_are_refused_before_the_model_loads(run_spectra, tmp_path, no_model_load,
                                                           args, problem, fix):
@@ -168,6 +170,7 @@ def test_cli_arguments_are_refused_before_the_model_loads(run_spectra, tmp_path,
     the problem and the fix, with exit code 2 and no traceback."""
     afile = tmp_path / "afile"
     afile.write_text("x")
+    (tmp_path / "afile.latin1.txt").write_bytes("caf\xe9".encode("cp1252"))
     args = [a.format(file=afile) for a in args]
     res = run_spectra(*(["--out", str(tmp_path / "o")] if "--out" not in args else []), *args)
     assert res.exit_code == 2, res.output
@@ -305,3 +308,15 @@ def test_models_install_runs_pip_without_dependencies(monkeypatch):
     monkeypatch.setattr(sp, "run", lambda cmd, check: sp.CompletedProcess(cmd, 1))
     res = CliRunner().invoke(app, ["models", "--install"])
     assert res.exit_code == 2 and "Error: pip failed; run it yourself" in res.output
+
+
+def test_interrupt_says_how_to_resume(run_spectra, tmp_path, monkeypatch):
+    import nerve_interp.zoo
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nerve_interp.zoo, "load_model", interrupt)
+    res = run_spectra("--out", str(tmp_path / "o"))
+    assert res.exit_code == 130 and "Interrupted. Rerun the same command to resume" in res.output
+    assert not (tmp_path / "o" / ".nerve-interp.lock").exists()
