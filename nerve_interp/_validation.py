@@ -61,7 +61,10 @@ def check_eigenvalues(eigenvalues: Any, name: str = "eigenvalues") -> np.ndarray
 def check_positive_int(value: Any, name: str, *, context: str = "", minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` or a ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}{context}.")
+        hint = (f"; pass the number itself, {name}={int(value)}" if isinstance(value, str)
+                and value.strip().lstrip("-").isdigit() else "")
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}{context}"
+                        f"{hint}.")
     if value < minimum:
         raise ValueError(f"{name} == {value}, must be >= {minimum}{context}.")
     return int(value)
@@ -101,3 +104,31 @@ def check_tidy(df: Any, columns: Iterable[str] = ("layer", "point", "metric", "v
             f"table lacks the column(s) {missing}; a tidy nerve_interp table has "
             f"{list(columns)} (got {list(df.columns)})."
         )
+
+
+def check_device(device: Any, name: str = "device") -> Any:
+    """``device`` (None, a string or a ``torch.device``) if this machine has it, else an error
+    that names what is missing and what to pass instead."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}={device!r} is not a device; pass 'cpu', 'cuda', 'cuda:1' "
+                         "or 'mps' (or None for the default).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+            raise ValueError(f"{name}={device!r}, but this torch ({torch.__version__}) has no "
+                             f"CUDA ({build}); pass {name}='cpu', or install a CUDA build of "
+                             "torch on a machine with a GPU.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r}, but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) are visible (cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={device!r}, but MPS (Apple GPUs) is not available here; "
+                         f"pass {name}='cpu'.")
+    return device

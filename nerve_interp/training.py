@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_path
+from ._io import atomic_path, object_digest
 from .errors import ResultsFileError
 
 OPTIMIZERS = ("adamw", "sgd", "muon", "lion")
@@ -317,6 +317,7 @@ class _Run:
     callbacks: _CallbackList
     checkpoint: Path | None
     state: TrainState = field(default_factory=TrainState)
+    data_sha1: str = ""  # of the training and validation data (a resume must see the same)
 
     @property
     def device(self) -> torch.device:
@@ -327,6 +328,25 @@ def _config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg) | {"betas": list(cfg.betas)}
 
 
+def _data_sha1(*datasets: Data | None) -> str:
+    """SHA-1 of the data's tensors (shape, dtype and values), in order."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for data in datasets:
+        for t in (() if data is None else data if isinstance(data, tuple) else (data,)):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(b"/")
+    return h.hexdigest()
+
+
+def _config_diff(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
 def _resume(run: _Run) -> None:
     """Load ``run.checkpoint``: model, optimizer, data order, RNG, step, history, callbacks."""
     ckpt = run.checkpoint
@@ -335,9 +355,18 @@ def _resume(run: _Run) -> None:
     except Exception as err:
         raise ResultsFileError(f"checkpoint {ckpt} cannot be read ({err}); delete it to "
                                "start afresh.") from None
-    if saved.get("config") != _config_dict(run.cfg):
-        raise ResultsFileError(f"checkpoint {ckpt} was written with another TrainConfig; "
-                               "delete it or pass the same config.")
+    want = saved.pop("sha256", None)  # checkpoints written before checksums have none
+    if want is not None and object_digest(saved) != want:
+        raise ResultsFileError(f"checkpoint {ckpt} is damaged: its contents do not match the "
+                               "SHA-256 checksum written with it. Delete it to start afresh.")
+    diffs = _config_diff(saved.get("config") or {}, _config_dict(run.cfg))
+    if diffs:
+        raise ResultsFileError(f"checkpoint {ckpt} was written with another TrainConfig:\n  "
+                               + "\n  ".join(diffs) + "\nDelete it or pass the same config.")
+    if saved.get("data_sha1", run.data_sha1) != run.data_sha1:
+        raise ResultsFileError(f"checkpoint {ckpt} was written while training on other data "
+                               "(train_blocks / val_blocks hash differently); resuming would mix "
+                               "two runs. Pass the same data, or delete it to start afresh.")
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.generator.set_state(saved["generator"])
@@ -347,21 +376,23 @@ def _resume(run: _Run) -> None:
 
 
 def _save_checkpoint(run: _Run) -> None:
+    payload = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+               "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
+               "step": run.state.step, "history": run.state.history,
+               "config": _config_dict(run.cfg), "callbacks": run.callbacks.state_dict(),
+               "data_sha1": run.data_sha1}
     with atomic_path(run.checkpoint) as tmp:
-        torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                    "generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                    "step": run.state.step, "history": run.state.history,
-                    "config": _config_dict(run.cfg), "callbacks": run.callbacks.state_dict()},
-                   tmp)
+        torch.save({**payload, "sha256": object_digest(payload)}, tmp)
 
 
 def _start(model: torch.nn.Module, cfg: TrainConfig, callbacks: Sequence[Callback],
-           checkpoint: str | os.PathLike | None) -> _Run:
+           checkpoint: str | os.PathLike | None, data_sha1: str = "") -> _Run:
     """Seed, build the optimizer and resume from ``checkpoint`` when it exists."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    run = _Run(model, cfg, make_optimizer(model, cfg), gen, _CallbackList(callbacks), ckpt)
+    run = _Run(model, cfg, make_optimizer(model, cfg), gen, _CallbackList(callbacks), ckpt,
+               data_sha1=data_sha1)
     if ckpt is not None and ckpt.exists():
         _resume(run)
     return run
@@ -424,7 +455,9 @@ def train(
         E.g. ``SpectralTracker``; their time is measured separately (``callback_seconds``).
     checkpoint : path, optional
         Saved every ``config.checkpoint_every`` steps and at the end; when it exists the run
-        resumes from it exactly (same model, optimizer, data order and RNG state).
+        resumes from it exactly (same model, optimizer, data order and RNG state). A
+        checkpoint of another config (the message lists the fields that differ) or of other
+        data (a hash of ``train_blocks`` and ``val_blocks``) is refused.
 
     Returns
     -------
@@ -435,7 +468,8 @@ def train(
     _check_data(train_blocks, "train_blocks")
     if val_blocks is not None:
         _check_data(val_blocks, "val_blocks")
-    run = _start(model, cfg, callbacks, checkpoint)
+    run = _start(model, cfg, callbacks, checkpoint,
+                 _data_sha1(train_blocks, val_blocks) if checkpoint is not None else "")
     model.train()
     t0 = time.perf_counter()
     run.callbacks("on_train_begin", model, run.state)

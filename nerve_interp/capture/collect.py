@@ -30,8 +30,8 @@ from .run import Checkpointer, Pipeline, run
 from .selection import TokenSelector
 from .shard import Shard
 from .sinks import Sinks
+from .source import InputLimits, is_texts
 from .source import batches as numbered
-from .source import is_texts
 
 
 def collect_spectra(
@@ -58,6 +58,7 @@ def collect_spectra(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
+    checkpoint_seconds: float | None = 300.0,
     data_label: str = "",
     diagnostics: bool = True,
     outlier_fraction: float = DEFAULT_OUTLIER_FRACTION,
@@ -145,6 +146,9 @@ def collect_spectra(
         (:mod:`nerve_interp.checkpoint`, how-to "Resume a long capture").
     checkpoint_every : int, default 20
         Batches (of this process) between checkpoints.
+    checkpoint_seconds : float or None, default 300
+        Also write a checkpoint when this many seconds have passed since the last one (the
+        first one too), so a slow capture loses at most 5 minutes; None: batches only.
     data_label : str
         What the text was (kept in the metadata, e.g. ``"python-docs/train"``). When
         ``batches`` is what :func:`~nerve_interp.data.load_corpus` returned (or a slice of
@@ -243,7 +247,8 @@ def collect_spectra(
         subsample_seed=subsample_seed, batch_size=batch_size, max_length=max_length,
         eigenvectors=eigenvectors, gram_dtype=gram_dtype, precision=precision,
         memory_budget=memory_budget, progress=progress, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, data_label=data_label, diagnostics=diagnostics,
+        checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+        data_label=data_label, diagnostics=diagnostics,
         outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold,
         max_outlier_tokens=max_outlier_tokens, distributed=distributed, remote=remote,
         n_groups=n_groups, joint=joint),
@@ -251,6 +256,11 @@ def collect_spectra(
         as_strings=is_texts(batches))
     opts = dataclasses.replace(opts, corpus=corpus_metadata(batches))
     opts.check_sites(select_sites(all_sites, opts.layers))
+    limits = input_limits(wrapper._module, tokenizer)
+    if is_texts(batches) and limits.max_positions and opts.max_length > limits.max_positions:
+        raise ValueError(f"max_length == {opts.max_length}, but the model has "
+                         f"{limits.max_positions} positions; pass max_length <= "
+                         f"{limits.max_positions}.")
 
     def capture(data: Any, opts: CaptureOptions) -> Any:
         return _one_pass(wrapper, all_sites, data, tokenizer, opts, device)
@@ -282,8 +292,10 @@ def _one_pass(wrapper: Any, all_sites: list[FFNSite], data: Any, tokenizer: Any,
                                         device, with_meta=bool(sinks.token_stats)),
                  backend=backend, shard=shard,
                  checkpointer=Checkpointer(shard.checkpoint_path(opts.checkpoint),
-                                           opts.checkpoint_every, manifest),
-                 device=device)
+                                           opts.checkpoint_every, manifest,
+                                           seconds=opts.checkpoint_seconds,
+                                           announce=opts.progress and shard.is_main),
+                 device=device, limits=input_limits(wrapper._module, tokenizer))
     state = run(p, numbered(data, tokenizer, batch_size=opts.batch_size,
                             max_length=opts.max_length))
     return finish(p, state, chosen, len(all_sites), tokenizer)
@@ -301,6 +313,25 @@ def vocab_size(root: torch.nn.Module, tokenizer: Any) -> int | None:
     return len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
 
 
+def max_positions(root: torch.nn.Module) -> int | None:
+    """Longest sequence a model with learned absolute position embeddings (GPT-2, OPT,
+    BERT) accepts; None for rotary or relative positions (no hard limit)."""
+    learned = any(isinstance(m, torch.nn.Embedding)
+                  and (name.rsplit(".", 1)[-1] == "wpe" or "position" in name)
+                  for name, m in root.named_modules())
+    cfg = getattr(root, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if learned and isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def input_limits(root: torch.nn.Module, tokenizer: Any) -> InputLimits:
+    """The model's vocabulary and position limit (:class:`~.source.InputLimits`)."""
+    return InputLimits(vocab_size(root, tokenizer), max_positions(root))
+
+
 def input_device(root: torch.nn.Module) -> torch.device:
     """Where inputs go: the first parameter's device (the embedding's under a ``device_map``,
     whose hooks move activations on from there); CPU for a lazily loaded (meta) model."""
@@ -311,4 +342,4 @@ def input_device(root: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
-__all__ = ["collect_spectra", "input_device", "vocab_size"]
+__all__ = ["collect_spectra", "input_device", "input_limits", "max_positions", "vocab_size"]

@@ -31,8 +31,9 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
     if p.shard.is_main:
         p.selector.warn(state.tally)
     spectra, joint = {}, {}
-    for sink in tqdm(p.sinks, desc="eigendecompositions", unit="point",
-                     disable=not p.opts.progress or not p.shard.is_main, leave=False):
+    for sink in tqdm(p.sinks.points, desc="eigendecompositions", unit="point",
+                     disable=not p.opts.progress or not p.shard.is_main, leave=False,
+                     dynamic_ncols=True):
         sink.merge_groups()
         acc = sink.acc
         if acc.n_samples_seen_ < 2:
@@ -89,6 +90,7 @@ def _run_metadata(p: Pipeline, state: RunState, sites: Sequence[FFNSite], diags:
             flagged=[d.name for d in diags.values() if d.outlier_flag]),
         "gram_dtype": str(first.gram_dtype).replace("torch.", ""),
         "data_sha1": state.data_sha1, "world_size": p.shard.world_size,
+        "document_hashes": sorted(state.data.documents),
         "layers": [s.layer for s in sites],
         "site_paths": {s.name(pt): s.paths[pt] for s in sites for pt in p.opts.points},
         "activations": _activations(p.wrapper._module, sites),

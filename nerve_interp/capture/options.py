@@ -41,7 +41,8 @@ KEYWORDS: dict[str, Any] = {
     "exclude_positions": (), "exclude_token_ids": (), "exclude_norm_above": None,
     "token_fraction": None, "subsample_seed": 0, "batch_size": 8, "max_length": 256,
     "eigenvectors": False, "gram_dtype": None, "precision": "auto", "memory_budget": None,
-    "progress": True, "checkpoint": None, "checkpoint_every": 20, "data_label": "",
+    "progress": True, "checkpoint": None, "checkpoint_every": 20, "checkpoint_seconds": 300.0,
+    "data_label": "",
     "diagnostics": True, "outlier_fraction": DEFAULT_OUTLIER_FRACTION,
     "outlier_threshold": DEFAULT_OUTLIER_THRESHOLD,
     "max_outlier_tokens": DEFAULT_MAX_OUTLIER_TOKENS, "distributed": None, "remote": None,
@@ -106,6 +107,7 @@ class CaptureOptions:
     progress: bool = True
     checkpoint: Path | None = None
     checkpoint_every: int = 20
+    checkpoint_seconds: float | None = 300.0
     data_label: str = ""
     outliers: OutlierOptions = OutlierOptions()
     distributed: bool | None = None
@@ -161,7 +163,9 @@ class CaptureOptions:
             precision=resolve_precision(k["precision"], device, gram_dtype=k["gram_dtype"]),
             memory_budget=k["memory_budget"], progress=_flag(k["progress"], "progress"),
             checkpoint=None if k["checkpoint"] is None else Path(os.fspath(k["checkpoint"])),
-            checkpoint_every=int(k["checkpoint_every"]), data_label=str(k["data_label"]),
+            checkpoint_every=int(k["checkpoint_every"]),
+            checkpoint_seconds=_seconds(k["checkpoint_seconds"], "checkpoint_seconds"),
+            data_label=str(k["data_label"]),
             outliers=OutlierOptions(_flag(k["diagnostics"], "diagnostics"),
                                     k["outlier_fraction"], k["outlier_threshold"],
                                     k["max_outlier_tokens"]),
@@ -257,6 +261,17 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, (bool, numbers.Integral)) and value in (0, 1):
         return bool(value)
     raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}.")
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    """A positive number of seconds, or None (off)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise (ValueError if isinstance(value, numbers.Real) else TypeError)(
+            f"{name} must be a number of seconds > 0 (e.g. 300: every 5 minutes) or None "
+            f"(batches only); got {type(value).__name__} {value!r}.")
+    return float(value)
 
 
 def _n_groups(value: Any) -> int | None:

@@ -10,6 +10,8 @@ object of its own (:mod:`.source`, :mod:`.selection`, :mod:`.backends`, :mod:`.s
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +27,7 @@ from .options import CaptureOptions
 from .selection import Tally, TokenSelector
 from .shard import NormCalibration, Shard
 from .sinks import Sinks
-from .source import Batch, DataHash
+from .source import Batch, DataHash, InputLimits
 
 
 @dataclasses.dataclass
@@ -62,6 +64,7 @@ class Pipeline:
     shard: Shard
     checkpointer: Checkpointer
     device: torch.device
+    limits: InputLimits = InputLimits()
 
 
 def run(p: Pipeline, data: Iterable[Batch]) -> RunState:
@@ -98,6 +101,7 @@ def _step(p: Pipeline, batch: Batch, state: RunState, calibration: NormCalibrati
                             state.tally)
     if sel is None:
         return None
+    p.limits.check(batch.inputs, f"while capturing {p.model} ({batch.describe()})")
     inputs = {k: to_device(v, p.device) for k, v in batch.inputs.items()}
     calibration.before_trace(batch.index)
     try:
@@ -128,10 +132,13 @@ class Checkpointer:
     """Resume from, check against and write a capture checkpoint
     (:mod:`nerve_interp.checkpoint`); does nothing without a path."""
 
-    def __init__(self, path: Path | None, every: int, manifest: dict) -> None:
+    def __init__(self, path: Path | None, every: int, manifest: dict, *,
+                 seconds: float | None = None, announce: bool = False) -> None:
         self.path, self.every, self.manifest = path, every, manifest
+        self.seconds, self.announce = seconds, announce
         self.position: dict | None = None  # the checkpoint's, when resuming
         self.done = 0  # batches it counted
+        self.last = time.monotonic()  # of the last write (or the start)
 
     def resume(self, sinks: Sinks, state: RunState) -> RunState:
         if self.path is None or not self.path.exists():
@@ -143,6 +150,9 @@ class Checkpointer:
         self.done = state.n_batches = int(self.position["batches"])
         state.n_tokens = int(self.position["tokens"])
         state.tally = Tally.from_dict(self.position.get("excluded"))
+        if self.announce:
+            tqdm.write(f"resuming from batch {self.done} ({state.n_tokens} tokens) of the "
+                       f"checkpoint {self.path}", file=sys.stderr)
         if sinks.missing_token_stats():
             warnings.warn(f"{self.path} has no token statistics (written with "
                           "diagnostics=False); resuming without token diagnostics (outlier "
@@ -167,8 +177,10 @@ class Checkpointer:
         return True
 
     def tick(self, sinks: Sinks, state: RunState, n_batches: int) -> None:
-        """Write every ``every`` traced batches of this process."""
-        if self.path is not None and state.n_local % self.every == 0:
+        """Write every ``every`` traced batches of this process, and when ``seconds`` have
+        passed since the last write."""
+        if self.path is not None and (state.n_local % self.every == 0 or (
+                self.seconds is not None and time.monotonic() - self.last >= self.seconds)):
             self._save(sinks, state, n_batches)
 
     def finish(self, sinks: Sinks, state: RunState) -> None:
@@ -183,6 +195,7 @@ class Checkpointer:
         ckpt_io.save_checkpoint(self.path, sinks.accs, self.manifest, state.position(n_batches),
                                 token_stats=sinks.token_stats, moments=sinks.moments,
                                 extra=sinks.group_states())
+        self.last = time.monotonic()
 
 
 __all__ = ["Checkpointer", "Pipeline", "RunState", "run"]

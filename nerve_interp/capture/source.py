@@ -182,14 +182,69 @@ def batches(data: Any, tokenizer: Any = None, *, batch_size: int = 8, max_length
         yield batch
 
 
+PREFIX_TOKENS = (16, 64)
+"""A sequence's fingerprints hash its first 16 and first 64 real tokens: the same document
+truncated at another ``max_length`` (or packed in other batches) gets the same ones. 64
+shared tokens mean the same text; 16 (used when a sequence is shorter than 64) can also be a
+common opening ("Return the ...")."""
+
+
+def sequence_fingerprints(inputs: dict) -> list[list[str]]:
+    """Per sequence of a batch, its fingerprints ``"<P>:<16 hex digits>"``: SHA-1 of its first
+    ``P`` real token ids for each ``P`` of :data:`PREFIX_TOKENS` it reaches (its whole length
+    when shorter than all), the longest last; none for a model without token inputs."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return []
+    mask = inputs.get("attention_mask")
+    out = []
+    for j, row in enumerate(ids):
+        real = (row if mask is None else row[mask[j].bool()]).to(torch.int64).cpu()
+        sizes = [p for p in PREFIX_TOKENS if len(real) >= p] or [len(real)]
+        out.append([f"{p}:" + hashlib.sha1(real[:p].numpy().tobytes()).hexdigest()[:16]
+                    for p in sizes])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+    """What a model's token inputs must respect: ids in ``[0, vocab_size)`` and, for models
+    with learned absolute position embeddings, at most ``max_positions`` tokens."""
+
+    vocab_size: int | None = None
+    max_positions: int | None = None
+
+    def check(self, inputs: dict, where: str) -> None:
+        """Raise a ``DataError`` naming the batch, the bad value and the limit."""
+        from ..data import DataError
+
+        ids = inputs.get("input_ids")
+        if ids is None or not ids.numel():
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if self.vocab_size is not None and (lo < 0 or hi >= self.vocab_size):
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{where}: token id {bad} is outside the model's vocabulary "
+                            f"(ids 0 to {self.vocab_size - 1}); tokenize with this model's "
+                            "own tokenizer (pass texts with tokenizer=...).")
+        if self.max_positions is not None and ids.shape[-1] > self.max_positions:
+            raise DataError(f"{where}: {ids.shape[-1]} tokens per sequence, but the model has "
+                            f"{self.max_positions} positions; pass max_length <= "
+                            f"{self.max_positions} (or cut the sequences).")
+
+
 class DataHash:
-    """Running SHA-1 of the batches seen (their real token ids, row by row)."""
+    """Running SHA-1 of the batches seen (their real token ids, row by row), and the
+    fingerprint of every sequence (:func:`sequence_fingerprints`)."""
 
     def __init__(self) -> None:
         self._h = hashlib.sha1()
+        self.documents: set[str] = set()
 
     def update(self, batch: Batch) -> None:
         _hash_batch(self._h, batch.inputs)
+        for prints in sequence_fingerprints(batch.inputs):
+            self.documents.update(prints)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -223,4 +278,5 @@ def is_texts(data: Any) -> bool:
     return isinstance(data, Sequence) and bool(data) and all(isinstance(b, str) for b in data)
 
 
-__all__ = ["Batch", "DataHash", "batches", "is_texts", "iter_batches", "peek", "token_hash"]
+__all__ = ["PREFIX_TOKENS", "Batch", "DataHash", "InputLimits", "batches", "is_texts",
+           "iter_batches", "peek", "sequence_fingerprints", "token_hash"]
