@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from . import _cli_nulls
 from ._cli_support import CLIGroup, check_choices, claim_out_folder
 from ._validation import check_positive_int
 from .errors import FiniteSampleWarning, OutlierTokenWarning, ResultsFileError
@@ -205,7 +206,7 @@ def write_outputs(result, out: Path, *, figure_layers: list[int] | None = None) 
         paths["reinjection_figure"] = out / "reinjection.png"
         axes[0].figure.savefig(paths["reinjection_figure"], dpi=110)
         plt.close(axes[0].figure)
-    if result.metadata.get("n_groups") and both:
+    if result.metadata.get("n_groups") and both and result.metadata.get("convergence", True):
         paths.update(_write_convergence(result, out))
     return paths
 
@@ -319,10 +320,25 @@ def _echo_warnings(caught: list, echo: Any) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def _echo_exclusions(meta: dict, echo: Any) -> None:
+    """The subsampling and exclusion lines of the report (when any applied)."""
+    if meta.get("token_fraction") is not None:
+        echo(f"subsampled token fraction {meta['token_fraction']:g} (seed "
+             f"{meta['subsample_seed']}): {meta['n_excluded']['subsampled']} tokens left out")
+    ex, n_ex = meta["exclusion"], meta["n_excluded"]
+    if ex["positions"] or ex["token_ids"] or ex["norm_above"] is not None:
+        echo(f"excluded positions {ex['positions']} ({n_ex['positions']} tokens), "
+             f"token ids {ex['token_ids']} ({n_ex['token_ids']} tokens)"
+             + (f", norm > {ex['norm_above']:g}× median "
+                f"({sum(n_ex['norm'].values())} token-points)"
+                if ex["norm_above"] is not None else ""))
+
+
 def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          skip_first: int, exclude: dict,
          layers: list[int] | None, points: list[str], batch_size: int, max_length: int,
-         out: Path, device: str | None, checkpoint: CheckpointChoice | None) -> None:
+         out: Path, device: str | None, checkpoint: CheckpointChoice | None,
+         nulls: tuple[str, ...] = ()) -> None:
     from . import capture, distributed, zoo
 
     rank, world_size, local_rank = distributed.init_from_env()
@@ -331,6 +347,7 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     kw = dict(layers=layers, points=tuple(points), max_tokens=max_tokens,
               batch_size=batch_size, max_length=max_length, progress=rank == 0,
               **_with_skip_first(exclude, skip_first), data_label=data_label)
+    kw.update(_cli_nulls.capture_options(nulls, kw))
     _check_before_load(kw, device, out if rank == 0 else None, "spectra")
     shard = None if checkpoint is None else checkpoint.shard(rank, world_size)
     if world_size > 1:
@@ -341,6 +358,7 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
         echo(f"torchrun: {world_size} processes, batch i runs on rank i % {world_size}")
     t0 = time.perf_counter()
     model, tokenizer = zoo.load_model(model_name, device=device)
+    _cli_nulls.add_up_point(model, kw, nulls)
     t_load = time.perf_counter() - t0
     info = getattr(model, "nerve_interp_info", {})
     echo(f"model   {info.get('name', model_name)} ({type(model).__name__}), "
@@ -361,21 +379,15 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
          f"{len(result.points)} points in {t_cap:.1f} s")
     echo(_finite_sample_line(result))
     _echo_warnings(caught, echo)
-    if meta.get("token_fraction") is not None:
-        echo(f"subsampled token fraction {meta['token_fraction']:g} (seed "
-             f"{meta['subsample_seed']}): {meta['n_excluded']['subsampled']} tokens left out")
-    ex, n_ex = meta["exclusion"], meta["n_excluded"]
-    if ex["positions"] or ex["token_ids"] or ex["norm_above"] is not None:
-        echo(f"excluded positions {ex['positions']} ({n_ex['positions']} tokens), "
-             f"token ids {ex['token_ids']} ({n_ex['token_ids']} tokens)"
-             + (f", norm > {ex['norm_above']:g}× median "
-                f"({sum(n_ex['norm'].values())} token-points)"
-                if ex["norm_above"] is not None else ""))
+    _echo_exclusions(meta, echo)
     _echo_reinjection(result, echo)
     if result.diagnostics:
         echo("\n" + format_outliers(result))
     if rank == 0:
         paths = write_outputs(result, out)
+        if nulls:
+            paths.update(_cli_nulls.run_nulls(model, texts, tokenizer, result, nulls, kw,
+                                              echo, out))
         echo("\nwrote")
         for key, path in paths.items():
             echo(f"  {key:<19}{path}")
@@ -400,6 +412,7 @@ def demo(
     max_outlier_tokens: Annotated[int, typer.Option(
         help=MAX_OUTLIER_HELP + " The demo keeps 1024 (SmolLM2's layer 2 has ~370 outlier "
         "tokens in 12k; 60 points × 1024 × 1536 floats = 0.4 GB).")] = 1024,
+    nulls: Annotated[str | None, typer.Option(help=_cli_nulls.NULLS_HELP)] = None,
 ) -> None:
     """Spectra of every FFN of SmolLM2-135M before and after SiLU, offline."""
     from . import data
@@ -410,7 +423,7 @@ def demo(
                                          "exclude_norm_above": exclude_norm_above,
                                          "max_outlier_tokens": max_outlier_tokens},
          layers=_parse_ints(layers), points=["pre", "post"], batch_size=8, max_length=128,
-         out=out, device=None, checkpoint=None)
+         out=out, device=None, checkpoint=None, nulls=_cli_nulls.parse_nulls(nulls))
 
 
 @app.command()
@@ -451,6 +464,7 @@ def spectra(
         min=2, help="Keep K groups of whole sequences for 95 % intervals (jackknife) and "
         "convergence curves; 16 is a good choice. K·D² of memory per point (planned) and "
         "K + 21 more eigendecompositions per point.")] = None,
+    nulls: Annotated[str | None, typer.Option(help=_cli_nulls.NULLS_HELP)] = None,
 ) -> None:
     """Spectra and metrics of every FFN of any model, written to OUT."""
     from . import data
@@ -468,7 +482,8 @@ def spectra(
          points=check_choices(points, ("pre", "post", "act", "up"), "--points"),
          batch_size=batch_size, max_length=max_length, out=out, device=device,
          checkpoint=None if no_checkpoint else CheckpointChoice(
-             checkpoint or out / "capture.ckpt", fresh, keep_checkpoint))
+             checkpoint or out / "capture.ckpt", fresh, keep_checkpoint),
+         nulls=_cli_nulls.parse_nulls(nulls))
 
 
 def _split_texts(texts: list[str], heldout: float = 0.1) -> tuple[list[str], list[str]]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as _metrics
+from .errors import NotFittedError
 from .jackknife import fit_convergence, jackknife
 from .spectrum import Spectrum, point_metrics
 
@@ -98,6 +99,11 @@ def convergence(result, metrics: Iterable[str] | None = None, *, pre: str = "pre
         pair = list(CONVERGENCE_REINJECTION)
     rows = []
     for (layer, point), spec in result.items():
+        if spec.require_groups().conv_eigenvalues.shape[0] == 0:
+            raise NotFittedError(
+                f"{spec.name} has no convergence curves: it was captured with "
+                "collect_spectra(..., convergence=False) (or is a sampled null). Capture "
+                "with convergence=True (the default) to read metrics against N.")
         rows += _spectrum_curves(result.model, layer, point, spec, own)
     if pair and pre in result.points and post in result.points:
         for layer in result.layers:

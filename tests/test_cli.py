@@ -320,3 +320,22 @@ def test_interrupt_says_how_to_resume(run_spectra, tmp_path, monkeypatch):
     res = run_spectra("--out", str(tmp_path / "o"))
     assert res.exit_code == 130 and "Interrupted. Rerun the same command to resume" in res.output
     assert not (tmp_path / "o" / ".nerve-interp.lock").exists()
+
+
+def test_spectra_with_nulls_prints_and_writes_the_comparison(run_spectra, tmp_path):
+    """``--nulls init,gaussian,mp``: the reinjection beside each null, one line per layer
+    and metric with an interval, a summary line per null, nulls.csv and nulls.png."""
+    import pandas as pd
+
+    out = tmp_path / "out"
+    res = run_spectra("--out", out, "--max-tokens", 600, "--nulls", "init,gaussian,mp",
+                      "--no-checkpoint")
+    assert res.exit_code == 0, res.output
+    assert "Reinjection against its nulls" in res.output
+    for null in ("init", "gaussian_equivalent", "marchenko_pastur"):
+        assert f"{null}: pr_gain above the null in" in res.output
+    table = pd.read_csv(out / "nulls.csv")
+    assert set(table["null"]) == {"init", "gaussian_equivalent", "marchenko_pastur"}
+    assert table["ci_low"].notna().all() and (out / "nulls.png").stat().st_size > 0
+    bad = run_spectra("--out", tmp_path / "bad", "--nulls", "init,bogus")
+    assert bad.exit_code == 2 and "--nulls" in bad.output and "bogus" in bad.output

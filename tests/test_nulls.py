@@ -144,7 +144,8 @@ def test_nulls_have_the_rows_of_the_measurement():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = ni.collect_spectra(model, list(ids.split(8)), points=("pre", "up", "post"),
-                                    joint=True, n_groups=4, progress=False)
+                                    joint=True, n_groups=4, convergence=False,
+                                    progress=False)
         nulls = [f(result, progress=False) for f in (
             ni.nulls.independent, ni.nulls.marchenko_pastur, ni.nulls.gaussian_equivalent)]
         nulls.append(ni.nulls.init(model, list(ids.split(8)), like=result, seed=1,
@@ -154,6 +155,9 @@ def test_nulls_have_the_rows_of_the_measurement():
         assert null.metrics()[keys].equals(result.metrics()[keys])
         assert null.reinjection()[["layer"]].equals(result.reinjection()[["layer"]])
         assert null.metrics()["se"].notna().all()
+    with pytest.raises(NotFittedError, match="convergence=False"):
+        result.convergence()
+    assert nulls[-1].metadata["convergence"] is False  # init took the measured options
     t = ni.compare(result, *nulls)
     assert set(t["null"]) == {"independent", "marchenko_pastur", "gaussian_equivalent", "init"}
     assert (t[t["null"] == "init"]["interval"] == "paired jackknife").all()

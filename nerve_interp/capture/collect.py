@@ -68,6 +68,7 @@ def collect_spectra(
     remote: Any = None,
     n_groups: int | None = None,
     joint: bool = False,
+    convergence: bool = True,
 ):
     """Eigenspectra of FFN activations before and after the nonlinearity, layer by layer.
 
@@ -199,6 +200,10 @@ def collect_spectra(
         jackknife ``se`` / ``ci_low`` / ``ci_high`` and ``convergence()`` extrapolates each
         metric to N → ∞. Costs K + 21 extra eigenvalue decompositions per point at the end.
         16 is a good choice; it needs at least K sequences. Not with ``remote=``.
+    convergence : bool, default True
+        With ``n_groups``: also keep the convergence curves (the 21 extra decompositions per
+        point). ``False`` keeps the intervals (K + 1 decompositions per point) and makes
+        ``convergence()`` refuse.
     joint : bool, default False
         Keep, per layer, the mean and covariance of the nonlinearity's inputs
         (:class:`nerve_interp.joint.JointInputs`, ``result.joint``): ``pre`` for plain FFNs
@@ -251,7 +256,7 @@ def collect_spectra(
         data_label=data_label, diagnostics=diagnostics,
         outlier_fraction=outlier_fraction, outlier_threshold=outlier_threshold,
         max_outlier_tokens=max_outlier_tokens, distributed=distributed, remote=remote,
-        n_groups=n_groups, joint=joint),
+        n_groups=n_groups, joint=joint, convergence=convergence),
         device=device, vocab_size=vocab_size(wrapper._module, tokenizer),
         as_strings=is_texts(batches))
     opts = dataclasses.replace(opts, corpus=corpus_metadata(batches))

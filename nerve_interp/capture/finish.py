@@ -44,7 +44,8 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
         if sink.moments is not None and sink.moments.n_samples_seen_ == acc.n_samples_seen_:
             spectra[sink.key].fourth_moment = sink.moments.fourth_
         if sink.groups is not None:  # K leave-one-out + convergence spectra, then free K·D²
-            spectra[sink.key].groups = sink.groups.spectra(acc, sink.moments)
+            spectra[sink.key].groups = sink.groups.spectra(
+                acc, sink.moments, **({} if p.opts.convergence else {"orders": 0}))
             sink.groups = None
         joint.update(_joint(p, sink, sites))
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:

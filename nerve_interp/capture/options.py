@@ -46,7 +46,7 @@ KEYWORDS: dict[str, Any] = {
     "diagnostics": True, "outlier_fraction": DEFAULT_OUTLIER_FRACTION,
     "outlier_threshold": DEFAULT_OUTLIER_THRESHOLD,
     "max_outlier_tokens": DEFAULT_MAX_OUTLIER_TOKENS, "distributed": None, "remote": None,
-    "n_groups": None, "joint": False,
+    "n_groups": None, "joint": False, "convergence": True,
 }
 """The capture options of ``collect_spectra`` (every keyword but ``tokenizer`` and
 ``sites``) and their defaults."""
@@ -114,6 +114,7 @@ class CaptureOptions:
     remote: Any = None
     n_groups: int | None = None
     joint: bool = False
+    convergence: bool = True
     corpus: dict[str, Any] | None = None  # load_corpus provenance (nerve_interp.data.Corpus)
 
     # -------------------------------------------------------------- building
@@ -170,7 +171,8 @@ class CaptureOptions:
                                     k["outlier_fraction"], k["outlier_threshold"],
                                     k["max_outlier_tokens"]),
             distributed=k["distributed"], remote=k["remote"],
-            n_groups=_n_groups(k["n_groups"]), joint=_flag(k["joint"], "joint"))
+            n_groups=_n_groups(k["n_groups"]), joint=_flag(k["joint"], "joint"),
+            convergence=_flag(k["convergence"], "convergence"))
 
     def check_sites(self, sites: Sequence[FFNSite]) -> None:
         """Every point exists at the chosen sites (``act`` / ``up`` need a gated FFN)."""
@@ -223,7 +225,7 @@ class CaptureOptions:
                 "exclusion": {**self.rule.to_dict(), "skip_first": self.skip_first},
                 "precision": self.precision, "data": self.data_label,
                 "remote": self.remote, "points": list(self.points), "n_groups": self.n_groups,
-                "joint": self.joint,
+                "joint": self.joint, "convergence": self.convergence,
                 **({"corpus": dict(self.corpus)} if self.corpus is not None else {})}
 
 

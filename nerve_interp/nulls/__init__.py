@@ -207,9 +207,9 @@ def init(model: Any, data: Any, *, like: Any = None, seed: int = 0, **capture: A
     """The same architecture at initialisation, captured on the same data.
 
     ``collect_spectra(reinitialized(model, seed), data, **capture)``, with ``layers``,
-    ``points``, ``max_tokens``, ``n_groups`` and ``joint`` taken from ``like`` (the measured
-    result) unless given, so the rows line up. With the same data and groups, the
-    difference measured − init has a paired jackknife interval in
+    ``points``, ``max_tokens``, ``n_groups``, ``joint`` and ``convergence`` taken from
+    ``like`` (the measured result) unless given, so the rows line up. With the same data
+    and groups, the difference measured − init has a paired jackknife interval in
     :func:`nerve_interp.compare`.
 
     Parameters
@@ -236,7 +236,7 @@ def init(model: Any, data: Any, *, like: Any = None, seed: int = 0, **capture: A
 
     if like is not None:
         _check_result(like, "init")
-        for key in ("layers", "points", "max_tokens", "n_groups", "joint"):
+        for key in ("layers", "points", "max_tokens", "n_groups", "joint", "convergence"):
             if key not in capture and like.metadata.get(key) is not None:
                 capture[key] = like.metadata[key]
     fresh = reinitialized(model, seed)
