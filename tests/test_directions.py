@@ -416,4 +416,6 @@ def test_directions_command(local_model, tmp_path):
     bad = CliRunner().invoke(app, ["directions", "--model", str(folder), "--text", str(text),
                                    "--layer", "1", "--directions", "middle:3", "--out",
                                    str(out), "--max-tokens", "200"])
-    assert bad.exit_code != 0 and "not a direction spec" in str(bad.exception)
+    # the CLI's one-line errors: "Error: ..." and exit code 2, no traceback
+    assert bad.exit_code == 2 and "not a direction spec" in bad.output, bad.output
+    assert "Traceback" not in bad.output
