@@ -33,7 +33,7 @@ from .capture import iter_batches, model_label, token_hash
 from .capture.collect import input_limits
 from .capture.source import PREFIX_TOKENS, sequence_fingerprints
 from .errors import CaptureError, ResultsFileError, SiteError
-from .projection import Projection, effective_rank_count, energy_k, make_projection
+from .projection import SUBSPACES, Projection, effective_rank_count, energy_k, make_projection
 from .sites import POINTS, as_nnsight, find_ffn_sites, parse_site, resolve_layer, select_sites
 
 #: Effect metrics in ``AblationResult.table`` for causal LMs and for encoders.
@@ -765,9 +765,9 @@ def check_sweep_options(*, point: str = "post", ks: Sequence[int] | None = None,
     """Refuse arguments of :func:`ablation_sweep` that would fail or silently do nothing
     (the CLI calls it before loading a model): an unknown point, subspace or mode, an empty
     ``subspaces`` / ``modes`` / ``ks``, a size that is not an int >= 0, no seed. Returns
-    the seeds of the random subspaces (none without ``"random"``)."""
+    the seeds of the random subspaces (none without ``"random"`` / ``"random_matched"``)."""
     _choices(point, POINTS, "point")
-    _choices(subspaces, ("top", "tail", "random"), "subspaces")
+    _choices(subspaces, SUBSPACES, "subspaces")
     _choices(modes, ("keep", "remove"), "modes")
     if ks is not None:
         if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
@@ -779,7 +779,7 @@ def check_sweep_options(*, point: str = "post", ks: Sequence[int] | None = None,
         for k in ks:
             check_positive_int(k, "ks", minimum=0, context=f" in ks={list(ks)!r} (subspace "
                                "sizes, 0 <= k <= D)")
-    return _sweep_seeds(seeds) if "random" in subspaces else ()
+    return _sweep_seeds(seeds) if any(s.startswith("random") for s in subspaces) else ()
 
 
 def _check_spectra(spectra: Any, point: str) -> None:

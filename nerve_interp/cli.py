@@ -536,7 +536,8 @@ def ablate(
     seed_list = _parse_seeds(seeds)  # before the model loads: a bad flag fails at once
     sweep = dict(point=check_choices(point, ("pre", "post", "act", "up"), "--point")[0],
                  ks=_parse_ints(ks, "sizes"), seeds=seed_list,
-                 subspaces=check_choices(subspaces, ("top", "tail", "random"), "--subspaces"),
+                 subspaces=check_choices(subspaces, ("top", "tail", "random", "random_matched"),
+                                         "--subspaces"),
                  modes=check_choices(modes, ("keep", "remove"), "--modes"))
     _check_before_load({"max_tokens": max_tokens, "points": (sweep["point"],),
                         "max_length": max_length}, device, out, "ablate")
