@@ -56,8 +56,9 @@ def _paired(result: Any, null: Any) -> bool:
     """Same tokens in the same groups: the init null of the same data and n_groups."""
     if null.metadata.get("null") != "init":
         return False
+    theirs = dict(null.items())
     for key, spec in result.items():
-        other = dict(null.items()).get(key)
+        other = theirs.get(key)
         if (other is None or spec.groups is None or other.groups is None
                 or not np.array_equal(spec.groups.n, other.groups.n)):
             return False
@@ -65,10 +66,8 @@ def _paired(result: Any, null: Any) -> bool:
 
 
 def _se(loo: np.ndarray | None) -> float:
-    if loo is None:
-        return np.nan
-    k = loo.size
-    return float(np.sqrt((k - 1) / k * np.sum((loo - loo.mean()) ** 2)))
+    """The jackknife se of the leave-one-group-out values (NaN without them)."""
+    return np.nan if loo is None else float(jackknife(loo.mean(), loo)["se"])
 
 
 def _interval(diff: float, a: tuple, b: tuple, paired: bool, ci: float
