@@ -78,6 +78,8 @@ from nerve_interp.sites import as_nnsight, find_ffn_sites  # noqa: E402
 from nerve_interp.spectrum import Spectrum, spectrum_from_covariance  # noqa: E402
 
 PARTS = ("throughput", "accuracy", "eigh", "directions", "memory")
+# opt-in parts (not in the default run): the README's examples as written, ~15 min on 2 cores
+EXTRA_PARTS = ("readme",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -85,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-size run (tiny sizes, 1 rep)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated of {PARTS + EXTRA_PARTS} (default: {PARTS})")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -95,9 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-tokens", type=lambda t: tuple(int(v) for v in t.split(",")),
                    default=None, help="token counts N of the memory part, e.g. 2048,8192")
     args = p.parse_args(argv)
-    bad = set(args.parts.split(",")) - set(PARTS)
+    bad = set(args.parts.split(",")) - set(PARTS + EXTRA_PARTS)
     if bad:
-        p.error(f"unknown part(s) {sorted(bad)}; choose from {PARTS}")
+        p.error(f"unknown part(s) {sorted(bad)}; choose from {PARTS + EXTRA_PARTS}")
     if args.reps is None:
         args.reps = 1 if args.quick else 3
     if args.gpu_only:
@@ -644,6 +647,29 @@ def bench_directions(args: argparse.Namespace) -> list[dict]:
     return cases
 
 
+def bench_readme(args: argparse.Namespace) -> list[dict]:
+    """Every README Python block as written (``--quick``: scaled as in tests/test_readme.py),
+    in order, in one namespace, in a temporary folder; each block's wall time beside the time
+    it states (the budget: the upper end of ``~a-b min``)."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from readme_blocks import python_blocks, run_blocks
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            rows = run_blocks(python_blocks(), scale=args.quick)
+        finally:
+            os.chdir(here)
+    for r in rows:
+        r["scaled"] = args.quick
+    return rows
+
+
 # ------------------------------------------------------------------ report
 def _fmt(x: float) -> str:
     return f"{x:.2e}" if (x and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
@@ -684,6 +710,13 @@ def print_report(res: dict) -> None:
         for r in case["rows"]:
             print(f"  {r['variant']:<24}{r['median_s']:>10.3f} s{r['tokens_per_s']:>10,.0f} "
                   f"tok/s{r['x_plain']:>8.2f}x plain")
+    if res.get("readme"):
+        print("\n[f] README blocks (as written unless --quick), wall s vs the time they state")
+        for r in res["readme"]:
+            stated = "states no time" if r["stated_seconds"] is None else (
+                f"stated ≤ {r['stated_seconds']:.0f} s: "
+                + ("within" if r["within"] else "OVER BUDGET"))
+            print(f"  README.md:{r['line']:<5}{r['seconds']:>8.1f} s   {stated}")
     for m in res.get("memory", []):
         print(f"\n[d] peak memory of collect_spectra vs N on {m['device']} ({m['how']})")
         for r in m["rows"]:
@@ -712,9 +745,9 @@ def main(argv: list[str] | None = None) -> dict:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     run = {"throughput": bench_throughput, "accuracy": bench_accuracy, "eigh": bench_eigh,
-           "directions": bench_directions, "memory": bench_memory}
+           "directions": bench_directions, "memory": bench_memory, "readme": bench_readme}
     res["part_s"] = {}
-    for part in (p for p in PARTS if p in parts):
+    for part in (p for p in PARTS + EXTRA_PARTS if p in parts):
         t_part = time.perf_counter()
         print(f"running part {part} ...", flush=True)
         res[part] = run[part](args)

@@ -274,6 +274,30 @@ def _check_before_load(capture_kw: dict, device: str | None, out: Path | None,
         claim_out_folder(out, command)
 
 
+def _capture_recording(capture: Any, model: Any, texts: list[str], tokenizer: Any, kw: dict,
+                       ckpt: CheckpointChoice | None, shard: Path | None, echo: Any
+                       ) -> tuple[Any, list]:
+    """``_capture`` with its warnings recorded (printed by the caller as lines of the
+    report); when the capture fails they are printed first, so nothing said is lost."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("ignore", OutlierTokenWarning)  # printed as a table
+            warnings.simplefilter("always", FiniteSampleWarning)  # printed as a line
+            return _capture(capture, model, texts, tokenizer, kw, ckpt, shard), caught
+    except BaseException:
+        _echo_warnings(caught, echo)  # outside the recording (it re-emits some)
+        raise
+
+
+def _command_name(default: str) -> str:
+    """The running command's name (``demo`` runs ``spectra``'s body), for the folder lock."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return ctx.info_name if ctx is not None and ctx.info_name else default
+
+
 def _capture(capture: Any, model: Any, texts: list[str], tokenizer: Any, kw: dict,
              ckpt: CheckpointChoice | None, shard: Path | None) -> Any:
     """``collect_spectra`` with the CLI's checkpoint: discarded first with ``--fresh``; a
@@ -348,7 +372,7 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
               batch_size=batch_size, max_length=max_length, progress=rank == 0,
               **_with_skip_first(exclude, skip_first), data_label=data_label)
     kw.update(_cli_nulls.capture_options(nulls, kw))
-    _check_before_load(kw, device, out if rank == 0 else None, "spectra")
+    _check_before_load(kw, device, out if rank == 0 else None, _command_name("spectra"))
     shard = None if checkpoint is None else checkpoint.shard(rank, world_size)
     if world_size > 1:
         import torch
@@ -369,10 +393,8 @@ def _run(model_name: str, texts: list[str], data_label: str, *, max_tokens: int,
     echo(f"text    {data_label}: {len(texts)} documents"
          + (f" (random order, seed {seed})" if seed is not None else ""))
     t1 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("ignore", OutlierTokenWarning)  # printed below, as a table
-        warnings.simplefilter("always", FiniteSampleWarning)  # printed below, as a line
-        result = _capture(capture, model, texts, tokenizer, kw, checkpoint, shard)
+    result, caught = _capture_recording(capture, model, texts, tokenizer, kw, checkpoint,
+                                        shard, echo)
     t_cap = time.perf_counter() - t1
     meta = result.metadata
     echo(f"capture {meta['n_tokens']} tokens, {len(result.layers)} layers × "
@@ -495,6 +517,24 @@ def _split_texts(texts: list[str], heldout: float = 0.1) -> tuple[list[str], lis
     return texts[:-n_eval], texts[-n_eval:]
 
 
+def _check_sizes(lm: Any, found: list, layers: list[int], point: str,
+                 ks: list[int] | None) -> None:
+    """Refuse ``--ks`` larger than the point's width D, read in a 4-token trace."""
+    from .capture.passes import probe_widths
+
+    if not ks:
+        return
+    try:
+        picked = [found[i] for i in layers]
+    except IndexError:
+        return  # collect_spectra names the layer out of range, with the valid ones
+    d = min(probe_widths(lm, picked, (point,)).values())
+    if max(ks) > d:
+        raise ValueError(f"--ks {max(ks)} is larger than the width D = {d} of the {point!r} "
+                         f"point (an ablation keeps or removes at most D directions); pass "
+                         f"sizes ≤ {d}.")
+
+
 @app.command()
 def ablate(
     model: Annotated[str, typer.Option(help="Short name, hub name or local folder.")],
@@ -551,8 +591,9 @@ def ablate(
     else:
         train, held = _split_texts(data.read_texts(text))
         labels = (f"{text} (first 90%)", f"{text} (last 10%)")
-    n_layers = len(sites.find_ffn_sites(lm))
-    chosen = _parse_ints(layers) or sorted({round(i * (n_layers - 1) / 5) for i in range(6)})
+    found = sites.find_ffn_sites(lm)
+    chosen = _parse_ints(layers) or sorted({round(i * (len(found) - 1) / 5) for i in range(6)})
+    _check_sizes(lm, found, chosen, sweep["point"], sweep["ks"])  # before the capture
     spectra = capture.collect_spectra(
         lm, train, tokenizer=tokenizer, layers=chosen, points=(sweep["point"],),
         max_tokens=max_tokens, eigenvectors=True, data_label=labels[0])
@@ -649,6 +690,7 @@ def directions_command(
     from . import directions as dirs
 
     t0 = time.perf_counter()
+    dirs.check_spec_text(directions)  # before the model loads and the spectra are captured
     spec: Any = directions if ":" in directions else _parse_ints(directions, "eigen-indices")
     excluded = tuple(_parse_ints(exclude_positions, "positions") or ())
     lm, tokenizer = zoo.load_model(model, device=device)
@@ -660,7 +702,7 @@ def directions_command(
     if spectra is not None:
         result = results.SpectraResult.load(spectra)
     else:
-        points = ("pre", "post") if str(spec).startswith("reinjected") else (point,)
+        points = ("pre", "post") if "reinjected" in str(spec) else (point,)
         result = capture.collect_spectra(
             lm, train, tokenizer=tokenizer, layers=[layer], points=points,
             max_tokens=max_tokens, eigenvectors=True, exclude_positions=excluded)

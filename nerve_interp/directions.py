@@ -96,6 +96,20 @@ def _bad_spec(spec: Any, d: int) -> ValueError:
         f"[{d}, d] of directions.")
 
 
+def check_spec_text(text: str) -> str:
+    """``text`` if it is a well-formed comma-separated spec (``"top:8,tail:8"``, ``"0,3,7"``)
+    before any spectra exist (the CLI checks it before loading the model); a ``ValueError``
+    quoting the bad part otherwise. Ranges against D are checked later, with the spectra."""
+    parts = [p.strip() for p in str(text).split(",")]
+    bad = [p for p in parts if not (_SPEC.match(p) and int(p.split(":")[1]) >= 1)
+           and not p.isdigit()]
+    if not parts or bad:
+        raise ValueError(f"--directions {text!r}: {bad or text!r} is not a direction spec. "
+                         "Use top:k, tail:k or reinjected:k (k >= 1), eigen-indices such as "
+                         "0,3,7, or several of these comma-separated (top:8,tail:8).")
+    return text
+
+
 def reinjection_scores(spectra: Any, layer: int, energy: float = 0.9) -> np.ndarray:
     """``ρ_i = λ_i^post (1 − ‖U_pre,rᵀ u_i‖²)`` for every post direction, shape (D,).
 

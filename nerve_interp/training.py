@@ -30,8 +30,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_path, object_digest
+from ._io import atomic_path, check_format_version, object_digest
 from .errors import ResultsFileError
+
+# 2: format_version and the writing nerve_interp recorded; 1 (none recorded) is still read
+CHECKPOINT_VERSION = 2
 
 OPTIMIZERS = ("adamw", "sgd", "muon", "lion")
 
@@ -355,6 +358,9 @@ def _resume(run: _Run) -> None:
     except Exception as err:
         raise ResultsFileError(f"checkpoint {ckpt} cannot be read ({err}); delete it to "
                                "start afresh.") from None
+    # checkpoints written before versions have none: version 1 (read as before)
+    check_format_version(ckpt, saved.pop("format_version", 1), CHECKPOINT_VERSION,
+                         kind="a training checkpoint", writer=saved.pop("nerve_interp", None))
     want = saved.pop("sha256", None)  # checkpoints written before checksums have none
     if want is not None and object_digest(saved) != want:
         raise ResultsFileError(f"checkpoint {ckpt} is damaged: its contents do not match the "
@@ -381,8 +387,11 @@ def _save_checkpoint(run: _Run) -> None:
                "step": run.state.step, "history": run.state.history,
                "config": _config_dict(run.cfg), "callbacks": run.callbacks.state_dict(),
                "data_sha1": run.data_sha1}
+    from . import __version__
+
     with atomic_path(run.checkpoint) as tmp:
-        torch.save({**payload, "sha256": object_digest(payload)}, tmp)
+        torch.save({**payload, "sha256": object_digest(payload),
+                    "format_version": CHECKPOINT_VERSION, "nerve_interp": __version__}, tmp)
 
 
 def _start(model: torch.nn.Module, cfg: TrainConfig, callbacks: Sequence[Callback],

@@ -285,6 +285,7 @@ def test_two_concurrent_runs_into_one_folder(run_spectra, local_model, tmp_path)
         assert res.exit_code == 2
         assert f"in use by another run: pid {first.pid}" in res.output
         assert "choose another --out" in res.output
+        assert "(spectra, started" in res.output  # the holder's command is named
     finally:
         go.touch()
         first.wait(timeout=60)
@@ -339,3 +340,38 @@ def test_spectra_with_nulls_prints_and_writes_the_comparison(run_spectra, tmp_pa
     assert table["ci_low"].notna().all() and (out / "nulls.png").stat().st_size > 0
     bad = run_spectra("--out", tmp_path / "bad", "--nulls", "init,bogus")
     assert bad.exit_code == 2 and "--nulls" in bad.output and "bogus" in bad.output
+
+
+def test_ablate_sizes_larger_than_the_width_are_refused_before_the_capture(local_model,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    import nerve_interp.capture
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("the capture ran before --ks was checked against D")
+
+    monkeypatch.setattr(nerve_interp.capture, "collect_spectra", no_capture)
+    folder, text = local_model
+    res = CliRunner().invoke(app, ["ablate", "--model", str(folder), "--text", str(text),
+                                   "--out", str(tmp_path / "a"), "--layers", "1",
+                                   "--ks", "8,100000"])
+    assert res.exit_code == 2, res.output
+    assert "--ks 100000 is larger than the width D = " in res.output
+    assert "pass sizes ≤" in res.output
+
+
+@pytest.mark.filterwarnings("always")
+def test_warnings_of_a_failed_capture_are_printed(run_spectra, tmp_path, monkeypatch):
+    import warnings
+
+    import nerve_interp.capture
+
+    def fail(*args, **kwargs):
+        warnings.warn("said during the capture", UserWarning, stacklevel=1)
+        raise ni.errors.CaptureError("the capture failed")
+
+    monkeypatch.setattr(nerve_interp.capture, "collect_spectra", fail)
+    res = run_spectra("--out", str(tmp_path / "o"), "--max-tokens", "300")
+    assert res.exit_code == 2
+    assert "warning: UserWarning: said during the capture" in res.output
+    assert "Error: the capture failed" in res.output

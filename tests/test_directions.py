@@ -419,3 +419,22 @@ def test_directions_command(local_model, tmp_path):
     # the CLI's one-line errors: "Error: ..." and exit code 2, no traceback
     assert bad.exit_code == 2 and "not a direction spec" in bad.output, bad.output
     assert "Traceback" not in bad.output
+
+
+def test_directions_command_checks_the_spec_before_loading(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import nerve_interp.zoo
+    from nerve_interp.cli import app
+    from nerve_interp.directions import check_spec_text
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before --directions was checked")
+
+    monkeypatch.setattr(nerve_interp.zoo, "load_model", no_load)
+    for bad in ("middle:3", "top:0", "top:8,,tail:2", "top"):
+        res = CliRunner().invoke(app, ["directions", "--model", "x", "--layer", "1",
+                                       "--directions", bad, "--out", str(tmp_path / "d")])
+        assert res.exit_code == 2 and "not a direction spec" in res.output, (bad, res.output)
+    for good in ("top:8", "top:8,tail:8,reinjected:8", "0,3,7", "tail:1, 5"):
+        assert check_spec_text(good) == good

@@ -194,3 +194,22 @@ def test_damaged_training_checkpoint_is_refused(tmp_path):
     ckpt.write_bytes(bytes(blob))
     with pytest.raises(ResultsFileError, match=rf"{ckpt} (is damaged|cannot be read).*Delete"):
         train(make_tiny("llama"), blocks(), None, cfg, checkpoint=ckpt, progress=False)
+
+
+def test_training_checkpoint_of_a_newer_format_is_refused(tmp_path):
+    import torch
+    from test_training import blocks
+
+    from nerve_interp.training import CHECKPOINT_VERSION, TrainConfig, train
+
+    ckpt, cfg = tmp_path / "run.pt", TrainConfig(steps=2, warmup=1)
+    train(make_tiny("llama"), blocks(), None, cfg, checkpoint=ckpt, progress=False)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["format_version"] == CHECKPOINT_VERSION and saved["nerve_interp"]
+    torch.save({**saved, "format_version": CHECKPOINT_VERSION + 97}, ckpt)
+    with pytest.raises(ResultsFileError, match=rf"format version {CHECKPOINT_VERSION + 97}.*"
+                                                r"Upgrade nerve_interp"):
+        train(make_tiny("llama"), blocks(), None, cfg, checkpoint=ckpt, progress=False)
+    del saved["format_version"], saved["nerve_interp"]  # written before versions: still read
+    torch.save(saved, ckpt)
+    train(make_tiny("llama"), blocks(), None, cfg, checkpoint=ckpt, progress=False)

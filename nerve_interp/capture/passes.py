@@ -101,3 +101,25 @@ def merged_metadata(metas: list[dict], the_plan: Any) -> dict:
 
 
 __all__ = ["in_passes", "merged_metadata", "plan"]
+
+
+def probe_widths(model: Any, sites: Sequence[FFNSite], points: Sequence[str]
+                 ) -> dict[tuple[int, str], int]:
+    """The width D of every ``(layer, point)``, read in one trace of 4 token ids.
+
+    For a Hugging Face-style model that takes ``input_ids`` (what the CLI loads), so sizes
+    given on the command line can be checked against D before any capture.
+    """
+    from ..sites import as_nnsight
+
+    wrapper = as_nnsight(model)
+    param = next(wrapper._module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    ids = torch.arange(1, 5, device=device).unsqueeze(0)
+    dims: dict = {}
+    with torch.no_grad(), wrapper.trace(input_ids=ids) as tracer:
+        for s in sites:
+            for p in points:
+                dims[(s.layer, p)] = int(wrapper.get(s.paths[p]).shape[-1])
+        tracer.stop()
+    return dims
