@@ -24,6 +24,7 @@ from scipy import stats
 
 from . import metrics as _metrics
 from .jackknife import check_ci, jackknife
+from .uncertainty import reinjection_loo
 
 COLUMNS = ["model", "layer", "point", "metric", "value", "null", "null_value", "difference",
            "se", "ci_low", "ci_high", "excludes_zero", "interval", "n_tokens", "n_over_d"]
@@ -44,11 +45,9 @@ def _values(result: Any) -> dict[tuple[int, str, str], tuple[float, np.ndarray |
             full = _metrics.reinjection(a.eigenvalues, b.eigenvalues)
             loo = None
             if a.groups is not None and b.groups is not None and a.groups.k == b.groups.k:
-                loo = [_metrics.reinjection(x, y) for x, y in
-                       zip(a.groups.loo_eigenvalues, b.groups.loo_eigenvalues, strict=True)]
+                loo = reinjection_loo(a, b)
             for name, value in full.items():
-                out[(layer, "reinjection", name)] = (
-                    value, None if loo is None else np.array([r[name] for r in loo]))
+                out[(layer, "reinjection", name)] = (value, None if loo is None else loo[name])
     return out
 
 

@@ -46,11 +46,19 @@ def reinjection_intervals(pre: Spectrum, post: Spectrum, *, ci: float = 0.95
             "one collect_spectra call without exclude_norm_above (which drops different "
             "tokens at each point).")
     full = _metrics.reinjection(pre.eigenvalues, post.eigenvalues)
+    loo = reinjection_loo(pre, post)
+    return {name: {k: float(v) for k, v in jackknife(value, loo[name], ci=ci).items()}
+            for name, value in full.items()}
+
+
+def reinjection_loo(pre: Spectrum, post: Spectrum) -> dict[str, np.ndarray]:
+    """``{quantity: (K,) leave-one-group-out values}`` of every ``metrics.reinjection``
+    quantity (the groups of ``pre`` and ``post`` must line up; see
+    :func:`reinjection_intervals`)."""
+    gp, gq = pre.require_groups(), post.require_groups()
     loo = [_metrics.reinjection(a, b)
            for a, b in zip(gp.loo_eigenvalues, gq.loo_eigenvalues, strict=True)]
-    return {name: {k: float(v) for k, v in
-                   jackknife(value, [r[name] for r in loo], ci=ci).items()}
-            for name, value in full.items()}
+    return {name: np.array([r[name] for r in loo]) for name in loo[0]}
 
 
 @dataclasses.dataclass
