@@ -3,9 +3,9 @@
 Every ```python block of README.md runs, in order, in one namespace (a later block may use
 the names of an earlier one, as a reader pasting them into one notebook would). Two uses:
 
-- ``tests/test_readme.py`` runs them **scaled** (:func:`scaled`: token counts and training
-  steps cut so the whole README runs in a few minutes of CI) to check that every block still
-  runs against the current API;
+- ``tests/test_readme.py`` runs them **scaled** (:func:`scaled`: token counts, training
+  steps and groups cut so the whole README runs in a few minutes of CI) to check that every
+  block still runs against the current API;
 - ``benchmarks/bench.py --parts readme`` runs them **as written** and reports each block's
   time beside the time its comment states (``~1-2 min on 2 cores``): the budget is the upper
   end of the stated range.
@@ -26,7 +26,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # A stated time: "~1-2 min", "~1 min", "~20 s" (the upper end is the budget).
 _STATED = re.compile(r"~\s*(\d+(?:\.\d+)?)(?:\s*[-–]\s*(\d+(?:\.\d+)?))?\s*(min|s)\b")
 # What the scaled run changes, and to what (the larger of the two is never taken).
-SCALED_LIMITS = {"max_tokens": 2_048, "steps": 12, "every": 6}
+SCALED_LIMITS = {"max_tokens": 1_024, "steps": 12, "every": 6, "n_groups": 4}
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,9 @@ def test_blocks_are_found_and_state_their_time(readme_blocks):
 
 
 def test_scaling_caps_only_the_named_sizes(readme_blocks):
-    code = "f(max_tokens=12_000, steps=5, every=50, n_groups=16)\nmax_tokens=100\n"
+    code = "f(max_tokens=12_000, steps=5, every=50, n_groups=16, k=8)\nmax_tokens=100\n"
     assert readme_blocks.scaled(code) == \
-        "f(max_tokens=2048, steps=5, every=6, n_groups=16)\nmax_tokens=100\n"
+        "f(max_tokens=1024, steps=5, every=6, n_groups=4, k=8)\nmax_tokens=100\n"
     assert readme_blocks.stated_seconds("# ~1-2 min on 2 cores") == 120
     assert readme_blocks.stated_seconds("# ~20 s") == 20
     assert readme_blocks.stated_seconds("x = 1") is None
@@ -54,6 +54,7 @@ def test_every_readme_block_runs(readme_blocks, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)          # the examples write files
     rows = readme_blocks.run_blocks(readme_blocks.python_blocks(), scale=True)
+    print("scaled README blocks, wall s:", {r["line"]: round(r["seconds"], 1) for r in rows})
     assert len(rows) == len(readme_blocks.python_blocks())
     # what the examples promise to write, they wrote
     assert (tmp_path / "smollm2.safetensors").exists()
