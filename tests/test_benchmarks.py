@@ -25,7 +25,7 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     res = bench.main(["--quick", "--out", str(out), "--memory-tokens", "256"])
     saved = json.loads(out.read_text())
     assert saved["quick"] and set(saved) >= {"throughput", "accuracy", "eigh", "memory",
-                                             "directions"}
+                                             "directions", "peer"}
     assert {r["variant"] for r in res["directions"][0]["rows"]} == {"plain", "layer 1, d=16"}
     case = res["throughput"][0]
     assert {r["variant"] for r in case["rows"]} == {
@@ -42,6 +42,9 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     assert acc["UNSAFE split, float32 diagonal"]["tail_decile_rel_err"] > \
         2 * acc["bf16-split"]["tail_decile_rel_err"]  # measured 5.7x
     assert res["memory"][0]["rows"][0]["N"] == 256
+    peer = {(r["method"], r["N"]) for r in res["peer"]["rows"]}
+    assert peer == {(m, n) for m in ("ours", "nerve") for n in (256, 1024)}
+    assert all(r["streaming_x_plain"] > 0 for r in res["peer"]["rows"] if r["method"] == "ours")
     assert "[d] peak memory" in capsys.readouterr().out
     # the GPU throughput path, run on the CPU with tiny bf16 models
     gpu = bench.bench_throughput_gpu(
