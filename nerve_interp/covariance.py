@@ -662,9 +662,9 @@ class CovarianceAccumulator:
         """``x − s`` in the Gram product's dtype, ``s`` the batch mean ``mean_b`` rounded to
         that dtype (to bfloat16 for ``"bf16-split"``: then exact for bf16 inputs)."""
         if self._resolved == "bf16-split":
-            return x.float() - mean_b.to(_BF16).float()
+            return x.to(torch.float32, copy=True).sub_(mean_b.to(_BF16).float())
         dtype = _PRECISION_GRAM_DTYPE[self._resolved]
-        return x.to(dtype) - mean_b.to(dtype)
+        return x.to(dtype, copy=True).sub_(mean_b.to(dtype))  # one N×D copy, no temporary
 
     def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor,
                      diag: torch.Tensor | None) -> bool:

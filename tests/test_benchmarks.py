@@ -53,3 +53,22 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
                        max_seq_len=64))
     assert [c["dtype"] for c in gpu] == ["bfloat16", "bfloat16"]
     assert {r["variant"] for r in gpu[1]["rows"]} >= {"nnsight bf16-split", "raw bf16-split"}
+
+
+def test_peer_method_measures_the_same_spectra(bench):
+    """NerVE's analyzer method (rows kept, fp32 covariance and eigvalsh) sees the rows ours
+    counts: its eigenvalues are ours to float32 round-off (those above 1e-4·λ_1)."""
+    import numpy as np
+    import torch
+
+    import nerve_interp as ni
+
+    model, batches, reads = bench._peer_setup(300, None, True)
+    theirs = bench.nerve_analyzer_spectra(model, batches, reads)
+    ours = ni.collect_spectra(model, batches, progress=False, diagnostics=False)
+    assert set(theirs) == {s.name for _, s in ours.items()}
+    for _, s in ours.items():
+        lam = theirs[s.name].double().numpy()
+        keep = s.eigenvalues > 1e-4 * s.eigenvalues[0]
+        assert keep.sum() > 10 and theirs[s.name].dtype == torch.float32
+        np.testing.assert_allclose(lam[keep], s.eigenvalues[keep], rtol=1e-3)
