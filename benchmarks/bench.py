@@ -38,6 +38,16 @@ memory
     Peak memory of a capture vs token count (fresh subprocess per N on CPU, ``ru_maxrss``
     above the model's own footprint; ``torch.cuda.max_memory_allocated`` on CUDA): the
     statistics are D×D, so it should be flat in N.
+peer
+    Ours (``collect_spectra`` with its defaults, eigendecompositions included; and its
+    streaming part alone) against NerVE's analyzer method (keep every batch's pre and post
+    rows on the CPU, then a float32 covariance and float32 ``eigvalsh`` per point), each in a
+    fresh process per size after a plain forward of the same batches: seconds as a ratio to
+    that forward, and peak memory. SmolLM2-135M on python-docs batches of the defaults (8
+    texts × 256 tokens): all 60 points at 4k, 8k and 16k tokens, layers 0-1 (4 points) at 64k
+    (every point's rows would need 24 GB); the streaming part alone up to 8k. ``--quick``:
+    TinyLM, 256 and 1024 tokens. The longest part (~25 min on 1 thread); ``--peer-tokens
+    4096,8192`` picks sizes.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ from nerve_interp.covariance import (  # noqa: E402
 from nerve_interp.sites import as_nnsight, find_ffn_sites  # noqa: E402
 from nerve_interp.spectrum import Spectrum, spectrum_from_covariance  # noqa: E402
 
-PARTS = ("throughput", "accuracy", "eigh", "directions", "memory")
+PARTS = ("throughput", "accuracy", "eigh", "directions", "memory", "peer")
 # opt-in parts (not in the default run): the README's examples as written, ~15 min on 2 cores
 EXTRA_PARTS = ("readme",)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only the CUDA cases of throughput and accuracy (make gpu-check)")
     p.add_argument("--memory-tokens", type=lambda t: tuple(int(v) for v in t.split(",")),
                    default=None, help="token counts N of the memory part, e.g. 2048,8192")
+    p.add_argument("--peer-tokens", type=lambda t: tuple(int(v) for v in t.split(",")),
+                   default=None, help="token counts of the peer part, e.g. 4096,8192")
     args = p.parse_args(argv)
     bad = set(args.parts.split(",")) - set(PARTS + EXTRA_PARTS)
     if bad:
@@ -670,6 +682,169 @@ def bench_readme(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ (f) peer: NerVE's analyzer
+class _StopForward(Exception):
+    """Raised by the peer's last hook: its forward stops where ours does (tracer.stop())."""
+
+
+def nerve_analyzer_spectra(model: torch.nn.Module, batches: list[dict], reads: list[tuple]
+                           ) -> dict[str, torch.Tensor]:
+    """NerVE's analyzer method (``nerve/analyzer.py``, ``nerve/metrics.py`` @35a8f95 of
+    github.com/nerve-eigenspectrum/NerVE; notes/papers.md §1.2-1.3), over several batches.
+
+    Hooks keep every batch's pre and post rows (here only the real tokens, the rows ours
+    counts) in float32 on the CPU; then, point by point, ``Σ = (X − μ)ᵀ(X − μ) / (N − 1)`` in
+    float32 and float32 ``eigvalsh``, sorted descending and clamped at 1e-12, freeing each
+    point's rows as it goes. The forward stops after the last point read (as ours does).
+
+    Returns
+    -------
+    dict name -> torch.Tensor of shape (D,), float32 eigenvalues
+    """
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name, *_ in reads}
+    state: dict[str, Any] = {}
+    last = reads[-1][0]
+
+    def make(name: str, io: str):
+        def take(x: torch.Tensor) -> None:
+            rows = x.reshape(-1, x.shape[-1]).index_select(0, state["idx"])
+            kept[name].append(rows.float().cpu())
+            if name == last:
+                raise _StopForward
+        if io == "input":
+            return lambda module, args: take(args[0])
+        return lambda module, args, output: take(output)
+
+    handles = []
+    for name, mod_path, io, _ in reads:
+        module = model.get_submodule(mod_path)
+        handles.append(module.register_forward_pre_hook(make(name, io)) if io == "input"
+                       else module.register_forward_hook(make(name, io)))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                state["idx"] = batch["attention_mask"].bool().reshape(-1).nonzero().squeeze(1)
+                try:
+                    model(**batch)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in list(kept):
+        x = torch.cat(kept.pop(name))
+        xc = x - x.mean(dim=0)
+        cov = xc.T @ xc / (x.shape[0] - 1 + 1e-12)
+        del x, xc
+        out[name] = torch.linalg.eigvalsh(cov).flip(-1).clamp_min(1e-12)
+    return out
+
+
+def _peer_setup(n_tokens: int, layers: tuple[int, ...] | None, quick: bool
+                ) -> tuple[torch.nn.Module, list[dict], list[tuple]]:
+    """The model, batches of at least ``n_tokens`` real tokens and the points read."""
+    if quick:
+        from nerve_interp.models import make_lm
+
+        model = make_lm("small", seed=0, n_layers=2, d_model=64).eval()
+        batches = _random_batches(-(-n_tokens // 128), 4, 32, 256, "cpu")
+    else:
+        from nerve_interp.data import load_corpus, tokenize_batches
+        from nerve_interp.zoo import load_model
+
+        model, tok = load_model("smollm2-135m")
+        texts = load_corpus("python-docs", seed=None)
+        batches, n = [], 0
+        for b in tokenize_batches(texts, tok, batch_size=8, max_length=256):
+            batches.append(b)
+            n += int(b["attention_mask"].sum())
+            if n >= n_tokens:
+                break
+    sites = find_ffn_sites(as_nnsight(model))
+    sites = [s for s in sites if layers is None or s.layer in layers]
+    reads = [(s.name(p), *module_and_io(s.path(p)), p) for s in sites for p in ("pre", "post")]
+    return model, batches, reads
+
+
+def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quick: bool
+                ) -> dict:
+    """Run in a fresh process: a plain forward, then ``method`` ("ours": collect_spectra with
+    its defaults, eigendecompositions included; "nerve": :func:`nerve_analyzer_spectra`) on
+    the same batches; seconds of each and the method's peak RSS above the baseline."""
+    warnings.filterwarnings("ignore")
+    model, batches, reads = _peer_setup(n_tokens, layers, quick)
+    small = batches[:1]
+    layer_ids = sorted({int(name.split(".")[1]) for name, *_ in reads})
+
+    def ours(data: list[dict]) -> None:
+        collect_spectra(model, data, layers=layer_ids, progress=False)
+
+    def nerve(data: list[dict]) -> None:
+        nerve_analyzer_spectra(model, data, reads)
+
+    run = {"ours": ours, "nerve": nerve}[method]
+    run(small)  # warm-up: allocator, nnsight
+    plain_s = float("nan")  # with a subset of layers both methods stop early: no ratio
+    if layers is None:
+        plain_forward(model, small)
+        t0 = time.perf_counter()
+        plain_forward(model, batches)
+        plain_s = time.perf_counter() - t0
+    base = _rss_reset_peak()
+    t0 = time.perf_counter()
+    run(batches)
+    method_s = time.perf_counter() - t0
+    peak = max(0, _peak_rss() - base)
+    row = {"method": method, "N": sum(int(b["attention_mask"].sum()) for b in batches),
+           "points": len(reads), "layers": "all" if layers is None else list(layers),
+           "seconds": method_s, "plain_forward_s": plain_s, "x_plain": method_s / plain_s,
+           "peak_above_baseline_bytes": peak, "baseline_bytes": base,
+           "threads": torch.get_num_threads()}
+    if method == "ours" and n_tokens <= 8192:  # the streaming part alone (no eigh)
+        t0 = time.perf_counter()
+        with discard_eigh():
+            run(batches)
+        row["streaming_x_plain"] = (time.perf_counter() - t0) / plain_s
+    return row
+
+
+PEER_CASES = ((4096, None), (8192, None), (16384, None), (65536, (0, 1)))
+"""``(tokens, layers)`` of the peer comparison (SmolLM2-135M; all 30 layers up to 16k tokens,
+layers 0 and 1 at 64k, where keeping every point's rows would need 24 GB)."""
+
+
+def bench_peer(args: argparse.Namespace) -> dict:
+    """Ours (``collect_spectra`` defaults) vs NerVE's analyzer method: seconds (with a plain
+    forward of the same batches in the same process) and peak memory, one fresh process per
+    method and size, run one after the other."""
+    cases = ((256, None), (1024, None)) if args.quick else PEER_CASES
+    if args.peer_tokens:
+        cases = tuple(c for c in cases if c[0] in args.peer_tokens) or tuple(
+            (n, None) for n in args.peer_tokens)
+    root = str(Path(nerve_interp.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    rows = []
+    for n, layers in cases:
+        for method in ("ours", "nerve"):
+            code = (f"import json, sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                    f"torch.set_num_threads({torch.get_num_threads()}); import bench; "
+                    f"print('RESULT', json.dumps(bench._child_peer({method!r}, {n}, "
+                    f"{layers!r}, {args.quick})))")
+            proc = subprocess.run([sys.executable, "-c", code], env=env, text=True,
+                                  capture_output=True, timeout=1800)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise RuntimeError(f"peer child {method} N={n} failed:\n{proc.stderr[-2000:]}")
+            rows.append(json.loads(line[0][7:]))
+    return {"model": "TinyLM small, 2 layers" if args.quick else "SmolLM2-135M",
+            "how": "fresh process per method and size; seconds of the whole call "
+                   "(eigendecompositions included) over a plain forward of the same batches "
+                   "in the same process; peak RSS (VmHWM) above the RSS after loading and a "
+                   "warm-up", "rows": rows}
+
+
 # ------------------------------------------------------------------ report
 def _fmt(x: float) -> str:
     return f"{x:.2e}" if (x and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
@@ -710,8 +885,20 @@ def print_report(res: dict) -> None:
         for r in case["rows"]:
             print(f"  {r['variant']:<24}{r['median_s']:>10.3f} s{r['tokens_per_s']:>10,.0f} "
                   f"tok/s{r['x_plain']:>8.2f}x plain")
+    if "peer" in res:
+        pe = res["peer"]
+        print(f"\n[f] ours (collect_spectra defaults) vs NerVE's analyzer method (buffer rows, "
+              f"fp32 covariance, fp32 eigvalsh), {pe['model']}; {pe['how']}")
+        for r in pe["rows"]:
+            print(f"  {r['method']:<6} N={r['N']:>7} ({r['points']} points, layers "
+                  f"{r['layers']}): {r['seconds']:8.1f} s"
+                  + (f" = {r['x_plain']:5.2f}x plain" if r["x_plain"] == r["x_plain"] else "")
+                  + ", "
+                  f"peak +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB"
+                  + (f"; streaming alone {r['streaming_x_plain']:.2f}x plain"
+                     if "streaming_x_plain" in r else ""))
     if res.get("readme"):
-        print("\n[f] README blocks (as written unless --quick), wall s vs the time they state")
+        print("\n[g] README blocks (as written unless --quick), wall s vs the time they state")
         for r in res["readme"]:
             stated = "states no time" if r["stated_seconds"] is None else (
                 f"stated ≤ {r['stated_seconds']:.0f} s: "
@@ -745,7 +932,8 @@ def main(argv: list[str] | None = None) -> dict:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     run = {"throughput": bench_throughput, "accuracy": bench_accuracy, "eigh": bench_eigh,
-           "directions": bench_directions, "memory": bench_memory, "readme": bench_readme}
+           "directions": bench_directions, "memory": bench_memory, "peer": bench_peer,
+           "readme": bench_readme}
     res["part_s"] = {}
     for part in (p for p in PARTS + EXTRA_PARTS if p in parts):
         t_part = time.perf_counter()

@@ -20,7 +20,10 @@ Precision of the per-batch scatter (``precision=``)
 - ``"fp64"``: centre on the exact batch mean, Gram product in float64. Exact to float64
   round-off; the default on CPU.
 - ``"fp32"``: centre on the batch mean rounded to float32, Gram product in float32 (TF32
-  forbidden while it runs). About 1.7× faster than fp64 on CPU, much more on GPUs.
+  forbidden while it runs). The per-batch product runs at twice fp64's rate on a CPU (the
+  capture of SmolLM2-135M's 60 points streams at 1.30× a plain forward against fp64's 1.55×,
+  1 thread), much faster on GPUs; every metric of that capture moved by at most 5.4e-6
+  relative (docs/howto.md, "Precision on a CPU").
 - ``"bf16-split"``: centre on the batch mean rounded to **bfloat16** (so the shift ``s`` is
   itself a bf16 number), form ``d = x − s`` in float32 and split it as ``d = hi + lo`` with
   ``hi = bf16(d)`` and ``lo = bf16(d − hi)``. For bf16 activations ``d`` is exact and so is
@@ -47,6 +50,13 @@ diagonal entry low: on the data above, −1.3e-4 per entry, about 3e-3 of the sm
 eigenvalues, which was the whole excess error of the split over fp32 (3.0e-3 before, 3.2e-5
 after). The diagonal is therefore summed in float64 (:func:`exact_diagonal`, O(N·D) against
 the product's O(N·D²)).
+
+**Half the products on the CPU.** The scatter is symmetric, so on the CPU (``"fp64"`` and
+``"fp32"``) each update forms only its upper block triangle, one GEMM per panel of 128
+columns (:func:`add_upper_gram`: 54% of the multiply-adds at D = 1536), and the rank-one
+corrections touch the same half. The lower half is copied from the upper one when the
+scatter is read (``scatter_``, ``covariance_``, ``state_dict``, ``merge``); the streamed
+fourth moment reads ``M2 δ`` from the upper half (:meth:`CovarianceAccumulator.scatter_matvec`).
 
 A 16-bit Gram matrix (``"bf16"``, ``"fp16"``) and TF32 (``"tf32"``) are refused: with a mean
 offset the cancellation in ``E[xxᵀ] − μμᵀ`` destroys the tail of the spectrum (DESIGN.md:
@@ -319,6 +329,128 @@ _DIAGONAL_CHUNK = 1 << 24
 """Elements per float64 chunk in :func:`exact_diagonal` (128 MB)."""
 
 
+# ------------------------------------------------------------------ symmetric Gram
+PANEL_WIDTH = 128
+"""Columns per panel of :func:`add_upper_gram` (12 panels at D = 1536)."""
+
+
+def panels(d: int, width: int = PANEL_WIDTH) -> list[tuple[int, int]]:
+    """Column ranges ``[i, j)`` of width ``width`` (the last one shorter) that tile ``0..d``.
+
+    Examples
+    --------
+    >>> panels(300, 128)
+    [(0, 128), (128, 256), (256, 300)]
+    """
+    return [(i, min(i + width, d)) for i in range(0, d, width)]
+
+
+def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WIDTH
+                   ) -> torch.Tensor:
+    """Add ``xcᵀxc`` to the *upper block triangle* of ``m2``, in place: half the products.
+
+    For each panel ``[i, j)`` of :func:`panels`, ``m2[i:j, i:] += xc[:, i:j]ᵀ xc[:, i:]``:
+    the diagonal blocks in full, the blocks right of them, nothing below (the symmetric
+    half, :func:`fill_lower`, is copied once when it is read). With 12 panels that is
+    (12 + 1) / 24 = 54% of the full product's multiply-adds, as one GEMM per panel (a BLAS
+    ``syrk`` was no faster than these on MKL). A float64 ``xc`` is multiplied straight into
+    ``m2`` (``addmm``); a float32 one into a float32 panel that is then added (widened
+    exactly) to the float64 ``m2``.
+
+    Parameters
+    ----------
+    m2 : torch.Tensor of shape (D, D), float64
+        Its upper block triangle is updated; the rest is not read or written.
+    xc : torch.Tensor of shape (N, D), float64 or float32
+        Centred rows, on ``m2``'s device.
+    width : int
+        Panel width.
+
+    Returns
+    -------
+    torch.Tensor of shape (D,), in ``xc``'s dtype
+        The diagonal of ``xcᵀxc`` as the products formed it (for :func:`exact_diagonal`'s
+        correction).
+    """
+    d = int(xc.shape[1])
+    diag = torch.empty(d, dtype=xc.dtype, device=xc.device)
+    scratch = None if xc.dtype == m2.dtype else torch.empty(
+        min(width, d) * d, dtype=xc.dtype, device=xc.device)
+    for i, j in panels(d, width):
+        block = m2[i:j, i:]
+        if scratch is None:
+            block.addmm_(xc[:, i:j].T, xc[:, i:])
+            diag[i:j] = block[:, :j - i].diagonal()  # unused for float64 (no correction)
+            continue
+        part = scratch[:(j - i) * (d - i)].view(j - i, d - i)
+        torch.mm(xc[:, i:j].T, xc[:, i:], out=part)
+        diag[i:j] = part[:, :j - i].diagonal()
+        block.add_(part)
+    return diag
+
+
+def add_upper_low_rank(m2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *,
+                       upper: bool, width: int = PANEL_WIDTH) -> None:
+    """``m2 += u vᵀ`` in place, on the upper block triangle only when ``upper``.
+
+    Parameters
+    ----------
+    m2 : torch.Tensor of shape (D, D), float64
+    u, v : torch.Tensor of shape (D, k), float64
+        Low-rank factors (the rank-one corrections of an update, stacked: one pass over
+        ``m2`` instead of one per correction).
+    upper : bool
+        Update only the upper block triangle of :func:`panels` (the lower one is stale).
+    """
+    if not upper:
+        m2.addmm_(u, v.T)
+        return
+    for i, j in panels(int(m2.shape[0]), width):
+        m2[i:j, i:].addmm_(u[i:j], v[i:].T)
+
+
+def fill_lower(m2: torch.Tensor, *, width: int = PANEL_WIDTH) -> None:
+    """Copy the upper triangle of ``m2`` onto its lower one (in place): exactly symmetric.
+
+    Parameters
+    ----------
+    m2 : torch.Tensor of shape (D, D)
+        Its blocks below the diagonal blocks of :func:`panels` are overwritten with the
+        transposes of those above, and each diagonal block's lower triangle with its upper.
+    """
+    for i, j in panels(int(m2.shape[0]), width):
+        m2[j:, i:j].copy_(m2[i:j, j:].T)
+        block = m2[i:j, i:j]
+        block.copy_(block.triu() + block.triu(1).T)
+
+
+def upper_matvec(m2: torch.Tensor, v: torch.Tensor, *, width: int = PANEL_WIDTH
+                 ) -> torch.Tensor:
+    """``S v`` for the symmetric ``S`` whose upper block triangle ``m2`` holds.
+
+    Parameters
+    ----------
+    m2 : torch.Tensor of shape (D, D)
+        Only its upper block triangle (diagonal blocks in full) is read.
+    v : torch.Tensor of shape (D,)
+
+    Returns
+    -------
+    torch.Tensor of shape (D,)
+    """
+    out = torch.zeros_like(v)
+    for i, j in panels(int(m2.shape[0]), width):
+        out[i:] += m2[i:j, i:].T @ v[i:j]  # the blocks of row panel i, transposed
+        out[i:j] += m2[i:j, j:] @ v[j:]    # ... and as they are (right of the diagonal)
+    return out
+
+
+def _add_full(m2: torch.Tensor, other: torch.Tensor) -> bool:
+    """``m2 += other`` (both (D, D), symmetric in full); False: every block was updated."""
+    m2.add_(other.to(m2.device))
+    return False
+
+
 def _as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -375,6 +507,7 @@ class CovarianceAccumulator:
         self._n = 0
         self._mean: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None
+        self._stale = False  # True: only the upper block triangle of _m2 is up to date
 
     # ------------------------------------------------------------------ state
     @property
@@ -411,7 +544,25 @@ class CovarianceAccumulator:
     @property
     def scatter_(self) -> torch.Tensor:
         self._fitted("scatter_")
+        return self._symmetric()
+
+    def _symmetric(self) -> torch.Tensor:
+        """``M2`` in full: the lower blocks are copied from the upper ones when stale."""
+        if self._stale:
+            fill_lower(self._m2)
+            self._stale = False
         return self._m2
+
+    def scatter_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``M2 v`` (float64, shape (D,)) without completing ``M2`` first."""
+        self._fitted("scatter_matvec()")
+        v = v.to(self._m2.device, torch.float64)
+        return upper_matvec(self._m2, v) if self._stale else self._m2 @ v
+
+    def scatter_trace(self) -> torch.Tensor:
+        """``tr M2 = Σ_n ‖x_n − μ‖²`` (a float64 scalar tensor)."""
+        self._fitted("scatter_trace()")
+        return self._m2.diagonal().sum()
 
     @property
     def covariance_(self) -> torch.Tensor:
@@ -421,15 +572,19 @@ class CovarianceAccumulator:
                 f"CovarianceAccumulator for {self.name} has seen 1 token; an unbiased "
                 "covariance needs at least 2."
             )
-        return self._m2 / (self._n - 1)
+        return self._symmetric() / (self._n - 1)
 
     # ---------------------------------------------------------------- updates
     def _fold(self, n_b: int, mean_b: torch.Tensor,
-              add_scatter: Callable[[torch.Tensor], None]) -> None:
-        """Chan's update, in place: ``add_scatter(M2)`` adds the batch's own ``M2_b``.
+              add_scatter: Callable[[torch.Tensor], bool],
+              resid: torch.Tensor | None = None) -> None:
+        """Chan's update, in place: ``add_scatter(M2)`` adds the batch's own ``M2_b``
+        (returning True when it updated only the upper block triangle), less
+        ``resid residᵀ / n_b`` when ``resid`` (``Σ(x − s)`` around the batch's shift) is given.
 
         Adding ``M2_b`` straight into the float64 state saves a D×D float64 temporary
-        (1.6 GB at D = 14336) per update.
+        (1.6 GB at D = 14336) per update; the two rank-one corrections go in as one rank-two
+        product (one pass over ``M2``).
         """
         if self._mean is None:
             d = int(mean_b.shape[0])
@@ -443,9 +598,16 @@ class CovarianceAccumulator:
         mean_b = mean_b.to(self._mean.device)
         n_a, n = self._n, self._n + n_b
         delta = mean_b - self._mean
-        add_scatter(self._m2)
+        self._stale = bool(add_scatter(self._m2)) or self._stale
+        u, v = [], []
+        if resid is not None:
+            resid = resid.to(self._m2.device)
+            u, v = [resid], [resid * (-1.0 / n_b)]
         if n_a:
-            self._m2.addr_(delta, delta, alpha=n_a * n_b / n)
+            u, v = [*u, delta], [*v, delta * (n_a * n_b / n)]
+        if u:
+            add_upper_low_rank(self._m2, torch.stack(u, 1), torch.stack(v, 1),
+                               upper=self._stale)
         self._mean += delta * (n_b / n)
         self._n = n
 
@@ -489,30 +651,42 @@ class CovarianceAccumulator:
                 f"{self.name}: {bad} of {n_b} tokens have NaN/inf activations. Check the "
                 "model's dtype (fp16 overflows easily; load in float32 or bfloat16) and inputs."
             )
-        if self._resolved == "bf16-split":
-            xc = x.float() - mean_b.to(_BF16).float()  # exact for bf16 inputs
-            with full_precision_matmul():
-                hi, lo = bf16_split(xc)
-                gram = bf16_split_scatter(hi, lo)
-            del hi, lo
-        else:
-            dtype = _PRECISION_GRAM_DTYPE[self._resolved]
-            xc = x.to(dtype) - mean_b.to(dtype)
-            with full_precision_matmul():
-                gram = xc.T @ xc
+        xc = self._centred(x, mean_b)
         resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0: exact correction for the shift
         # the diagonal (per-coordinate sums of squares) in float64: see exact_diagonal()
-        diag = exact_diagonal(xc) if gram.dtype != torch.float64 else None
-        del xc
-
-        def add_scatter(m2: torch.Tensor) -> None:
-            m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
-            if diag is not None:
-                m2.diagonal().add_(diag.to(m2.device) - gram.diagonal().to(m2))
-            m2.addr_(resid.to(m2.device), resid.to(m2.device), alpha=-1.0 / n_b)
-
-        self._fold(n_b, mean_b, add_scatter)
+        diag = exact_diagonal(xc) if xc.dtype != torch.float64 else None
+        self._fold(n_b, mean_b, lambda m2: self._add_scatter(m2, xc, diag), resid)
         return self
+
+    def _centred(self, x: torch.Tensor, mean_b: torch.Tensor) -> torch.Tensor:
+        """``x − s`` in the Gram product's dtype, ``s`` the batch mean ``mean_b`` rounded to
+        that dtype (to bfloat16 for ``"bf16-split"``: then exact for bf16 inputs)."""
+        if self._resolved == "bf16-split":
+            return x.to(torch.float32, copy=True).sub_(mean_b.to(_BF16).float())
+        dtype = _PRECISION_GRAM_DTYPE[self._resolved]
+        return x.to(dtype, copy=True).sub_(mean_b.to(dtype))  # one N×D copy, no temporary
+
+    def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor,
+                     diag: torch.Tensor | None) -> bool:
+        """Add the centred rows' scatter ``xcᵀxc`` to ``m2`` (its float64 ``diag`` in place
+        of the product's); True when only the upper block triangle was updated (on the CPU,
+        :func:`add_upper_gram`; elsewhere one full product)."""
+        with full_precision_matmul():
+            if self._resolved == "bf16-split":
+                hi, lo = bf16_split(xc)
+                gram = bf16_split_scatter(hi, lo)
+                del hi, lo
+            elif xc.device.type != "cpu" or xc.device != m2.device:
+                gram = xc.T @ xc
+            else:
+                formed = add_upper_gram(m2, xc)
+                if diag is not None:
+                    m2.diagonal().add_(diag - formed.to(m2))
+                return len(panels(int(xc.shape[1]))) > 1
+        m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
+        if diag is not None:
+            m2.diagonal().add_(diag.to(m2.device) - gram.diagonal().to(m2))
+        return False
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Fold another accumulator's statistics into this one (exact, in float64).
@@ -525,8 +699,7 @@ class CovarianceAccumulator:
         if other._n:
             if self._resolved is None:
                 self._resolved = other._resolved
-            self._fold(other._n, other._mean,
-                       lambda m2: m2.add_(other._m2.to(m2.device)))
+            self._fold(other._n, other._mean, lambda m2: _add_full(m2, other._symmetric()))
         return self
 
     # ----------------------------------------------------------- persistence
@@ -536,7 +709,7 @@ class CovarianceAccumulator:
         return {
             "n": torch.tensor(self._n, dtype=torch.int64),
             "mean": self._mean.detach().cpu().clone(),
-            "scatter": self._m2.detach().cpu().clone(),
+            "scatter": self._symmetric().detach().cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> CovarianceAccumulator:
@@ -557,6 +730,7 @@ class CovarianceAccumulator:
                 f"scatter {tuple(m2.shape)}; expected n >= 1, (D,) and (D, D)."
             )
         self._n, self._mean, self._m2 = n, mean.clone(), m2.clone()
+        self._stale = False
         return self
 
     def to(self, device: torch.device | str) -> CovarianceAccumulator:
@@ -571,14 +745,20 @@ class CovarianceAccumulator:
 
 
 __all__ = [
+    "PANEL_WIDTH",
     "PRECISIONS",
     "CovarianceAccumulator",
+    "add_upper_gram",
+    "add_upper_low_rank",
     "bf16_split",
     "bf16_split_scatter",
     "check_precision",
     "default_precision",
     "exact_diagonal",
+    "fill_lower",
     "full_precision_matmul",
     "gram_dtype_of",
+    "panels",
     "resolve_precision",
+    "upper_matvec",
 ]

@@ -108,8 +108,9 @@ class NormMoments:
         if n_a == 0:
             self._n, self._mean, self._a, self._v = n_b, mean_b, a_b, v_b
             return self
-        m2_a = acc.scatter_.to(x64.device)
-        a1, v1 = shift(self._a, self._v, m2_a, m2_a.diagonal().sum(), n_a, self._mean - mean)
+        d_a = self._mean - mean
+        a1, v1 = shift(self._a, self._v, None, acc.scatter_trace().to(x64.device), n_a, d_a,
+                       m2_delta=acc.scatter_matvec(d_a).to(x64.device))
         a2, v2 = shift(a_b, v_b, None, tr_b, n_b, d_b, m2_delta=m2b_d)
         self._n, self._mean, self._a, self._v = n, mean, a1 + a2, v1 + v2
         return self

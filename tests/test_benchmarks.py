@@ -25,7 +25,7 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     res = bench.main(["--quick", "--out", str(out), "--memory-tokens", "256"])
     saved = json.loads(out.read_text())
     assert saved["quick"] and set(saved) >= {"throughput", "accuracy", "eigh", "memory",
-                                             "directions"}
+                                             "directions", "peer"}
     assert {r["variant"] for r in res["directions"][0]["rows"]} == {"plain", "layer 1, d=16"}
     case = res["throughput"][0]
     assert {r["variant"] for r in case["rows"]} == {
@@ -42,6 +42,9 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     assert acc["UNSAFE split, float32 diagonal"]["tail_decile_rel_err"] > \
         2 * acc["bf16-split"]["tail_decile_rel_err"]  # measured 5.7x
     assert res["memory"][0]["rows"][0]["N"] == 256
+    peer = {(r["method"], r["N"]) for r in res["peer"]["rows"]}
+    assert peer == {(m, n) for m in ("ours", "nerve") for n in (256, 1024)}
+    assert all(r["streaming_x_plain"] > 0 for r in res["peer"]["rows"] if r["method"] == "ours")
     assert "[d] peak memory" in capsys.readouterr().out
     # the GPU throughput path, run on the CPU with tiny bf16 models
     gpu = bench.bench_throughput_gpu(
@@ -50,3 +53,22 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
                        max_seq_len=64))
     assert [c["dtype"] for c in gpu] == ["bfloat16", "bfloat16"]
     assert {r["variant"] for r in gpu[1]["rows"]} >= {"nnsight bf16-split", "raw bf16-split"}
+
+
+def test_peer_method_measures_the_same_spectra(bench):
+    """NerVE's analyzer method (rows kept, fp32 covariance and eigvalsh) sees the rows ours
+    counts: its eigenvalues are ours to float32 round-off (those above 1e-4·λ_1)."""
+    import numpy as np
+    import torch
+
+    import nerve_interp as ni
+
+    model, batches, reads = bench._peer_setup(300, None, True)
+    theirs = bench.nerve_analyzer_spectra(model, batches, reads)
+    ours = ni.collect_spectra(model, batches, progress=False, diagnostics=False)
+    assert set(theirs) == {s.name for _, s in ours.items()}
+    for _, s in ours.items():
+        lam = theirs[s.name].double().numpy()
+        keep = s.eigenvalues > 1e-4 * s.eigenvalues[0]
+        assert keep.sum() > 10 and theirs[s.name].dtype == torch.float32
+        np.testing.assert_allclose(lam[keep], s.eigenvalues[keep], rtol=1e-3)

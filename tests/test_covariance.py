@@ -376,3 +376,65 @@ def test_bf16_split_on_cuda_dense_covariance(rows):
               f"median {np.median(errs[prec]):.2e}")
     assert errs["fp32"][-k:].max() <= 1e-3
     assert errs["bf16-split"][-k:].max() <= 1e-3
+
+
+# ------------------------------------------------------------------ symmetric (panel) Gram
+def test_upper_gram_helpers_match_the_full_product():
+    """add_upper_gram + fill_lower give xcᵀxc (float64: to round-off; float32 panels widened
+    into float64); upper_matvec is S·v of the symmetric S; low-rank updates touch the upper
+    block triangle (or all of it)."""
+    from nerve_interp.covariance import (
+        add_upper_gram,
+        add_upper_low_rank,
+        fill_lower,
+        panels,
+        upper_matvec,
+    )
+
+    assert panels(300, 128) == [(0, 128), (128, 256), (256, 300)]
+    g = torch.Generator().manual_seed(0)
+    xc = torch.randn(50, 300, generator=g, dtype=torch.float64)
+    full = xc.T @ xc
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
+        m2 = torch.zeros(300, 300, dtype=torch.float64)
+        diag = add_upper_gram(m2, xc.to(dtype))
+        assert diag.dtype == dtype
+        assert rel_err(diag.double().numpy(), full.diagonal().numpy()) < tol
+        assert not m2[128:, :128].any() and not m2[256:, 128:256].any()  # nothing below
+        v = torch.randn(300, generator=g, dtype=torch.float64)
+        assert rel_err(upper_matvec(m2, v).numpy(), (full @ v).numpy()) < tol
+        fill_lower(m2)
+        assert rel_err(m2.numpy(), full.numpy()) < tol
+    u, w = torch.randn(300, 2, dtype=torch.float64), torch.randn(300, 2, dtype=torch.float64)
+    for upper in (True, False):
+        m2 = torch.zeros(300, 300, dtype=torch.float64)
+        add_upper_low_rank(m2, u, w, upper=upper)
+        assert torch.allclose(m2[:128], (u @ w.T)[:128], rtol=1e-14, atol=1e-14)
+        assert bool(m2[200:, :100].any()) is not upper
+
+
+@pytest.mark.parametrize("precision,tol", [("fp64", 1e-10), ("fp32", 1e-5), ("bf16-split", 1e-4)])
+def test_wide_points_match_numpy_through_merges_and_state(precision, tol):
+    """D = 300 > PANEL_WIDTH (the CPU forms only the upper block triangle per update): the
+    covariance, the moments' M2·δ, a merge of two such accumulators and a saved state are
+    those of the full matrix."""
+    from nerve_interp.moments import NormMoments
+
+    x = heavy_tailed(n=2400, d=300, offset=10.0, seed=3)
+    ref = np.cov(x, rowvar=False)
+    parts = []
+    for rows in (x[:1000], x[1000:]):
+        acc, mom = CovarianceAccumulator("t", precision=precision), NormMoments("t")
+        for chunk in np.array_split(rows, 3):
+            chunk = torch.from_numpy(chunk)
+            mom.update(chunk, acc)
+            acc.update(chunk)
+        parts.append((acc, mom))
+    acc, mom = parts[0]
+    xc = x[:1000] - x[:1000].mean(0)
+    assert mom.fourth_ == pytest.approx(float(((xc ** 2).sum(1) ** 2).sum()), rel=1e-6)
+    total = CovarianceAccumulator("total").merge(parts[0][0]).merge(parts[1][0])
+    cov = total.covariance_.numpy()
+    assert rel_err(cov, ref) <= tol
+    state = parts[1][0].state_dict()["scatter"].numpy()
+    assert rel_err(state / 1399, np.cov(x[1000:], rowvar=False)) <= tol

@@ -37,6 +37,7 @@ class LocalBackend:
         kwargs = dict(inputs)
         args = kwargs.pop("_args", ())
         counts, pre = [], {}
+        joint = any(sink.joint is not None for sink in sinks)  # keep pre rows only for it
         with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
             for sink in sinks:
                 x = wrapper.get(sink.path)
@@ -45,7 +46,7 @@ class LocalBackend:
                 labels = (None if sink.groups is None
                           else sel.groups(tuple(x.shape), rows.shape[0], sink.groups.k))
                 sink.update(rows, sel.meta, labels)
-                if sink.key[1] == "pre":
+                if joint and sink.key[1] == "pre":
                     pre[sink.key[0]] = rows
                 if sink.joint is not None:  # the gate and up rows of the same tokens
                     sink.joint.update(torch.cat([pre.pop(sink.key[0]), rows], dim=-1))

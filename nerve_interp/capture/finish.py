@@ -122,7 +122,8 @@ def token_diagnostics(p: Pipeline, tokenizer: Any) -> tuple[dict, dict]:
     tokenizer = tokenizer if tokenizer is not None else getattr(p.wrapper, "tokenizer", None)
     out = p.opts.outliers
     diags, free = {}, {}
-    for sink in p.sinks:
+    for sink in tqdm(p.sinks.points, desc="token diagnostics", unit="point", leave=False,
+                     disable=not p.opts.progress or not p.shard.is_main, dynamic_ncols=True):
         acc, st = sink.acc, sink.tokens
         if st.n_samples_seen_ == 0:
             continue
