@@ -670,8 +670,8 @@ def ablate(
     model : torch.nn.Module or nnsight wrapper
     spectra : SpectraResult
         Captured with ``eigenvectors=True`` on *other* text than ``batches``.
-    batches : list of str (with ``tokenizer``), or batches as for ``collect_spectra``
-        Held-out evaluation text.
+    batches : list of str, or batches as for collect_spectra
+        Held-out evaluation text (strings need ``tokenizer``).
     layers : int or iterable of int
         Sites ablated together (negative counts from the end).
     point : {"post", "pre", "act", "up"}
