@@ -1,6 +1,6 @@
 r"""Spectral metrics of one FFN point: pure functions of a covariance eigenvalue vector.
 
-Definitions are fixed in SPEC.md §3 and follow [NerVE] (Jha & Reagen, ICLR 2026) and
+Definitions (see the glossary) follow [NerVE] (Jha & Reagen, ICLR 2026) and
 [SSL] (*Spectral Scaling Laws in Language Models*, Jha & Reagen, EMNLP 2025). With
 ``p_i = λ_i / Σ_j λ_j`` and natural logarithms (``0 · ln 0 = 0``):
 
@@ -51,7 +51,7 @@ CORRECTED_NAMES: tuple[str, ...] = ("participation_ratio_corrected",)
 """Finite-sample-corrected metrics: in a spectrum's metrics when the capture streamed the
 fourth moment they need (:class:`nerve_interp.moments.NormMoments`; local captures)."""
 
-#: Columns of the variance-reinjection table (SPEC.md §4), pre -> post.
+#: Columns of the variance-reinjection table (see the glossary), pre -> post.
 REINJECTION_NAMES: tuple[str, ...] = (
     "pr_gain",
     "delta_spectral_entropy",
@@ -203,7 +203,7 @@ def default_concentration_k(d: int) -> int:
 def spectral_concentration(eigenvalues: ArrayLike, k: int | None = None) -> float:
     """Share of the variance in the top ``k`` eigenvalues, ``S_k``.
 
-    **Ours**: [SSL] names the metric but does not publish its formula (SPEC.md §3).
+    **Ours**: [SSL] names the metric but does not publish its formula (see the glossary).
 
     Parameters
     ----------
@@ -348,7 +348,7 @@ def participation_ratio_corrected(eigenvalues: ArrayLike, n_samples: int,
 
 
 def compute_metrics(eigenvalues: ArrayLike, *, concentration_k: int | None = None) -> dict:
-    """Every per-spectrum metric of SPEC.md §3 as ``{name: value}`` (names in ``METRIC_NAMES``).
+    """Every per-spectrum metric as ``{name: value}`` (names in ``METRIC_NAMES``; see the glossary).
 
     Examples
     --------
@@ -377,7 +377,7 @@ def compute_metrics(eigenvalues: ArrayLike, *, concentration_k: int | None = Non
 
 
 def reinjection(pre: ArrayLike, post: ArrayLike) -> dict:
-    """Variance reinjection by the nonlinearity, pre -> post (SPEC.md §4).
+    """Variance reinjection by the nonlinearity, pre -> post (see the glossary).
 
     Returns ``{"pr_gain", "delta_spectral_entropy", "delta_eee", "js_divergence",
     "soft_rank_gain", "hard_rank_gain"}``. ``pr_gain > 1``, ``delta_spectral_entropy > 0`` and

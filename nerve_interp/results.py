@@ -135,7 +135,7 @@ class SpectraResult:
     # ---------------------------------------------------------------- tables
     def metrics(self, *, concentration_k: int | None = None, ci: float = 0.95
                 ) -> pd.DataFrame:
-        """Every metric of SPEC.md §3 per layer and point, tidy.
+        """Every per-spectrum metric (see the glossary) per layer and point, tidy.
 
         Parameters
         ----------
@@ -181,7 +181,7 @@ class SpectraResult:
 
     def reinjection(self, pre: str = "pre", post: str = "post", *, tidy: bool = False,
                     ci: float = 0.95) -> pd.DataFrame:
-        """Variance reinjection by the nonlinearity, per layer (SPEC.md §4).
+        """Variance reinjection by the nonlinearity, per layer (see the glossary).
 
         Parameters
         ----------

@@ -1,6 +1,6 @@
 """Where the FFN activations of a model live: sites, points and the site-name grammar.
 
-A **site** is the FFN block of one layer; a **point** is a place inside it (SPEC.md §1).
+A **site** is the FFN block of one layer; a **point** is a place inside it (see the glossary).
 Everything above this module speaks one grammar, ``layers.{layer}.ffn.{point}``; only this
 module knows native module paths.
 
@@ -111,7 +111,8 @@ class FFNSite:
     layer : int
         0-based, in forward order.
     kind : str
-        ``"plain"`` or ``"gated"`` (SPEC.md §1); ``"custom"`` for sites passed by hand.
+        ``"plain"`` or ``"gated"`` (see the glossary: pre, post); ``"custom"`` for sites passed
+        by hand.
     paths : dict[str, str]
         point -> nnsight path from the model root ending in ``.input`` / ``.output``.
     family : str

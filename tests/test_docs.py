@@ -39,6 +39,7 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
     assert "<code>exact_diagonal</code>" in reference and "plan_capture" in reference
     assert ":func:<code>" not in reference and ":class:<code>" not in reference  # hooks.py
     assert "::</p>" not in reference
+    assert "SPEC.md" not in reference  # SPEC.md is not in the repository
     assert not (site / "hooks.py").exists()  # exclude_docs
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):  # shown as source
         assert (site / "notebooks" / notebook.stem / "index.html").exists(), notebook.name
