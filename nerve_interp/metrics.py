@@ -4,18 +4,16 @@ Definitions (see the glossary) follow [NerVE] (Jha & Reagen, ICLR 2026) and
 [SSL] (*Spectral Scaling Laws in Language Models*, Jha & Reagen, EMNLP 2025). With
 ``p_i = λ_i / Σ_j λ_j`` and natural logarithms (``0 · ln 0 = 0``):
 
-===========================  ===================================================  ===========
-name                         formula                                              range
-===========================  ===================================================  ===========
-``spectral_entropy``         ``-Σ p_i ln p_i`` (nats, not divided by ln D)         [0, ln D]
-``participation_ratio``      ``(Σ λ)² / Σ λ²``                                    [1, D]
-``eee``                      ``(2/D) Σ_k (S_k - k/D)``, ``S_k`` = top-k share      [0, 1)
-``soft_rank``                ``exp(spectral_entropy)``                            [1, D]
-``hard_rank``                ``participation_ratio``                              [1, D]
-``spectral_concentration``   ``S_k`` with ``k = ⌈D/100⌉`` (ours)                  (0, 1]
-``sui``                      geometric mean of hard/D, soft/D, 1 - concentration  [0, 1]
-``js_divergence``            Jensen-Shannon of two rank-ordered spectra           [0, ln 2]
-===========================  ===================================================  ===========
+| name | formula | range |
+|---|---|---|
+| ``spectral_entropy`` | ``-Σ p_i ln p_i`` (nats, not divided by ln D) | [0, ln D] |
+| ``participation_ratio`` | ``(Σ λ)² / Σ λ²`` | [1, D] |
+| ``eee`` | ``(2/D) Σ_k (S_k - k/D)``, ``S_k`` = top-k share | [0, 1) |
+| ``soft_rank`` | ``exp(spectral_entropy)`` | [1, D] |
+| ``hard_rank`` | ``participation_ratio`` | [1, D] |
+| ``spectral_concentration`` | ``S_k`` with ``k = ⌈D/100⌉`` (ours) | (0, 1] |
+| ``sui`` | geometric mean of hard/D, soft/D, 1 - concentration | [0, 1] |
+| ``js_divergence`` | Jensen-Shannon of two rank-ordered spectra | [0, ln 2] |
 
 ``participation_ratio_corrected`` (:func:`participation_ratio_corrected`) needs the number of
 tokens and the streamed fourth moment besides the eigenvalues.

@@ -5,15 +5,15 @@ Definitions (see Concepts: power-law fits) follow the fit used by the authors' f
 on ``(ln x, ln y)``, the same numbers ``numpy.polyfit(ln x, ln y, 1)`` gives. With
 ``u = ln x``, ``v = ln y`` and ``n`` points:
 
-==================  =============================================================
-``beta``            OLS slope ``S_uv / S_uu`` (dimensionless exponent)
-``prefactor``       ``A = exp(intercept)``, in the units of ``y`` per unit ``x^β``
-``beta_se``         ``sqrt(SS_res / (n − 2)) / sqrt(S_uu)``
-``beta_ci``         ``beta ± t_{0.975, n−2} · beta_se`` (the ± of the follow-up)
-``beta_ci_boot``    percentile interval of ``beta`` over pairs resampled with replacement
-``r2``              ``1 − SS_res / SS_tot`` on the log scale
-``aic``             Akaike information criterion of the line (see below)
-==================  =============================================================
+| column | meaning |
+|---|---|
+| ``beta`` | OLS slope ``S_uv / S_uu`` (dimensionless exponent) |
+| ``prefactor`` | ``A = exp(intercept)``, in the units of ``y`` per unit ``x^β`` |
+| ``beta_se`` | ``sqrt(SS_res / (n − 2)) / sqrt(S_uu)`` |
+| ``beta_ci`` | ``beta ± t_{0.975, n−2} · beta_se`` (the ± of the follow-up) |
+| ``beta_ci_boot`` | percentile interval of ``beta`` over pairs resampled with replacement |
+| ``r2`` | ``1 − SS_res / SS_tot`` on the log scale |
+| ``aic`` | Akaike information criterion of the line (see below) |
 
 **Power law or saturation?** A handful of widths rarely tells a power law from a curve that
 bends over. :func:`fit_saturating` fits the alternative ``y = a · x / (b + x)`` (linear in

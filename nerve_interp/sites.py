@@ -4,15 +4,12 @@ A **site** is the FFN block of one layer; a **point** is a place inside it (see 
 Everything above this module speaks one grammar, ``layers.{layer}.ffn.{point}``; only this
 module knows native module paths.
 
-=========  ============================================  =========================================
-point      plain FFN (GPT-2, Pythia, BERT, OPT, Mixer)    gated FFN (LLaMA, SmolLM2, Qwen2, Gemma)
-=========  ============================================  =========================================
-``pre``    ``W_up x + b``, input of the activation        ``W_gate x``, input of the activation
-``act``    —                                             ``σ(W_gate x)``, output of the activation
-``up``     —                                             ``W_up x``
-``post``   ``σ(W_up x + b)``, output of the activation    ``σ(W_gate x) ⊙ (W_up x)``, input of
-                                                          the down-projection
-=========  ============================================  =========================================
+| point | plain FFN (GPT-2, Pythia, BERT, OPT, Mixer) | gated FFN (LLaMA, SmolLM2, Qwen2, Gemma) |
+|---|---|---|
+| ``pre`` | ``W_up x + b``, input of the activation | ``W_gate x``, input of the activation |
+| ``act`` | — | ``σ(W_gate x)``, output of the activation |
+| ``up`` | — | ``W_up x`` |
+| ``post`` | ``σ(W_up x + b)``, output of the activation | ``σ(W_gate x) ⊙ (W_up x)``, into W_down |
 
 Every point has shape ``[batch, seq, D]``, D the FFN width. For TransformerLens users:
 ``pre`` / ``up`` / ``post`` of a gated FFN are ``hook_pre`` / ``hook_pre_linear`` /
