@@ -3,7 +3,7 @@
 Project an FFN point's activations onto (``keep``) or away from (``remove``) its dominant
 (``top``), weakest (``tail``) or a random eigen-subspace, by assigning the projected value to
 the point inside an nnsight trace, and measure what the model loses on held-out text
-(SPEC.md §5): ``delta_loss`` (next-token cross-entropy, ablated − clean, nats), ``kl``
+(see the glossary): ``delta_loss`` (next-token cross-entropy, ablated − clean, nats), ``kl``
 (KL(clean ‖ ablated) of next-token distributions, nats per token) and ``top1_agreement`` for
 causal LMs; ``cosine`` (per token) and ``embedding_cosine`` (mean-pooled) of the final hidden
 states for encoders.
@@ -214,7 +214,7 @@ def _ratio_ci(sums: np.ndarray, counts: np.ndarray, *, n_boot: int, rng: np.rand
 
 # ------------------------------------------------------------------ results
 class AblationResult:
-    """Effects of subspace ablations, tidy (SPEC.md §7).
+    """Effects of subspace ablations, tidy (one row per observation).
 
     Attributes
     ----------
@@ -670,8 +670,8 @@ def ablate(
     model : torch.nn.Module or nnsight wrapper
     spectra : SpectraResult
         Captured with ``eigenvectors=True`` on *other* text than ``batches``.
-    batches : list of str (with ``tokenizer``), or batches as for ``collect_spectra``
-        Held-out evaluation text.
+    batches : list of str, or batches as for collect_spectra
+        Held-out evaluation text (strings need ``tokenizer``).
     layers : int or iterable of int
         Sites ablated together (negative counts from the end).
     point : {"post", "pre", "act", "up"}

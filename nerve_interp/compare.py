@@ -1,7 +1,8 @@
 """A measured result beside its nulls: one tidy table of differences with intervals.
 
-:func:`compare` lines up every per-point metric (SPEC.md §3) and every pre → post quantity
-(§4, ``point == "reinjection"``) of a measured :class:`~nerve_interp.results.SpectraResult`
+:func:`compare` lines up every per-point metric (see the glossary) and every pre → post
+quantity (variance reinjection, ``point == "reinjection"``) of a measured
+:class:`~nerve_interp.results.SpectraResult`
 with the same rows of each null (:mod:`nerve_interp.nulls`) and states the difference
 measured − null with an interval:
 

@@ -336,7 +336,8 @@ class TokenNormStats:
 
         Returns
         -------
-        Tensor of shape (N', D), N' <= N: ``rows`` without the norm-excluded tokens.
+        Tensor of shape (N', D), N' <= N
+            ``rows`` without the norm-excluded tokens.
         """
         n = int(rows.shape[0])
         self.kept_ = None

@@ -1,21 +1,19 @@
 r"""Spectral metrics of one FFN point: pure functions of a covariance eigenvalue vector.
 
-Definitions are fixed in SPEC.md §3 and follow [NerVE] (Jha & Reagen, ICLR 2026) and
+Definitions (see the glossary) follow [NerVE] (Jha & Reagen, ICLR 2026) and
 [SSL] (*Spectral Scaling Laws in Language Models*, Jha & Reagen, EMNLP 2025). With
 ``p_i = λ_i / Σ_j λ_j`` and natural logarithms (``0 · ln 0 = 0``):
 
-===========================  ===================================================  ===========
-name                         formula                                              range
-===========================  ===================================================  ===========
-``spectral_entropy``         ``-Σ p_i ln p_i`` (nats, not divided by ln D)         [0, ln D]
-``participation_ratio``      ``(Σ λ)² / Σ λ²``                                    [1, D]
-``eee``                      ``(2/D) Σ_k (S_k - k/D)``, ``S_k`` = top-k share      [0, 1)
-``soft_rank``                ``exp(spectral_entropy)``                            [1, D]
-``hard_rank``                ``participation_ratio``                              [1, D]
-``spectral_concentration``   ``S_k`` with ``k = ⌈D/100⌉`` (ours)                  (0, 1]
-``sui``                      geometric mean of hard/D, soft/D, 1 - concentration  [0, 1]
-``js_divergence``            Jensen-Shannon of two rank-ordered spectra           [0, ln 2]
-===========================  ===================================================  ===========
+| name | formula | range |
+|---|---|---|
+| ``spectral_entropy`` | ``-Σ p_i ln p_i`` (nats, not divided by ln D) | [0, ln D] |
+| ``participation_ratio`` | ``(Σ λ)² / Σ λ²`` | [1, D] |
+| ``eee`` | ``(2/D) Σ_k (S_k - k/D)``, ``S_k`` = top-k share | [0, 1) |
+| ``soft_rank`` | ``exp(spectral_entropy)`` | [1, D] |
+| ``hard_rank`` | ``participation_ratio`` | [1, D] |
+| ``spectral_concentration`` | ``S_k`` with ``k = ⌈D/100⌉`` (ours) | (0, 1] |
+| ``sui`` | geometric mean of hard/D, soft/D, 1 - concentration | [0, 1] |
+| ``js_divergence`` | Jensen-Shannon of two rank-ordered spectra | [0, ln 2] |
 
 ``participation_ratio_corrected`` (:func:`participation_ratio_corrected`) needs the number of
 tokens and the streamed fourth moment besides the eigenvalues.
@@ -51,7 +49,7 @@ CORRECTED_NAMES: tuple[str, ...] = ("participation_ratio_corrected",)
 """Finite-sample-corrected metrics: in a spectrum's metrics when the capture streamed the
 fourth moment they need (:class:`nerve_interp.moments.NormMoments`; local captures)."""
 
-#: Columns of the variance-reinjection table (SPEC.md §4), pre -> post.
+#: Columns of the variance-reinjection table (see the glossary), pre -> post.
 REINJECTION_NAMES: tuple[str, ...] = (
     "pr_gain",
     "delta_spectral_entropy",
@@ -203,7 +201,7 @@ def default_concentration_k(d: int) -> int:
 def spectral_concentration(eigenvalues: ArrayLike, k: int | None = None) -> float:
     """Share of the variance in the top ``k`` eigenvalues, ``S_k``.
 
-    **Ours**: [SSL] names the metric but does not publish its formula (SPEC.md §3).
+    **Ours**: [SSL] names the metric but does not publish its formula (see the glossary).
 
     Parameters
     ----------
@@ -348,7 +346,7 @@ def participation_ratio_corrected(eigenvalues: ArrayLike, n_samples: int,
 
 
 def compute_metrics(eigenvalues: ArrayLike, *, concentration_k: int | None = None) -> dict:
-    """Every per-spectrum metric of SPEC.md §3 as ``{name: value}`` (names in ``METRIC_NAMES``).
+    """Every per-spectrum metric as ``{name: value}`` (names in ``METRIC_NAMES``; see the glossary).
 
     Examples
     --------
@@ -377,7 +375,7 @@ def compute_metrics(eigenvalues: ArrayLike, *, concentration_k: int | None = Non
 
 
 def reinjection(pre: ArrayLike, post: ArrayLike) -> dict:
-    """Variance reinjection by the nonlinearity, pre -> post (SPEC.md §4).
+    """Variance reinjection by the nonlinearity, pre -> post (see the glossary).
 
     Returns ``{"pr_gain", "delta_spectral_entropy", "delta_eee", "js_divergence",
     "soft_rank_gain", "hard_rank_gain"}``. ``pr_gain > 1``, ``delta_spectral_entropy > 0`` and

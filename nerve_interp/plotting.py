@@ -23,7 +23,7 @@ from .scaling import PowerLawFit, fit_power_law
 #: Colours of the points, the same in every figure.
 POINT_PALETTE = {"pre": "#1f77b4", "post": "#d62728", "act": "#ff7f0e", "up": "#2ca02c"}
 
-#: Axis labels, one per name (SPEC.md's names).
+#: Axis labels, one per metric and column name (the glossary's names).
 LABELS = {
     "spectral_entropy": "spectral entropy (nats)",
     "participation_ratio": "participation ratio",
@@ -122,7 +122,7 @@ def plot_metric(
     data : DataFrame
         Tidy metrics (``SpectraResult.metrics()``): ``layer, point, metric, value``.
     metric : str
-        Which metric to draw (a name from SPEC.md).
+        Which metric to draw (a name from the glossary).
     x, hue : str
         Columns for the x axis and the colours.
     ax : matplotlib Axes, optional

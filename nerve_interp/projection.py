@@ -1,4 +1,4 @@
-r"""Subspace projectors of one FFN point (pure maths; SPEC.md §5).
+r"""Subspace projectors of one FFN point (pure maths; see Concepts: subspace ablations).
 
 From a point's mean ``μ`` and eigenvectors ``U`` (columns, eigenvalues descending) pick an
 index set S and let ``U_S`` be those columns, ``P = U_S U_Sᵀ``:
@@ -226,7 +226,7 @@ def make_projection(eigenvalues: Any, eigenvectors: np.ndarray, mean: np.ndarray
                     subspace: str | slice = "top", k: int | None = None, mode: str = "keep",
                     center: bool = True, seed: int = 0, context: str = ""
                     ) -> tuple[Projection, float]:
-    """Build the :class:`Projection` of SPEC.md §5 and its variance fraction.
+    """Build the :class:`Projection` of a subspace ablation and its variance fraction.
 
     Returns
     -------

@@ -1,6 +1,6 @@
 r"""Vocabulary readout of FFN directions: their direct effect on the logits.
 
-The ``post`` point of an FFN is the input of its down projection (SPEC.md §1), whose output
+The ``post`` point of an FFN is the input of its down projection (see the glossary), whose output
 is added to the residual stream. A unit change ``s`` along a direction ``u`` of ``post``
 adds ``s · W_down u`` to the residual stream, and its *direct* effect on the logits (the path
 that skips every later block) is

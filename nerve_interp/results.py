@@ -135,7 +135,7 @@ class SpectraResult:
     # ---------------------------------------------------------------- tables
     def metrics(self, *, concentration_k: int | None = None, ci: float = 0.95
                 ) -> pd.DataFrame:
-        """Every metric of SPEC.md §3 per layer and point, tidy.
+        """Every per-spectrum metric (see the glossary) per layer and point, tidy.
 
         Parameters
         ----------
@@ -146,20 +146,21 @@ class SpectraResult:
 
         Returns
         -------
-        DataFrame with columns ``model, layer, point, metric, value``, then ``se``,
-        ``ci_low``, ``ci_high`` (delete-one-group jackknife with a t quantile on K − 1
-        degrees of freedom, :mod:`nerve_interp.jackknife`; NaN unless the capture kept
-        ``n_groups``; the interval is centred on the measured value, so it is the sampling
-        spread at this N, not the finite-sample bias: see :meth:`convergence`) and
-        ``n_groups``, plus for context
-        ``n_tokens``, ``dim``, ``n_over_d`` (tokens per dimension: every metric depends on it,
-        see :func:`nerve_interp.marchenko_pastur.white_noise_metrics`), ``outlier_share``
-        (share of the variance held by the point's top tokens by norm, see
-        :mod:`nerve_interp.diagnostics`; NaN without diagnostics)
-        and ``outlier_flag`` (that share is above the threshold: the spectrum is dominated
-        by a few tokens; NA without diagnostics). Pivot it for a wide view::
+        DataFrame
+            Columns ``model, layer, point, metric, value``, then ``se``,
+            ``ci_low``, ``ci_high`` (delete-one-group jackknife with a t quantile on K − 1
+            degrees of freedom, :mod:`nerve_interp.jackknife`; NaN unless the capture kept
+            ``n_groups``; the interval is centred on the measured value, so it is the sampling
+            spread at this N, not the finite-sample bias: see :meth:`convergence`) and
+            ``n_groups``, plus for context
+            ``n_tokens``, ``dim``, ``n_over_d`` (tokens per dimension: every metric depends on it,
+            see :func:`nerve_interp.marchenko_pastur.white_noise_metrics`), ``outlier_share``
+            (share of the variance held by the point's top tokens by norm, see
+            :mod:`nerve_interp.diagnostics`; NaN without diagnostics)
+            and ``outlier_flag`` (that share is above the threshold: the spectrum is dominated
+            by a few tokens; NA without diagnostics). Pivot it for a wide view::
 
-            df.pivot_table(index="layer", columns=["metric", "point"], values="value")
+                df.pivot_table(index="layer", columns=["metric", "point"], values="value")
         """
         rows = []
         for (layer, point), spec in self._spectra.items():
@@ -180,7 +181,7 @@ class SpectraResult:
 
     def reinjection(self, pre: str = "pre", post: str = "post", *, tidy: bool = False,
                     ci: float = 0.95) -> pd.DataFrame:
-        """Variance reinjection by the nonlinearity, per layer (SPEC.md §4).
+        """Variance reinjection by the nonlinearity, per layer (see the glossary).
 
         Parameters
         ----------
@@ -297,13 +298,14 @@ class SpectraResult:
 
         Returns
         -------
-        DataFrame with columns ``model, layer, point, rank`` (1 = largest norm), ``norm``,
-        ``norm_ratio`` (norm / the point's median norm), ``share`` (that token's share of the
-        point's variance, ``‖x − μ‖² / trace(M2)``), ``batch, row, position, token_id,
-        token`` and ``outlier`` (an outlier token: among the top ``k`` whose shares sum to
-        ``outlier_share``, or over the iterated variance test, see
-        ``TokenDiagnostics.outlier_mask``).
-        ``flagged_only=True`` keeps only the outlier tokens of flagged points.
+        DataFrame
+            Columns ``model, layer, point, rank`` (1 = largest norm), ``norm``,
+            ``norm_ratio`` (norm / the point's median norm), ``share`` (that token's share of the
+            point's variance, ``‖x − μ‖² / trace(M2)``), ``batch, row, position, token_id,
+            token`` and ``outlier`` (an outlier token: among the top ``k`` whose shares sum to
+            ``outlier_share``, or over the iterated variance test, see
+            ``TokenDiagnostics.outlier_mask``).
+            ``flagged_only=True`` keeps only the outlier tokens of flagged points.
         """
         from .diagnostics import TOKEN_META
 
@@ -332,9 +334,10 @@ class SpectraResult:
 
         Returns
         -------
-        DataFrame with columns ``model, layer, point, metric, value, tokens`` where
-        ``tokens`` is ``"all"`` or ``"without outliers"`` (see :meth:`without_outliers`),
-        and ``outlier_flag``.
+        DataFrame
+            Columns ``model, layer, point, metric, value, tokens`` where
+            ``tokens`` is ``"all"`` or ``"without outliers"`` (see :meth:`without_outliers`),
+            and ``outlier_flag``.
         """
         a = self.metrics().assign(tokens="all")
         b = self.without_outliers().metrics().assign(tokens="without outliers")

@@ -1,19 +1,19 @@
 r"""Power-law fits ``y = A · x^β`` of a metric against FFN width, with honest intervals.
 
-Definitions are fixed in SPEC.md §6 and follow the fit used by the authors' follow-up to [SSL]
+Definitions (see Concepts: power-law fits) follow the fit used by the authors' follow-up to [SSL]
 (*Spectral Scaling Laws in Language Models*, Jha & Reagen, EMNLP 2025): ordinary least squares
 on ``(ln x, ln y)``, the same numbers ``numpy.polyfit(ln x, ln y, 1)`` gives. With
 ``u = ln x``, ``v = ln y`` and ``n`` points:
 
-==================  =============================================================
-``beta``            OLS slope ``S_uv / S_uu`` (dimensionless exponent)
-``prefactor``       ``A = exp(intercept)``, in the units of ``y`` per unit ``x^β``
-``beta_se``         ``sqrt(SS_res / (n − 2)) / sqrt(S_uu)``
-``beta_ci``         ``beta ± t_{0.975, n−2} · beta_se`` (the ± of the follow-up)
-``beta_ci_boot``    percentile interval of ``beta`` over pairs resampled with replacement
-``r2``              ``1 − SS_res / SS_tot`` on the log scale
-``aic``             Akaike information criterion of the line (see below)
-==================  =============================================================
+| column | meaning |
+|---|---|
+| ``beta`` | OLS slope ``S_uv / S_uu`` (dimensionless exponent) |
+| ``prefactor`` | ``A = exp(intercept)``, in the units of ``y`` per unit ``x^β`` |
+| ``beta_se`` | ``sqrt(SS_res / (n − 2)) / sqrt(S_uu)`` |
+| ``beta_ci`` | ``beta ± t_{0.975, n−2} · beta_se`` (the ± of the follow-up) |
+| ``beta_ci_boot`` | percentile interval of ``beta`` over pairs resampled with replacement |
+| ``r2`` | ``1 − SS_res / SS_tot`` on the log scale |
+| ``aic`` | Akaike information criterion of the line (see below) |
 
 **Power law or saturation?** A handful of widths rarely tells a power law from a curve that
 bends over. :func:`fit_saturating` fits the alternative ``y = a · x / (b + x)`` (linear in
@@ -319,7 +319,7 @@ def _line(u: np.ndarray, v: np.ndarray, w: np.ndarray | None, confidence: float
     """The fitted line on the logs and its errors: ``slope, intercept, se, se_int, q`` (the
     quantile of ``beta_ci``), ``r2`` and ``chi2_reduced`` (nan unweighted)."""
     n, dof = int(u.size), int(u.size) - 2
-    if w is None:  # OLS, SPEC.md §6
+    if w is None:  # OLS, as documented
         slope, intercept, ss_res, s_uu, ss_tot = _ols(u, v)
         s = math.sqrt(ss_res / dof)
         se, se_int = s / math.sqrt(s_uu), s * math.sqrt(1.0 / n + float(u.mean()) ** 2 / s_uu)
@@ -378,7 +378,7 @@ def fit_power_law(
     confidence: float = 0.95,
     y_se: ArrayLike | None = None,
 ) -> PowerLawFit:
-    """Fit ``y = A · x^β`` by least squares on ``(ln x, ln y)`` (SPEC.md §6), weighted by the
+    """Fit ``y = A · x^β`` by least squares on ``(ln x, ln y)``, weighted by the
     standard errors of ``y`` when they are given.
 
     Parameters
@@ -404,7 +404,7 @@ def fit_power_law(
         the WLS one times ``max(1, χ²_ν)`` (the Birge-ratio convention, so an interval never
         gets narrower than the data's scatter allows; ``chi2_reduced`` reports ``χ²_ν``),
         ``beta_ci`` uses the normal quantile, and the bootstrap resamples points with their
-        weights. None (default): ordinary least squares, as SPEC.md §6.
+        weights. None (default): ordinary least squares.
 
     Returns
     -------
@@ -662,7 +662,7 @@ def fit_table(
     confidence: float = 0.95,
     y_se: str | None = None,
 ):
-    """One power-law fit per group of a tidy table (SPEC.md §7 in, one row per fit out).
+    """One power-law fit per group of a tidy table (one row per observation in, one per fit out).
 
     Parameters
     ----------

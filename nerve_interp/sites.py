@@ -1,18 +1,15 @@
 """Where the FFN activations of a model live: sites, points and the site-name grammar.
 
-A **site** is the FFN block of one layer; a **point** is a place inside it (SPEC.md §1).
+A **site** is the FFN block of one layer; a **point** is a place inside it (see the glossary).
 Everything above this module speaks one grammar, ``layers.{layer}.ffn.{point}``; only this
 module knows native module paths.
 
-=========  ============================================  =========================================
-point      plain FFN (GPT-2, Pythia, BERT, OPT, Mixer)    gated FFN (LLaMA, SmolLM2, Qwen2, Gemma)
-=========  ============================================  =========================================
-``pre``    ``W_up x + b``, input of the activation        ``W_gate x``, input of the activation
-``act``    —                                             ``σ(W_gate x)``, output of the activation
-``up``     —                                             ``W_up x``
-``post``   ``σ(W_up x + b)``, output of the activation    ``σ(W_gate x) ⊙ (W_up x)``, input of
-                                                          the down-projection
-=========  ============================================  =========================================
+| point | plain FFN (GPT-2, Pythia, BERT, OPT, Mixer) | gated FFN (LLaMA, SmolLM2, Qwen2, Gemma) |
+|---|---|---|
+| ``pre`` | ``W_up x + b``, input of the activation | ``W_gate x``, input of the activation |
+| ``act`` | — | ``σ(W_gate x)``, output of the activation |
+| ``up`` | — | ``W_up x`` |
+| ``post`` | ``σ(W_up x + b)``, output of the activation | ``σ(W_gate x) ⊙ (W_up x)``, into W_down |
 
 Every point has shape ``[batch, seq, D]``, D the FFN width. For TransformerLens users:
 ``pre`` / ``up`` / ``post`` of a gated FFN are ``hook_pre`` / ``hook_pre_linear`` /
@@ -111,7 +108,8 @@ class FFNSite:
     layer : int
         0-based, in forward order.
     kind : str
-        ``"plain"`` or ``"gated"`` (SPEC.md §1); ``"custom"`` for sites passed by hand.
+        ``"plain"`` or ``"gated"`` (see the glossary: pre, post); ``"custom"`` for sites passed
+        by hand.
     paths : dict[str, str]
         point -> nnsight path from the model root ending in ``.input`` / ``.output``.
     family : str

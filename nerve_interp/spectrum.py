@@ -88,7 +88,7 @@ class Spectrum:
         return self.eigenvectors
 
     def metrics(self, *, concentration_k: int | None = None) -> dict[str, float]:
-        """Every per-spectrum metric of SPEC.md §3 (see ``metrics.compute_metrics``)."""
+        """Every per-spectrum metric (see the glossary and ``metrics.compute_metrics``)."""
         key = concentration_k
         if key not in self._metric_cache:
             self._metric_cache[key] = point_metrics(self.eigenvalues, self.n_samples,

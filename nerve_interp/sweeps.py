@@ -82,17 +82,20 @@ class WidthSweepResult:
     spectra: dict = field(default_factory=dict, repr=False)
 
     def per_model(self, metrics: Sequence[str] = SWEEP_METRICS) -> pd.DataFrame:
-        """One value per model: the median over layers, ``norm, width, seed, point, metric,
-        value`` (+ the smallest ``n_tokens`` and ``n_over_d`` of its layers, when the table
-        has them)."""
+        """One value per model: the median over layers.
+
+        Columns ``norm, width, seed, point, metric, value`` (+ the smallest ``n_tokens`` and
+        ``n_over_d`` of its layers, when the table has them)."""
         t = self.table[self.table["metric"].isin(metrics)]
         extra = {c: (c, "min") for c in ("n_tokens", "n_over_d") if c in t.columns}
         return (t.groupby(["norm", "width", "seed", "point", "metric"], as_index=False)
                 .agg(value=("value", "median"), **extra))
 
     def per_width(self, metrics: Sequence[str] = SWEEP_METRICS) -> pd.DataFrame:
-        """One value per width: the mean over seeds of :meth:`per_model`, ``norm, point,
-        metric, width, value, value_se, n_seeds`` (+ ``n_tokens``, ``n_over_d``).
+        """One value per width: the mean over seeds of :meth:`per_model`.
+
+        Columns ``norm, point, metric, width, value, value_se, n_seeds`` (+ ``n_tokens``,
+        ``n_over_d``).
 
         ``value_se`` is the standard error of that mean: the larger of ``sd over seeds /
         sqrt(n_seeds)`` (NaN with one seed) and the jackknife one, ``sqrt(Σ model_se²) /
@@ -444,13 +447,6 @@ def width_sweep(
         Keep every run's final spectra in ``WidthSweepResult.spectra`` (to plot them
         without retraining); with ``out_dir`` they are also saved there
         (``<norm>-D<width>-s<seed>.safetensors``) and reloaded on resume.
-    untrained : bool, default False
-        Measure every model as initialised (the same seed, hence the same weights the
-        trained run starts from, on the same evaluation tokens), with no optimizer step: the
-        *init* null of a sweep. A claim about what training does to the exponents is the
-        difference between a sweep and its ``untrained=True`` twin. ``val_loss`` is then the
-        initial loss (``train_config``'s ``eval_batches`` × ``batch_size`` blocks); with
-        ``out_dir`` the runs are kept as ``<norm>-D<width>-s<seed>-init.json``.
     **model_overrides
         :class:`nerve_interp.models.LMConfig` fields that replace the preset's, as in
         :func:`nerve_interp.models.make_lm` (e.g. ``vocab_size=len(tok)``); also accepted as
@@ -462,6 +458,16 @@ def width_sweep(
         ``table`` with ``n_tokens`` and ``n_over_d`` on every row; ``fits`` holds the soft-
         and hard-rank fits (:data:`FIT_METRICS`); ``fit(metrics)`` fits others
         (``fit_metrics=`` is deprecated).
+
+    Other Parameters
+    ----------------
+    untrained : bool, default False
+        Measure every model as initialised (the same seed, hence the same weights the
+        trained run starts from, on the same evaluation tokens), with no optimizer step: the
+        *init* null of a sweep. A claim about what training does to the exponents is the
+        difference between a sweep and its ``untrained=True`` twin. ``val_loss`` is then the
+        initial loss (``train_config``'s ``eval_batches`` × ``batch_size`` blocks); with
+        ``out_dir`` the runs are kept as ``<norm>-D<width>-s<seed>-init.json``.
 
     Warns
     -----

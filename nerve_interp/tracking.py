@@ -4,7 +4,7 @@
 (the same tokens every time, so metrics are comparable across steps) and appends tidy rows
 ``step, layer, point, metric, value, se, ci_low, ci_high, n_tokens, n_over_d, train_loss,
 val_loss`` (intervals with ``n_groups=K`` among the capture options, NaN otherwise).
-Reinjection metrics (SPEC.md §4) are rows with ``point == "reinjection"``. It plugs into
+Reinjection metrics (see the glossary) are rows with ``point == "reinjection"``. It plugs into
 :func:`nerve_interp.training.train` and, through :class:`HFSpectralCallback`, into
 ``transformers.Trainer``.
 """

@@ -32,8 +32,14 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
         page = (site / "tutorials" / tutorial.stem / "index.html").read_text()
         assert "You will learn" in page, tutorial.name
         assert "data:image/png;base64" in page, f"{tutorial.name}: no figure rendered"
-    reference = (site / "reference" / "index.html").read_text()
+    # one page per module under reference/: check them together
+    reference = "\n".join(page.read_text()
+                          for page in sorted((site / "reference").glob("**/index.html")))
     assert "collect_spectra" in reference and "participation_ratio" in reference
     assert "<code>exact_diagonal</code>" in reference and "plan_capture" in reference
     assert ":func:<code>" not in reference and ":class:<code>" not in reference  # hooks.py
     assert "::</p>" not in reference
+    assert "SPEC.md" not in reference  # SPEC.md is not in the repository
+    assert not (site / "hooks.py").exists()  # exclude_docs
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):  # shown as source
+        assert (site / "notebooks" / notebook.stem / "index.html").exists(), notebook.name

@@ -1,7 +1,7 @@
 """Capture: nnsight traces over batches, every FFN point into its own statistics.
 
 Only D×D statistics leave the forward pass: activations are read inside the trace, padding
-tokens are dropped (SPEC.md §1), the rows go into a per-point sink on the activations' own
+tokens are dropped (see the glossary), the rows go into a per-point sink on the activations' own
 device, and ``tracer.stop()`` ends the forward after the last point needed.
 
 The pipeline, one module per job (read `nerve_interp/capture/run.py` for the loop):

@@ -49,7 +49,7 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
             sink.groups = None
         joint.update(_joint(p, sink, sites))
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
-    # SPEC's -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
+    # the documented -1e-8·λ_1 for float64, 64·eps ≈ 7.6e-6 for a float32 (or bf16-split) Gram
     warn_once(list(spectra.values()),
               NEGATIVE_WARN_TOL if p.opts.precision == "fp64" else 64 * 2.0**-23)
     diags, free = {}, {}

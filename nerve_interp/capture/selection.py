@@ -1,7 +1,7 @@
 """Which tokens count, in one place: padding, excluded positions and ids, token
 subsampling and the ``max_tokens`` budget, with a :class:`Tally` of what each rule left out.
 
-The rules apply in this order to the tokens of one batch (SPEC.md §1):
+The rules apply in this order to the tokens of one batch:
 
 1. padding is never counted (``attention_mask``);
 2. ``exclude_positions`` (among the real tokens of each sequence) and ``exclude_token_ids``;
