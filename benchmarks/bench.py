@@ -554,30 +554,46 @@ def _child_memory(n_tokens: int, device: str, quick: bool) -> dict:
             "points": len(list(res.items()))}
 
 
+def _child_env() -> dict[str, str]:
+    """The environment of a measuring child process: this nerve_interp first on the path and
+    a fixed mmap threshold (large blocks come from mmap and go back on free, so RSS follows
+    live memory; glibc's dynamic threshold keeps freed blocks in the heap)."""
+    root = str(Path(nerve_interp.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def _child_command(call: str, threads: int | None = None) -> list[str]:
+    """A fresh Python that imports this file and prints ``RESULT <json of bench.<call>>``."""
+    torch_threads = f"import torch; torch.set_num_threads({threads}); " if threads else ""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"{torch_threads}import bench; print('RESULT', json.dumps(bench.{call}))")
+    return [sys.executable, "-c", code]
+
+
+def _child_result(what: str, returncode: int, stdout: str, stderr: str) -> dict:
+    """The ``RESULT`` line of a child's output, or a RuntimeError with its stderr's tail."""
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if returncode or not line:
+        raise RuntimeError(f"{what} failed:\n{stderr[-2000:]}")
+    return json.loads(line[0][7:])
+
+
 def bench_memory(args: argparse.Namespace) -> list[dict]:
     ns = args.memory_tokens or ((256, 1024) if args.quick else (2048, 8192, 32768))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    root = str(Path(nerve_interp.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-           # a fixed mmap threshold: large blocks come from mmap and go back on free, so
-           # RSS follows live memory (glibc's dynamic threshold keeps freed blocks in the heap)
-           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = []
     for device in devices:
         procs = []
         for n in ns:  # one fresh process per N, run side by side (each measures only itself)
-            code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                    f"import bench; print('RESULT', json.dumps(bench._child_memory({n}, "
-                    f"{device!r}, {args.quick})))")
-            procs.append((n, subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+            procs.append((n, subprocess.Popen(
+                _child_command(f"_child_memory({n}, {device!r}, {args.quick})"),
+                env=_child_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
         rows = []
         for n, proc in procs:
             stdout, stderr = proc.communicate(timeout=900)
-            line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                raise RuntimeError(f"memory child for N={n} failed:\n{stderr[-2000:]}")
-            rows.append(json.loads(line[0][7:]))
+            rows.append(_child_result(f"memory child for N={n}", proc.returncode, stdout,
+                                      stderr))
         how = ("peak RSS (VmHWM, reset after loading and one warm-up capture) of a fresh "
                "process, above its RSS then" if device == "cpu" else
                "torch.cuda.max_memory_allocated above memory_allocated after warm-up")
@@ -822,22 +838,15 @@ def bench_peer(args: argparse.Namespace) -> dict:
     if args.peer_tokens:
         cases = tuple(c for c in cases if c[0] in args.peer_tokens) or tuple(
             (n, None) for n in args.peer_tokens)
-    root = str(Path(nerve_interp.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
     rows = []
     for n, layers in cases:
         for method in ("ours", "nerve"):
-            code = (f"import json, sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                    f"torch.set_num_threads({torch.get_num_threads()}); import bench; "
-                    f"print('RESULT', json.dumps(bench._child_peer({method!r}, {n}, "
-                    f"{layers!r}, {args.quick})))")
-            proc = subprocess.run([sys.executable, "-c", code], env=env, text=True,
-                                  capture_output=True, timeout=1800)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                raise RuntimeError(f"peer child {method} N={n} failed:\n{proc.stderr[-2000:]}")
-            rows.append(json.loads(line[0][7:]))
+            cmd = _child_command(f"_child_peer({method!r}, {n}, {layers!r}, {args.quick})",
+                                 threads=torch.get_num_threads())
+            proc = subprocess.run(cmd, env=_child_env(), text=True, capture_output=True,
+                                  timeout=1800)
+            rows.append(_child_result(f"peer child {method} N={n}", proc.returncode,
+                                      proc.stdout, proc.stderr))
     return {"model": "TinyLM small, 2 layers" if args.quick else "SmolLM2-135M",
             "how": "fresh process per method and size; seconds of the whole call "
                    "(eigendecompositions included) over a plain forward of the same batches "

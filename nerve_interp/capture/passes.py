@@ -33,12 +33,7 @@ def plan(wrapper: Any, data: Any, tokenizer: Any, sites: Sequence[FFNSite],
         probe["_args"] = tuple(a[:1] for a in probe["_args"])
     kwargs = {k: to_device(v, device) for k, v in probe.items()}
     args = kwargs.pop("_args", ())
-    dims: dict = {}
-    with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
-        for s in sites:
-            for p in opts.points:
-                dims[(s.layer, p)] = int(wrapper.get(s.paths[p]).shape[-1])
-        tracer.stop()
+    dims = _trace_widths(wrapper, sites, opts.points, args, kwargs)
     ids = first.get("input_ids")
     rows = int(ids.numel()) if ids is not None else int(
         next(v for v in first.get("_args", first.values()) if isinstance(v, torch.Tensor))
@@ -100,9 +95,6 @@ def merged_metadata(metas: list[dict], the_plan: Any) -> dict:
     return meta
 
 
-__all__ = ["in_passes", "merged_metadata", "plan"]
-
-
 def probe_widths(model: Any, sites: Sequence[FFNSite], points: Sequence[str]
                  ) -> dict[tuple[int, str], int]:
     """The width D of every ``(layer, point)``, read in one trace of 4 token ids.
@@ -116,10 +108,20 @@ def probe_widths(model: Any, sites: Sequence[FFNSite], points: Sequence[str]
     param = next(wrapper._module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     ids = torch.arange(1, 5, device=device).unsqueeze(0)
+    return _trace_widths(wrapper, sites, points, (), {"input_ids": ids})
+
+
+def _trace_widths(wrapper: Any, sites: Sequence[FFNSite], points: Sequence[str],
+                  args: tuple, kwargs: dict) -> dict[tuple[int, str], int]:
+    """``{(layer, point): D}`` read in one trace of ``wrapper(*args, **kwargs)``, stopped
+    after the reads (no full forward)."""
     dims: dict = {}
-    with torch.no_grad(), wrapper.trace(input_ids=ids) as tracer:
+    with torch.no_grad(), wrapper.trace(*args, **kwargs) as tracer:
         for s in sites:
             for p in points:
                 dims[(s.layer, p)] = int(wrapper.get(s.paths[p]).shape[-1])
         tracer.stop()
     return dims
+
+
+__all__ = ["in_passes", "merged_metadata", "plan", "probe_widths"]
