@@ -6,11 +6,22 @@ docstrings from the API pages, which mkdocstrings would otherwise print literall
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 from pathlib import Path
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):(?=<code>)")
+
+
+def on_config(config, **kwargs):
+    """Progress bars off in the executed tutorials: a static page shows a bar's last frame as
+    stderr noise. ``TQDM_DISABLE`` is read by nerve_interp's bars (``nerve_interp._progress``),
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` by transformers' weight-loading bars; the kernels that
+    mkdocs-jupyter starts inherit both."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return config
 
 
 def on_page_content(html, **kwargs):

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from ._progress import tqdm
 from ._validation import check_positive_int, check_seeds
 from ._warnings import user_stacklevel
 from .capture import iter_batches, model_label, token_hash

@@ -28,9 +28,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ._io import atomic_path, check_format_version, object_digest
+from ._progress import tqdm
 from .errors import ResultsFileError
 
 # 2: format_version and the writing nerve_interp recorded; 1 (none recorded) is still read

@@ -13,6 +13,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
+STDERR = 'data-mime-type="application/vnd.jupyter.stderr"'  # nbconvert's stderr stream block
+REPRS = ("&lt;matplotlib.", "&lt;Axes:", "&lt;Figure size")  # a plotting call's return value
+
+
+def _excerpt(page: str, marker: str) -> str:
+    """The text around the first occurrence of ``marker``, tags removed."""
+    import re
+
+    at = page.index(marker)
+    return re.sub(r"<[^>]+>", " ", page[at:at + 1500])[:400]
 
 
 def test_site_builds_strictly_with_executed_tutorials(tmp_path):
@@ -24,7 +34,7 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "WARNING" not in proc.stderr.replace("[IPKernelApp] WARNING", "")
     assert (site / "javascripts" / "mathjax" / "tex-mml-chtml.js").exists()
@@ -32,6 +42,10 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
         page = (site / "tutorials" / tutorial.stem / "index.html").read_text()
         assert "You will learn" in page, tutorial.name
         assert "data:image/png;base64" in page, f"{tutorial.name}: no figure rendered"
+        # a page shows no stderr (warnings, progress bars) and no bare object reprs
+        assert STDERR not in page, f"{tutorial.name}: stderr in the page: {_excerpt(page, STDERR)}"
+        for marker in REPRS:
+            assert marker not in page, f"{tutorial.name}: {_excerpt(page, marker)}"
     # one page per module under reference/: check them together
     reference = "\n".join(page.read_text()
                           for page in sorted((site / "reference").glob("**/index.html")))

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
+from .._progress import tqdm
 from .._warnings import user_stacklevel
 from ..diagnostics import TOKEN_META, decode_tokens, remove_rows, warn_outliers
 from ..errors import CaptureError, NegativeEigenvalueWarning

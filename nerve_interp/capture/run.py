@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt_io
+from .._progress import tqdm
 from .._warnings import user_stacklevel
 from ..errors import NerveInterpError
 from .options import CaptureOptions

@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
+from .._progress import tqdm
 from ..covariance import CovarianceAccumulator
 from ..groups import GroupStats
 from ..moments import NormMoments
