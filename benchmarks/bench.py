@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=None, help="token counts N of the memory part, e.g. 2048,8192")
     p.add_argument("--peer-tokens", type=lambda t: tuple(int(v) for v in t.split(",")),
                    default=None, help="token counts of the peer part, e.g. 4096,8192")
+    p.add_argument("--peer-threads", type=lambda t: tuple(int(v) for v in t.split(",")),
+                   default=None, help="torch threads of the peer part's runs (default: 1 and "
+                                      "every core; --quick: the torch default)")
     args = p.parse_args(argv)
     bad = set(args.parts.split(",")) - set(PARTS + EXTRA_PARTS)
     if bad:
@@ -240,7 +243,7 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
     if args.gpu_only:
         return bench_throughput_gpu(args)
     cases = []
-    cpu_prec = ["fp64", "fp32"]
+    cpu_prec = ["fp32", "fp64"]  # the first is collect_spectra's default ("auto")
     small = dict(n_layers=2, d_model=64) if args.quick else {}
     m, ref = (make_lm("small", seed=0, **small).eval() for _ in range(2))
     nb, bs, seq = (1, 2, 32) if args.quick else (4, 8, 128)
@@ -830,28 +833,43 @@ PEER_CASES = ((4096, None), (8192, None), (16384, None), (65536, (0, 1)))
 layers 0 and 1 at 64k, where keeping every point's rows would need 24 GB)."""
 
 
+PEER_THREADED = (4096, 8192, 16384)
+"""Token counts also run at every core (the 64k case, two layers, only at 1 thread)."""
+
+
+def _peer_threads(args: argparse.Namespace) -> tuple[int, ...]:
+    if args.peer_threads:
+        return args.peer_threads
+    if args.quick:
+        return (torch.get_num_threads(),)
+    return tuple(sorted({1, os.cpu_count() or 1}))
+
+
 def bench_peer(args: argparse.Namespace) -> dict:
     """Ours (``collect_spectra`` defaults) vs NerVE's analyzer method: seconds (with a plain
     forward of the same batches in the same process) and peak memory, one fresh process per
-    method and size, run one after the other."""
+    method, size and thread count, the two methods one right after the other."""
     cases = ((256, None), (1024, None)) if args.quick else PEER_CASES
     if args.peer_tokens:
         cases = tuple(c for c in cases if c[0] in args.peer_tokens) or tuple(
             (n, None) for n in args.peer_tokens)
     rows = []
-    for n, layers in cases:
-        for method in ("ours", "nerve"):
-            cmd = _child_command(f"_child_peer({method!r}, {n}, {layers!r}, {args.quick})",
-                                 threads=torch.get_num_threads())
-            proc = subprocess.run(cmd, env=_child_env(), text=True, capture_output=True,
-                                  timeout=1800)
-            rows.append(_child_result(f"peer child {method} N={n}", proc.returncode,
-                                      proc.stdout, proc.stderr))
+    for threads in _peer_threads(args):
+        for n, layers in cases:
+            if threads > 1 and not args.quick and n not in PEER_THREADED:
+                continue
+            for method in ("ours", "nerve"):
+                cmd = _child_command(f"_child_peer({method!r}, {n}, {layers!r}, {args.quick})",
+                                     threads=threads)
+                proc = subprocess.run(cmd, env=_child_env(), text=True, capture_output=True,
+                                      timeout=1800)
+                rows.append(_child_result(f"peer child {method} N={n} threads={threads}",
+                                          proc.returncode, proc.stdout, proc.stderr))
     return {"model": "TinyLM small, 2 layers" if args.quick else "SmolLM2-135M",
-            "how": "fresh process per method and size; seconds of the whole call "
-                   "(eigendecompositions included) over a plain forward of the same batches "
-                   "in the same process; peak RSS (VmHWM) above the RSS after loading and a "
-                   "warm-up", "rows": rows}
+            "how": "fresh process per method, size and thread count; seconds of the whole "
+                   "call (eigendecompositions included) over a plain forward of the same "
+                   "batches in the same process; peak RSS (VmHWM) above the RSS after loading "
+                   "and a warm-up", "rows": rows}
 
 
 # ------------------------------------------------------------------ report
@@ -899,8 +917,8 @@ def print_report(res: dict) -> None:
         print(f"\n[f] ours (collect_spectra defaults) vs NerVE's analyzer method (buffer rows, "
               f"fp32 covariance, fp32 eigvalsh), {pe['model']}; {pe['how']}")
         for r in pe["rows"]:
-            print(f"  {r['method']:<6} N={r['N']:>7} ({r['points']} points, layers "
-                  f"{r['layers']}): {r['seconds']:8.1f} s"
+            print(f"  {r['method']:<6} {r['threads']} thr N={r['N']:>7} ({r['points']} points, "
+                  f"layers {r['layers']}): {r['seconds']:8.1f} s"
                   + (f" = {r['x_plain']:5.2f}x plain" if r["x_plain"] == r["x_plain"] else "")
                   + ", "
                   f"peak +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB"

@@ -221,9 +221,10 @@ def _fourth_without(total: CovarianceAccumulator, av: tuple[torch.Tensor, torch.
 
 
 def _eigenvalues(m2: torch.Tensor, n: int) -> np.ndarray:
-    """Descending eigenvalues of ``M2 / (n − 1)`` in float64, round-off negatives clipped."""
+    """Descending eigenvalues of ``M2 / (n − 1)`` in float64, round-off negatives clipped
+    (the lower triangle of ``m2`` is read: it is exactly symmetric)."""
     cov = m2.detach().to("cpu", torch.float64) / (n - 1)
-    vals = torch.linalg.eigvalsh(0.5 * (cov + cov.T)).flip(-1).numpy()
+    vals = torch.linalg.eigvalsh(cov).flip(-1).numpy()
     return np.clip(vals, 0.0, None)
 
 

@@ -53,7 +53,9 @@ _GRAM_WORK = {"fp64": 8, "fp32": 4, "bf16-split": 12}  # bytes per D² entry, pe
 def _concrete(precision: str, device_type: str) -> str:
     p = precision.lower()
     if p == "auto":
-        return "fp32" if device_type == "cuda" else "fp64"
+        from .covariance import default_precision
+
+        return default_precision(device_type)
     if p not in _ROW_WORK:
         raise ValueError(f"unknown precision {precision!r}; choose one of "
                          f"('auto', 'fp64', 'fp32', 'bf16-split').")

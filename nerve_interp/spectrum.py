@@ -156,7 +156,9 @@ def spectrum_from_covariance(
     Parameters
     ----------
     covariance : tensor or ndarray of shape (D, D)
-        Symmetric positive semi-definite (up to round-off).
+        Symmetric positive semi-definite (up to round-off). Only its lower triangle is
+        read (LAPACK's ``UPLO="L"``); the accumulators' covariances are exactly symmetric,
+        and averaging the two triangles first cost 20% of the decomposition at D = 1536.
     mean : tensor or ndarray of shape (D,)
     n_samples : int
         Tokens the covariance came from; ``n_samples < 10·D`` raises a ``FiniteSampleWarning``
@@ -171,7 +173,6 @@ def spectrum_from_covariance(
     cov = torch.as_tensor(covariance).detach().to("cpu", torch.float64)
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"covariance of {name} must be square (D, D); got {tuple(cov.shape)}.")
-    cov = 0.5 * (cov + cov.T)  # exact symmetry for eigh
     if eigenvectors:
         vals, vecs = torch.linalg.eigh(cov)
         vecs = vecs.flip(-1).numpy()

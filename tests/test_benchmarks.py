@@ -30,7 +30,7 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     case = res["throughput"][0]
     assert {r["variant"] for r in case["rows"]} == {
         "plain", "nnsight fp64", "raw fp64", "nnsight fp32", "raw fp32",
-        "nnsight fp64 + diagnostics", "nnsight fp64 + diagnostics + groups"}
+        "nnsight fp32 + diagnostics", "nnsight fp32 + diagnostics + groups"}
     grouped = next(r for r in case["rows"] if r["variant"].endswith("groups"))
     assert grouped["n_groups"] == 2 and grouped["x_ungrouped"] > 0
     acc = {r["mode"]: r for r in res["accuracy"][0]["rows"]}

@@ -128,12 +128,13 @@ def test_nan_activation_names_site_and_batch():
 def test_function_activation_model():
     net = FunctionalNet().eval()
     x = torch.randn(4, 6, 8)
-    res = ni.collect_spectra(net, [x], progress=False)  # float input: every row is data
+    res = ni.collect_spectra(net, [x], precision="fp64",
+                             progress=False)  # float input: every row is data
     h = net.blocks[0].mlp.fc_in(x).detach().reshape(-1, 16).double().numpy()
     np.testing.assert_allclose(res.eigenvalues(0, "pre"), ref_eigenvalues(h), rtol=1e-9,
                                atol=1e-12)
     # the float tensor itself (not wrapped in a list) is split into batches along dim 0
-    whole = ni.collect_spectra(net, x, progress=False, batch_size=3)
+    whole = ni.collect_spectra(net, x, precision="fp64", progress=False, batch_size=3)
     assert whole.metadata["n_batches"] == 2 and whole.metadata["n_tokens"] == 24
     np.testing.assert_allclose(whole.eigenvalues(0, "pre"), ref_eigenvalues(h), rtol=1e-9,
                                atol=1e-12)
@@ -195,7 +196,7 @@ def test_skip_first_tokens_matches_raw_hooks():
     keep = [b["attention_mask"].bool() & (b["attention_mask"].cumsum(1) > 2) for b in batches]
     ref = raw_hook_points(model, batches, "plain", select=keep)
     with pytest.warns(DeprecationWarning, match="skip_first"):  # exclude_positions=range(2)
-        res = ni.collect_spectra(model, batches, skip_first=2, progress=False)
+        res = ni.collect_spectra(model, batches, precision="fp64", skip_first=2, progress=False)
     n = sum(int(b["attention_mask"].sum()) - 2 * b["attention_mask"].shape[0] for b in batches)
     assert res.metadata["n_tokens"] == n and res.metadata["skip_first"] == 2
     for (layer, point), x in ref.items():

@@ -71,7 +71,7 @@ def test_options_normalise_and_replay():
                  exclude_positions=(2,), skip_first=0, precision="auto")
     assert opts.points == ("pre", "post")  # forward order
     assert opts.layers == (-1, 0) and type(opts.max_tokens) is int
-    assert opts.precision == "fp64"  # "auto" on a CPU
+    assert opts.precision == "fp32"  # "auto"
     assert opts.rule == ExclusionRule(positions=(2,))
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.max_tokens = 5
@@ -91,7 +91,7 @@ def test_manifest_and_metadata_come_from_the_options():
         "model": "m", "model_class": "C",
         "sites": {"layers.0.ffn.pre": site.paths["pre"], "layers.0.ffn.post": site.paths["post"]},
         "options": {"points": ["pre", "post"], "max_tokens": 100, "skip_first": 0,
-                    "precision": "fp64", "exclusion": opts.rule.to_dict(),
+                    "precision": "fp32", "exclusion": opts.rule.to_dict(),
                     "token_fraction": 0.5, "subsample_seed": 7},
         "shard": {"rank": 1, "world_size": 2}}
     plain = build().manifest({"model": "m", "model_class": "C"}, [site])

@@ -136,7 +136,7 @@ def test_resume_matches_uninterrupted_and_records_position(run_ckpt):
     n2 = sum(int(b["attention_mask"].sum()) for b in batches[:2])
     assert state["position"]["batches"] == 2 and state["position"]["tokens"] == n2
     assert state["manifest"]["options"] == {"points": ["pre", "post"], "max_tokens": None,
-                                            "skip_first": 0, "precision": "fp64"}
+                                            "skip_first": 0, "precision": "fp32"}
     assert state["manifest"]["sites"]["layers.1.ffn.post"] == "transformer.h.1.mlp.act.output"
     assert state["nerve_interp"] == ni.__version__
     resumed = ni.collect_spectra(model, batches, progress=False, checkpoint=ckpt, layers=[0, 1])
@@ -154,7 +154,7 @@ def test_resume_matches_uninterrupted_and_records_position(run_ckpt):
     (dict(points=("post",)), "other sites"),
     (dict(max_tokens=50), r"options.max_tokens: checkpoint None, this run 50"),
     (dict(skip_first=1), r"options.skip_first"),
-    (dict(gram_dtype=torch.float32), r"options.precision: checkpoint 'fp64'"),
+    (dict(gram_dtype=torch.float64), r"options.precision: checkpoint 'fp32'"),
     (dict(exclude_token_ids=(3,)), r"options.exclusion"),
 ])
 @pytest.mark.filterwarnings("ignore:collect_spectra:DeprecationWarning")  # skip_first, gram_dtype

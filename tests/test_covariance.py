@@ -35,21 +35,30 @@ def test_matches_numpy_cov_with_offset(gram_dtype, tol):
     np.testing.assert_allclose(acc.mean_.numpy(), x.mean(0), rtol=1e-12)
 
 
-def test_float32_input_with_offset_keeps_tail():
-    """fp32 activations with a mean offset: centring per batch keeps small eigenvalues."""
+@pytest.mark.parametrize(("precision", "rtol"), [("fp64", 1e-9), ("auto", 1e-3)])
+def test_float32_input_with_offset_keeps_tail(precision, rtol):
+    """fp32 activations with a mean offset (condition number 7.6e5): centring per batch keeps
+    the small eigenvalues, to float64 round-off in "fp64" and to ~1e-4 relative in the
+    default float32 Gram, where an uncentred float32 Gram (the null) is off by a factor of
+    ~100 on the smallest."""
     x = heavy_tailed(offset=1e2).astype(np.float32)
-    acc = CovarianceAccumulator("t")
+    acc = CovarianceAccumulator("t", precision=precision)
     for chunk in np.array_split(x, 5):
         acc.update(torch.from_numpy(chunk))
     ref = np.linalg.eigvalsh(np.cov(x.astype(np.float64), rowvar=False))
     got = np.linalg.eigvalsh(acc.covariance_.numpy())
-    np.testing.assert_allclose(got, ref, rtol=1e-9)
+    np.testing.assert_allclose(got, ref, rtol=rtol)
+    xt = torch.from_numpy(x)
+    mean = xt.double().mean(0)
+    uncentred = ((xt.T @ xt).double() - len(x) * torch.outer(mean, mean)) / (len(x) - 1)
+    err_null = np.max(np.abs(np.linalg.eigvalsh(uncentred.numpy()) - ref) / ref)
+    assert np.max(np.abs(got - ref) / ref) < 1e-3 * err_null
 
 
 def test_merge_order_invariant():
     x = heavy_tailed(n=900, d=10)
     parts = np.array_split(x, 4)
-    accs = [CovarianceAccumulator(f"p{i}").update(torch.from_numpy(p))
+    accs = [CovarianceAccumulator(f"p{i}", precision="fp64").update(torch.from_numpy(p))
             for i, p in enumerate(parts)]
     ref = np.cov(x, rowvar=False)
     results = []
@@ -279,8 +288,8 @@ def test_precision_auto_and_gram_dtype_synonym():
     acc = CovarianceAccumulator("t")
     assert acc.precision == "auto" and acc.precision_ is None
     acc.update(torch.randn(5, 3))
-    assert acc.precision_ == "fp64" and acc.gram_dtype == torch.float64  # CPU default
-    assert default_precision("cuda") == "fp32" and default_precision("cpu") == "fp64"
+    assert acc.precision_ == "fp32" and acc.gram_dtype == torch.float32  # the default
+    assert default_precision("cuda") == "fp32" and default_precision("cpu") == "fp32"
     assert CovarianceAccumulator("t", gram_dtype=torch.float32).precision == "fp32"
     assert CovarianceAccumulator("t", precision="bf16-split").gram_dtype == torch.float32
     assert resolve_precision("auto", "cuda:0") == "fp32"
@@ -289,7 +298,7 @@ def test_precision_auto_and_gram_dtype_synonym():
         CovarianceAccumulator("t", precision="fp64", gram_dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         CovarianceAccumulator("t", precision="fp8")
-    assert "precision='fp64'" in repr(acc)
+    assert "precision='fp32'" in repr(acc)
 
 
 @pytest.mark.parametrize("bad", ["bf16", "fp16", "tf32", "BF16"])
@@ -438,3 +447,17 @@ def test_wide_points_match_numpy_through_merges_and_state(precision, tol):
     assert rel_err(cov, ref) <= tol
     state = parts[1][0].state_dict()["scatter"].numpy()
     assert rel_err(state / 1399, np.cov(x[1000:], rowvar=False)) <= tol
+
+
+def test_float64_rows_are_centred_before_the_float32_gram():
+    """float64 rows far from 0 (offset 1e3, unit variance) under the default float32 Gram:
+    centred in float64 first, so the covariance keeps float32's accuracy (1.3e-8 of its
+    largest entry here); rounding the rows to float32 first (the null) errs by 3e-6."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 6)) + 1e3
+    ref = np.cov(x, rowvar=False)
+    acc = CovarianceAccumulator("t").update(torch.from_numpy(x[:150])).update(
+        torch.from_numpy(x[150:]))
+    assert acc.precision_ == "fp32" and rel_err(acc.covariance_.numpy(), ref) < 2e-7
+    rounded = np.cov(x.astype(np.float32).astype(np.float64), rowvar=False)
+    assert rel_err(rounded, ref) > 1e-6

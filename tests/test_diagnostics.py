@@ -107,7 +107,8 @@ def test_share_top_tokens_and_exact_removal_against_numpy():
     frac = (len(massive) - 0.5) / n  # k = ⌈frac·N⌉ = the 12 massive tokens
     with pytest.warns(OutlierTokenWarning, match=r"layer 0 post: top 12 of \d+ tokens.*"
                       r"positions 0 \(12×\)"):
-        res = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False,
+        res = ni.collect_spectra(model, batches, precision="fp64", sites=sites, points=("post",),
+                                 progress=False,
                                  outlier_fraction=frac, max_outlier_tokens=20)
     d = res.diagnostics[(0, "post")]
     # top-m by streaming (batch by batch) == a full sort of every norm
@@ -133,7 +134,7 @@ def test_share_top_tokens_and_exact_removal_against_numpy():
     assert free.metadata["exclusion"]["outliers_removed"] == {"layers.0.ffn.post": 12}
     # ... and == capturing again without them, by id or by position
     for kw in ({"exclude_token_ids": massive}, {"exclude_positions": (0,)}):
-        again = ni.collect_spectra(model, batches, sites=sites, points=("post",),
+        again = ni.collect_spectra(model, batches, precision="fp64", sites=sites, points=("post",),
                                    progress=False, **kw)
         lam = again.eigenvalues(0, "post")
         assert np.max(np.abs(lam - base)) / base[0] <= 1e-10, kw
@@ -222,7 +223,7 @@ def test_remove_rows_against_numpy():
     g = np.random.default_rng(0)
     x = g.normal(size=(200, 5)) + 3.0
     x[:4] *= 500
-    acc = ni.CovarianceAccumulator().update(torch.from_numpy(x))
+    acc = ni.CovarianceAccumulator(precision="fp64").update(torch.from_numpy(x))
     n, mu, m2 = remove_rows(200, acc.mean_, acc.scatter_, torch.from_numpy(x[:4]))
     assert n == 196
     np.testing.assert_allclose(mu.numpy(), x[4:].mean(0), rtol=1e-10)
@@ -256,7 +257,8 @@ def test_exclusion_by_position_and_id_matches_raw_hooks(name, family):
         keep.append(mask & ~by_pos & ~by_id)
     assert n_ids > 0
     ref = raw_hook_points(model, batches, family, select=keep)
-    res = ni.collect_spectra(model, batches, exclude_positions=[3, 0], exclude_token_ids=drop_ids,
+    res = ni.collect_spectra(model, batches, precision="fp64", exclude_positions=[3, 0],
+                             exclude_token_ids=drop_ids,
                              progress=False)
     assert res.metadata["n_tokens"] == sum(int(k.sum()) for k in keep)
     ex = res.metadata["exclusion"]
@@ -270,8 +272,10 @@ def test_exclusion_by_position_and_id_matches_raw_hooks(name, family):
         assert np.max(np.abs(res.eigenvalues(layer, point) - want)) / want[0] <= 1e-9
     # skip_first is exclude_positions=range(k)
     with pytest.warns(DeprecationWarning, match="skip_first"):
-        a = ni.collect_spectra(model, batches, skip_first=2, progress=False, layers=[0])
-    b = ni.collect_spectra(model, batches, exclude_positions=(0, 1), progress=False, layers=[0])
+        a = ni.collect_spectra(model, batches, precision="fp64", skip_first=2, progress=False,
+                               layers=[0])
+    b = ni.collect_spectra(model, batches, precision="fp64", exclude_positions=(0, 1),
+                           progress=False, layers=[0])
     np.testing.assert_array_equal(a.eigenvalues(0, "post"), b.eigenvalues(0, "post"))
     assert a.metadata["exclusion"]["positions"] == [0, 1]
 
@@ -282,7 +286,8 @@ def test_norm_rule_calibrated_on_first_batch():
     threshold = 20 * np.median(np.linalg.norm(first, axis=1))
     x, _, _ = real_rows(batches, table)
     kept = x[np.linalg.norm(x, axis=1) <= threshold]
-    res = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False,
+    res = ni.collect_spectra(model, batches, precision="fp64", sites=sites, points=("post",),
+                             progress=False,
                              exclude_norm_above=20)
     assert len(kept) == len(x) - len(massive)
     want = ref_eigenvalues(kept)
@@ -483,7 +488,8 @@ def test_massive_tokens_beyond_the_top_k_are_left_out_too():
     x, ids, _ = real_rows(batches, table)
     with pytest.warns(OutlierTokenWarning, match=r"top 5 of \d+ tokens .*; 12 outlier tokens at "
                       r"positions 0 \(12×\)"):
-        res = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False)
+        res = ni.collect_spectra(model, batches, precision="fp64", sites=sites, points=("post",),
+                                 progress=False)
     d = res.diagnostics[(0, "post")]
     assert d.k == 5 and d.n_outliers == 12 and d.outlier_flag and not d.saturated
     xc2 = ((x - x.mean(0)) ** 2).sum(1)
@@ -493,7 +499,8 @@ def test_massive_tokens_beyond_the_top_k_are_left_out_too():
     got = res.without_outliers().eigenvalues(0, "post")
     assert np.max(np.abs(got - base)) / base[0] <= 1e-10
     with pytest.warns(OutlierTokenWarning, match=r"12\+? outlier tokens|at least"):
-        few = ni.collect_spectra(model, batches, sites=sites, points=("post",), progress=False,
+        few = ni.collect_spectra(model, batches, precision="fp64", sites=sites, points=("post",),
+                                 progress=False,
                                  max_outlier_tokens=8)
     assert few.diagnostics[(0, "post")].saturated
 

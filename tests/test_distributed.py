@@ -42,16 +42,19 @@ WORKER = textwrap.dedent("""
     model = make_lm("tiny", vocab_size=256, activation="swiglu")
     data = torch.load(out / "data.pt")
     runs = {
-        "all": ni.collect_spectra(model, data, points=("pre", "act", "up", "post"),
+        "all": ni.collect_spectra(model, data, precision="fp64",
+                                  points=("pre", "act", "up", "post"),
                                   progress=False, checkpoint=out / "run.ckpt",
                                   checkpoint_every=1),
-        "one": ni.collect_spectra(model, data[:1], progress=False),  # rank 1 gets no batch
-        "budget": ni.collect_spectra(model, data, progress=False, max_tokens=301),
+        # rank 1 gets no batch
+        "one": ni.collect_spectra(model, data[:1], precision="fp64", progress=False),
+        "budget": ni.collect_spectra(model, data, precision="fp64", progress=False, max_tokens=301),
         # batch i draws its tokens from (seed, i) alone: rank i % 2 keeps what one process does
-        "subsample": ni.collect_spectra(model, data, progress=False, token_fraction=0.5,
+        "subsample": ni.collect_spectra(model, data, precision="fp64", progress=False,
+                                        token_fraction=0.5,
                                         subsample_seed=3),
         # per-group statistics: each rank holds part of every group, merged group by group
-        "groups": ni.collect_spectra(model, data, progress=False, n_groups=3,
+        "groups": ni.collect_spectra(model, data, precision="fp64", progress=False, n_groups=3,
                                      checkpoint=out / "groups.ckpt", checkpoint_every=1),
     }
     arrays = {}
@@ -140,12 +143,14 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 
     model = make_lm("tiny", vocab_size=256, activation="swiglu")
     single = {
-        "all": ni.collect_spectra(model, data, points=("pre", "act", "up", "post"),
+        "all": ni.collect_spectra(model, data, precision="fp64",
+                                  points=("pre", "act", "up", "post"),
                                   progress=False),
-        "one": ni.collect_spectra(model, data[:1], progress=False),
-        "subsample": ni.collect_spectra(model, data, progress=False, token_fraction=0.5,
+        "one": ni.collect_spectra(model, data[:1], precision="fp64", progress=False),
+        "subsample": ni.collect_spectra(model, data, precision="fp64", progress=False,
+                                        token_fraction=0.5,
                                         subsample_seed=3),
-        "groups": ni.collect_spectra(model, data, progress=False, n_groups=3),
+        "groups": ni.collect_spectra(model, data, precision="fp64", progress=False, n_groups=3),
     }
     worst = worst_a = 0.0
     for name, res in single.items():

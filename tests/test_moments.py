@@ -186,7 +186,7 @@ def test_fourth_moment_without_some_rows_equals_numpy():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(600, 6, generator=g, dtype=torch.float64) + 4
     x[:7] *= 40  # a few massive rows
-    acc, mom = CovarianceAccumulator("t"), NormMoments("t")
+    acc, mom = CovarianceAccumulator("t", precision="fp64"), NormMoments("t")
     for chunk in x.split(128):
         mom.update(chunk, acc)
         acc.update(chunk)

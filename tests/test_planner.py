@@ -120,8 +120,8 @@ def test_multi_pass_needs_reiterable_data():
 def test_collect_spectra_precision_pass_through():
     model = make_tiny("llama")
     batches = [random_batch(seed=s) for s in range(3)]
-    ref = ni.collect_spectra(model, batches, progress=False)
-    assert ref.metadata["precision"] == "fp64"  # CPU default
+    assert ni.collect_spectra(model, batches, progress=False).metadata["precision"] == "fp32"
+    ref = ni.collect_spectra(model, batches, progress=False, precision="fp64")
     res = ni.collect_spectra(model, batches, progress=False, precision="bf16-split")
     assert res.metadata["precision"] == "bf16-split" and res.metadata["gram_dtype"] == "float32"
     for (layer, point), spec in ref.items():

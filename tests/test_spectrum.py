@@ -82,7 +82,7 @@ def test_pipeline_eigenvalues_equal_sklearn_pca():
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2000, 16)) @ rng.standard_normal((16, 16)) + 300.0
-    acc = CovarianceAccumulator("t")
+    acc = CovarianceAccumulator("t", precision="fp64")
     for chunk in np.array_split(x, 9):
         acc.update(torch.from_numpy(chunk))
     s = spectrum_from_covariance(acc.covariance_, acc.mean_, acc.n_samples_seen_,

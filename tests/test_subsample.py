@@ -66,7 +66,8 @@ def test_subsample_matches_raw_hooks_on_the_documented_rows(name, family):
         keep.append(rule & drawn)
     assert total > budget + 100  # the budget binds
     ref = raw_hook_points(model, batches, family, select=keep)
-    res = ni.collect_spectra(model, batches, exclude_positions=(0,), token_fraction=p,
+    res = ni.collect_spectra(model, batches, precision="fp64", exclude_positions=(0,),
+                             token_fraction=p,
                              subsample_seed=seed, max_tokens=budget, progress=False)
     meta = res.metadata
     assert meta["n_tokens"] == budget

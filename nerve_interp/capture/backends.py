@@ -118,7 +118,7 @@ def backend_for(wrapper: Any, opts: CaptureOptions) -> LocalBackend | RemoteBack
         raise ValueError(
             "the remote backend cannot form precision='bf16-split' (not available with "
             "remote=...): the per-batch statistics are formed on the server with plain torch "
-            "ops. Use precision='fp64' (default off CUDA) or 'fp32'.")
+            "ops. Use precision='fp32' (the default) or 'fp64'.")
     return RemoteBackend(opts.remote, opts.precision)
 
 

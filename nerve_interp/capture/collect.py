@@ -125,11 +125,12 @@ def collect_spectra(
         Deprecated synonym of ``precision`` (``"fp64"`` / ``"fp32"``).
     precision : {"auto", "fp64", "fp32", "bf16-split"}, default "auto"
         How each batch's centred scatter matrix is formed (see
-        :mod:`nerve_interp.covariance`): ``"auto"`` is ``"fp64"`` when the model is on a CPU
-        and ``"fp32"`` (TF32 forbidden) on CUDA. On a CPU ``"fp32"`` streams ~1.2× faster
-        (SmolLM2-135M, 60 points, 1 thread: 1.30× a plain forward against fp64's 1.55×) and
-        moved every metric by at most 5.4e-6 relative there (docs: how-to, "Precision on a
-        CPU"); ``"bf16-split"`` (opt-in) runs on bf16 tensor cores, with a tail accuracy that
+        :mod:`nerve_interp.covariance`): ``"auto"`` is ``"fp32"``: each batch's centred
+        Gram in float32 (TF32 forbidden on CUDA), merged in float64. On a CPU it streams
+        ~1.2× faster than ``"fp64"`` (SmolLM2-135M, 60 points, 1 thread: 1.30× a plain
+        forward against 1.55×) and moved every metric by at most 5.4e-6 relative there
+        (docs: how-to, "Precision on a CPU"); ``"fp64"`` is exact to float64 round-off;
+        ``"bf16-split"`` (opt-in) runs on bf16 tensor cores, with a tail accuracy that
         depends on the covariance. Statistics are merged and eigendecomposed in float64
         either way; ``metadata["precision"]`` records the mode used.
     memory_budget : bytes, "auto" or None, default None
