@@ -34,7 +34,9 @@ __all__ = [
     "corpus_metadata",
     "load_corpus",
     "read_texts",
+    "token_blocks",
     "tokenize_batches",
+    "train_tokenizer",
 ]
 
 CORPORA: tuple[str, ...] = ("python-docs",)

@@ -669,5 +669,6 @@ def plot_convergence(
 
 
 __all__ = ["LABELS", "MODE_STYLES", "POINT_PALETTE", "SUBSPACE_PALETTE", "TOKENS_PALETTE",
-           "plot_ablation", "plot_convergence", "plot_metric", "plot_outliers", "plot_power_law",
+           "plot_ablation", "plot_compare", "plot_convergence", "plot_metric", "plot_outliers",
+           "plot_power_law",
            "plot_reinjection", "plot_spectra"]
