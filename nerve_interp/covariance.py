@@ -336,6 +336,59 @@ _DIAGONAL_CHUNK = 1 << 24
 """Elements per float64 chunk in :func:`exact_diagonal` (128 MB)."""
 
 
+def centre_rows(x: torch.Tensor, *, bf16_shift: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centre float32 (or bf16/fp16) rows on their mean for a float32 Gram product, with
+    every sum in float64 from one widening of each chunk of rows.
+
+    The rows are widened to float64 (exactly); their column sums give the exact mean ``μ``
+    (matrix-vector products: one BLAS pass each, where a float64 ``sum(dim=0)`` of float32
+    rows cost a third of the Gram product at D = 1536); the shift ``s`` is ``μ`` rounded to
+    float32 (to bfloat16 with ``bf16_shift``), so ``x − s`` is exact in float64, and its
+    column sums (the residual of the shift) and sums of squares (the diagonal, as
+    :func:`exact_diagonal`) come from the same widened chunk before it is narrowed to the
+    float32 rows of the product.
+
+    Parameters
+    ----------
+    x : torch.Tensor of shape (N, D), float32, bfloat16 or float16
+    bf16_shift : bool
+        Round the shift to bfloat16 (``"bf16-split"``: then ``x − s`` is exact in float32 for
+        bf16 inputs).
+
+    Returns
+    -------
+    xc : torch.Tensor of shape (N, D), float32
+        ``x − s``, rounded once.
+    mean, resid, diag : torch.Tensor of shape (D,), float64
+        ``μ``, ``Σ(x − s)`` and ``Σ(x − s)²``.
+
+    Examples
+    --------
+    >>> xc, mean, resid, diag = centre_rows(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    >>> mean.tolist(), resid.tolist(), diag.tolist()
+    ([2.0, -0.75], [0.0, 0.0], [2.0, 3.125])
+    """
+    n, d = x.shape
+    rows = max(1, _DIAGONAL_CHUNK // max(1, d))
+    ones = torch.ones(min(n, rows), dtype=torch.float64, device=x.device)
+    mean = torch.zeros(d, dtype=torch.float64, device=x.device)
+    with full_precision_matmul():
+        for part in x.split(rows):
+            mean += torch.mv(part.double().T, ones[:part.shape[0]])
+        mean /= n
+        shift = (mean.to(_BF16) if bf16_shift else mean.float()).double()
+        xc = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        sums = torch.zeros(2, d, dtype=torch.float64, device=x.device)
+        for start, part in zip(range(0, n, rows), x.split(rows), strict=True):
+            wide = part.double().sub_(shift)  # exact: both are float32 numbers
+            xc[start:start + part.shape[0]] = wide
+            sums[0] += torch.mv(wide.T, ones[:part.shape[0]])
+            sums[1] += torch.mv(wide.square_().T, ones[:part.shape[0]])
+    return xc, mean, sums[0], sums[1]
+
+
+
 # ------------------------------------------------------------------ symmetric Gram
 PANEL_WIDTH = 128
 """Columns per panel of :func:`add_upper_gram` (12 panels at D = 1536)."""
@@ -645,37 +698,51 @@ class CovarianceAccumulator:
             return self
         if self._resolved is None:
             self._resolved = default_precision(x.device)
-        mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # exact mean, whatever the mode
-        # a NaN/inf anywhere makes its column's float64 sum non-finite (a float64 sum of
-        # finite float32/bf16 values cannot overflow), so D checks stand in for N·D
-        if not bool(torch.isfinite(mean_b).all()):
-            bad = int((~torch.isfinite(x)).any(dim=1).sum())
-            if not bad:
-                raise CaptureError(
-                    f"{self.name}: the float64 column sums of {n_b} finite tokens overflow "
-                    f"(largest |value| {float(x.abs().max()):.3g}); rescale the activations.")
-            raise CaptureError(
-                f"{self.name}: {bad} of {n_b} tokens have NaN/inf activations. Check the "
-                "model's dtype (fp16 overflows easily; load in float32 or bfloat16) and inputs."
-            )
-        xc = self._centred(x, mean_b)
-        resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0: exact correction for the shift
-        # the diagonal (per-coordinate sums of squares) in float64: see exact_diagonal()
-        diag = exact_diagonal(xc) if xc.dtype != torch.float64 else None
+        if self._resolved == "fp64" or x.dtype == torch.float64:
+            mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # the exact mean
+            self._check_finite(x, mean_b)
+            xc, _ = self._centred(x, mean_b)
+            resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0: exact correction for the shift
+            # the diagonal (per-coordinate sums of squares) in float64: see exact_diagonal()
+            diag = exact_diagonal(xc) if xc.dtype != torch.float64 else None
+        else:  # one float64 widening of the rows gives the exact mean, residual, diagonal
+            xc, mean_b, resid, diag = centre_rows(x, bf16_shift=self._resolved == "bf16-split")
+            self._check_finite(x, mean_b)
         self._fold(n_b, mean_b, lambda m2: self._add_scatter(m2, xc, diag), resid)
         return self
 
-    def _centred(self, x: torch.Tensor, mean_b: torch.Tensor) -> torch.Tensor:
-        """``x − s`` in the Gram product's dtype, ``s`` the batch mean ``mean_b`` rounded to
-        that dtype (to bfloat16 for ``"bf16-split"``: then exact for bf16 inputs)."""
+    def _check_finite(self, x: torch.Tensor, mean_b: torch.Tensor) -> None:
+        """Raise on NaN/inf rows. A NaN/inf anywhere makes its column's float64 sum
+        non-finite (a float64 sum of finite float32/bf16 values cannot overflow), so D checks
+        stand in for N·D."""
+        if bool(torch.isfinite(mean_b).all()):
+            return
+        n_b = int(x.shape[0])
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        if not bad:
+            raise CaptureError(
+                f"{self.name}: the column sums of {n_b} finite tokens overflow (largest "
+                f"|value| {float(x.abs().max()):.3g}); rescale the activations.")
+        raise CaptureError(
+            f"{self.name}: {bad} of {n_b} tokens have NaN/inf activations. Check the "
+            "model's dtype (fp16 overflows easily; load in float32 or bfloat16) and inputs."
+        )
+
+    def _centred(self, x: torch.Tensor, mean_b: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x − s, s)``: the rows centred in the Gram product's dtype, and the shift ``s``,
+        the mean ``mean_b`` rounded to that dtype (to bfloat16 for ``"bf16-split"``: then
+        ``x − s`` is exact for bf16 inputs)."""
         if self._resolved == "bf16-split":
-            return x.to(torch.float32, copy=True).sub_(mean_b.to(_BF16).float())
+            shift = mean_b.to(_BF16).float()
+            return x.to(torch.float32, copy=True).sub_(shift), shift
         dtype = _PRECISION_GRAM_DTYPE[self._resolved]
+        shift = mean_b.to(dtype)
         if x.dtype == torch.float64 and dtype != torch.float64:
             # rounding float64 rows to float32 *before* centring would lose what an offset
             # hides (at |μ| = 1e3 a float32 ulp is 6e-5 of a unit-variance deviation)
-            return (x - mean_b.to(x.device)).to(dtype)
-        return x.to(dtype, copy=True).sub_(mean_b.to(dtype))  # one N×D copy, no temporary
+            return (x - mean_b.to(x.device)).to(dtype), shift
+        return x.to(dtype, copy=True).sub_(shift), shift  # one N×D copy, no temporary
 
     def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor,
                      diag: torch.Tensor | None) -> bool:

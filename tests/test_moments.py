@@ -55,7 +55,7 @@ def test_streamed_fourth_moment_equals_numpy():
     assert mom.fourth_ == pytest.approx(want, rel=1e-12)
     parts = []
     for rows in (x[:300].double(), x[300:].double()):
-        a, m = CovarianceAccumulator("p"), NormMoments("p")
+        a, m = CovarianceAccumulator("p", precision="fp64"), NormMoments("p")
         for chunk in rows.split(64):
             m.update(chunk, a)
             a.update(chunk)
