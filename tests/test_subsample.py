@@ -207,7 +207,7 @@ def test_multi_pass_plan_and_remote_keep_the_same_tokens(tiny_tokenizer):
     for b in batches:  # right padding only (see test_remote)
         b["attention_mask"][3] = 1
     model = TransformersModel(make_tiny("gpt2"), tokenizer=tiny_tokenizer)
-    kw = dict(progress=False, token_fraction=0.5, subsample_seed=1)
+    kw = dict(progress=False, token_fraction=0.5, subsample_seed=1, precision="fp64")
     local = ni.collect_spectra(model, batches, **kw)
     remote = ni.collect_spectra(model, batches, remote="local", **kw)
     passes = ni.collect_spectra(model, batches, memory_budget=800_000, **kw)
