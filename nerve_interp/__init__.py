@@ -48,7 +48,7 @@ _LAZY = {
     "show_versions": ("nerve_interp._versions", "show_versions"),
     "nulls": ("nerve_interp.nulls", None),
     "reinitialized": ("nerve_interp.reinit", "reinitialized"),
-    "compare": ("nerve_interp.compare", "compare"),
+    "compare": ("nerve_interp.comparison", "compare"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -50,10 +50,8 @@ def add_up_point(model: Any, kw: dict, nulls: tuple[str, ...]) -> None:
 def run_nulls(model: Any, texts: Any, tokenizer: Any, result: Any, nulls: tuple[str, ...],
               kw: dict, echo: Any, out: Path) -> dict[str, Path]:
     """Compute the nulls, print PR gain and ΔSE beside them, write the table and figure."""
-    # the package's lazy attribute, not the submodule: importing nerve_interp.compare
-    # first would bind the module over the function ni.compare
-    from . import compare
     from . import nulls as _nulls
+    from .comparison import compare
 
     made = []
     for name in nulls:

@@ -216,3 +216,12 @@ def test_joint_statistics_match_raw_hooks_and_survive_save_load(tmp_path):
     back = ni.SpectraResult.load(result.save(tmp_path / "r.safetensors"))
     np.testing.assert_array_equal(back.joint[0].covariance, j.covariance)
     assert back.metadata["activations"] == {"0": "gelu"}
+
+
+def test_compare_stays_a_function_after_its_module_is_imported():
+    """The function ni.compare lives in nerve_interp.comparison: importing that submodule
+    (as the CLI does) cannot bind a module over the package's function of the same name."""
+    import importlib
+
+    importlib.import_module("nerve_interp.comparison")
+    assert callable(ni.compare) and ni.compare.__module__ == "nerve_interp.comparison"
