@@ -57,8 +57,9 @@ def plot_spectra(
     data: pd.DataFrame,
     *,
     layers: Sequence[int] | None = None,
-    col_wrap: int = 6,
-    height: float = 1.9,
+    col_wrap: int = 2,
+    height: float = 3.2,
+    aspect: float = 1.4,
     normalize: bool = True,
     floor: float = 1e-12,
     **kwargs: Any,
@@ -71,6 +72,9 @@ def plot_spectra(
         ``SpectraResult.eigenvalue_frame()``: columns ``layer, point, rank, eigenvalue``.
     layers : sequence of int, optional
         Panels to draw (default: every layer in ``data``).
+    col_wrap, height, aspect : int, float, float
+        Panels per row, and each panel's height (inches) and width / height: two readable
+        panels per row by default.
     normalize : bool, default True
         Divide each spectrum by its sum (share of variance per direction), so layers with
         different activation scales share an axis.
@@ -98,7 +102,7 @@ def plot_spectra(
     n_layers = df["layer"].nunique()
     g = sns.relplot(data=df, x="rank", y="eigenvalue", hue="point", hue_order=points,
                     palette=_palette(points), col="layer", col_wrap=min(col_wrap, n_layers),
-                    kind="line", height=height, aspect=1.1, linewidth=1.2,
+                    kind="line", height=height, aspect=aspect, linewidth=1.2,
                     facet_kws={"sharey": True}, **kwargs)
     g.set(xscale="log", yscale="log")
     g.set_titles("layer {col_name}")
@@ -167,7 +171,8 @@ def plot_reinjection(
     metrics: Sequence[str] = ("pr_gain", "delta_spectral_entropy", "delta_eee", "js_divergence"),
     axes: Any = None,
 ):
-    """Variance reinjection per layer: one small panel per column of ``reinjection()``.
+    """Variance reinjection per layer: one panel per column of ``reinjection()``, two per
+    row (pass ``axes`` for another layout).
 
     Reference lines mark "no change" (gain 1, difference 0). With ``{metric}_ci_low`` /
     ``_ci_high`` columns (a capture with ``n_groups``) each layer gets its interval as an
@@ -180,8 +185,12 @@ def plot_reinjection(
     check_tidy(data, ("layer", *metrics))
     plt = _pyplot()
     if axes is None:
-        _, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0),
-                               layout="constrained")
+        rows = -(-len(metrics) // 2)
+        _, grid = plt.subplots(rows, min(2, len(metrics)), figsize=(10, 3.4 * rows),
+                               layout="constrained", squeeze=False)
+        for ax in grid.flat[len(metrics):]:
+            ax.set_visible(False)
+        axes = grid.flat[:len(metrics)]
     for ax, name in zip(axes, metrics, strict=True):
         ax.plot(data["layer"], data[name], marker="o", color=POINT_PALETTE["post"])
         if f"{name}_ci_low" in data:
