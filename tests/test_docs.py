@@ -8,6 +8,7 @@ the site must serve MathJax itself (offline, no CDN).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
         assert STDERR not in page, f"{tutorial.name}: stderr in the page: {_excerpt(page, STDERR)}"
         for marker in REPRS:
             assert marker not in page, f"{tutorial.name}: {_excerpt(page, marker)}"
+        # docs/hooks.py points a notebook's .md/.ipynb links at the built pages
+        assert not re.search(r'href="(?![a-z]+:)[^"]*\.(?:md|ipynb)[#"]', page), tutorial.name
     # one page per module under reference/: check them together
     reference = "\n".join(page.read_text()
                           for page in sorted((site / "reference").glob("**/index.html")))
