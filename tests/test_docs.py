@@ -49,6 +49,9 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
             assert marker not in page, f"{tutorial.name}: {_excerpt(page, marker)}"
         # docs/hooks.py points a notebook's .md/.ipynb links at the built pages
         assert not re.search(r'href="(?![a-z]+:)[^"]*\.(?:md|ipynb)[#"]', page), tutorial.name
+        # an executed widget (a slider, a tqdm bar once ipywidgets is installed) would load
+        # its renderer from a CDN: tutorials show widgets in a live notebook only
+        assert "@jupyter-widgets/html-manager" not in page, f"{tutorial.name}: widget state"
     # one page per module under reference/: check them together
     reference = "\n".join(page.read_text()
                           for page in sorted((site / "reference").glob("**/index.html")))
