@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-STDERR = 'data-mime-type="application/vnd.jupyter.stderr"'  # nbconvert's stderr stream block
+# nbconvert's stderr stream block: the attribute of an output <div>. The leading space
+# matters: every notebook page also inlines the CSS rule .jp-RenderedText[data-mime-type=...]
+STDERR = ' data-mime-type="application/vnd.jupyter.stderr"'
 REPRS = ("&lt;matplotlib.", "&lt;Axes:", "&lt;Figure size")  # a plotting call's return value
 
 
