@@ -1,17 +1,23 @@
 """mkdocs hooks: serve MathJax 3 from the site itself (no CDN), copied from the
 django-static-mathjax wheel (the `docs` extra) at build time, so nothing binary is committed;
-and drop the Sphinx roles (``:func:``, ``:class:`` ...) and ``::`` literal-block markers of
-docstrings from the API pages, which mkdocstrings would otherwise print literally."""
+drop the Sphinx roles (``:func:``, ``:class:`` ...) and ``::`` literal-block markers of
+docstrings from the API pages, which mkdocstrings would otherwise print literally; and point
+the ``.md`` / ``.ipynb`` links of notebook pages at the built pages (mkdocs rewrites such links
+in Markdown pages only; mkdocs-jupyter leaves a notebook's links as written)."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import posixpath
 import re
 import shutil
 from pathlib import Path
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):(?=<code>)")
+_DOC_LINK = re.compile(r'href="(?![a-zA-Z][a-zA-Z0-9+.-]*:|#|/)([^"#?]+\.(?:md|ipynb))(#[^"]*)?"')
+_log = logging.getLogger("mkdocs.hooks.notebook_links")
 
 
 def on_config(config, **kwargs):
@@ -24,9 +30,41 @@ def on_config(config, **kwargs):
     return config
 
 
-def on_page_content(html, **kwargs):
+def _link_target(href, page, config, files):
+    """The site file a notebook's relative link names: read against the page's URL as
+    the site shows it (``../../glossary.md`` from ``tutorials/00_x/``), else against the
+    notebook's own folder as Jupyter reads it (``03_x.ipynb``, ``../docs/glossary.md``)."""
+    url_dir = page.file.url if page.file.url.endswith("/") else posixpath.dirname(page.file.url)
+    src_dir = posixpath.dirname(page.file.src_uri)
+    for base in (url_dir, src_dir):
+        found = files.get_file_from_path(posixpath.normpath(posixpath.join(base, href)))
+        if found is not None:
+            return found
+    absolute = os.path.realpath(os.path.join(os.path.dirname(page.file.abs_src_path), href))
+    docs = os.path.realpath(config["docs_dir"])
+    if absolute.startswith(docs + os.sep):
+        return files.get_file_from_path(Path(os.path.relpath(absolute, docs)).as_posix())
+    return None
+
+
+def _notebook_links(html, page, config, files):
+    def sub(m):
+        target = _link_target(m.group(1), page, config, files)
+        if target is None:
+            _log.warning("%s links to %s, which is not a page of the site",
+                         page.file.src_uri, m.group(1))
+            return m.group(0)
+        return f'href="{target.url_relative_to(page.file)}{m.group(2) or ""}"'
+
+    return _DOC_LINK.sub(sub, html)
+
+
+def on_page_content(html, page, config, files, **kwargs):
     """``:func:<code>name</code>`` → ``<code>name</code>``, and the RST literal-block marker
-    ``text::`` before a code block → ``text:``."""
+    ``text::`` before a code block → ``text:``; in notebook pages, links to ``.md`` and
+    ``.ipynb`` sources → links to their pages."""
+    if page.file.src_uri.endswith(".ipynb"):
+        html = _notebook_links(html, page, config, files)
     return _ROLE.sub("", html).replace("::</p>", ":</p>")
 
 

@@ -8,12 +8,15 @@ the site must serve MathJax itself (offline, no CDN).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-STDERR = 'data-mime-type="application/vnd.jupyter.stderr"'  # nbconvert's stderr stream block
+# nbconvert's stderr stream block: the attribute of an output <div>. The leading space
+# matters: every notebook page also inlines the CSS rule .jp-RenderedText[data-mime-type=...]
+STDERR = ' data-mime-type="application/vnd.jupyter.stderr"'
 REPRS = ("&lt;matplotlib.", "&lt;Axes:", "&lt;Figure size")  # a plotting call's return value
 
 
@@ -46,6 +49,11 @@ def test_site_builds_strictly_with_executed_tutorials(tmp_path):
         assert STDERR not in page, f"{tutorial.name}: stderr in the page: {_excerpt(page, STDERR)}"
         for marker in REPRS:
             assert marker not in page, f"{tutorial.name}: {_excerpt(page, marker)}"
+        # docs/hooks.py points a notebook's .md/.ipynb links at the built pages
+        assert not re.search(r'href="(?![a-z]+:)[^"]*\.(?:md|ipynb)[#"]', page), tutorial.name
+        # an executed widget (a slider, a tqdm bar once ipywidgets is installed) would load
+        # its renderer from a CDN: tutorials show widgets in a live notebook only
+        assert "@jupyter-widgets/html-manager" not in page, f"{tutorial.name}: widget state"
     # one page per module under reference/: check them together
     reference = "\n".join(page.read_text()
                           for page in sorted((site / "reference").glob("**/index.html")))
