@@ -8,11 +8,13 @@ in Markdown pages only; mkdocs-jupyter leaves a notebook's links as written)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import posixpath
 import re
 import shutil
+import time
 from pathlib import Path
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc):(?=<code>)")
@@ -59,11 +61,23 @@ def _notebook_links(html, page, config, files):
     return _DOC_LINK.sub(sub, html)
 
 
+_started: dict[str, float] = {}
+_seconds: dict[str, float] = {}
+
+
+def on_pre_page(page, **kwargs):
+    """Start the clock of a notebook page (mkdocs-jupyter executes it while rendering)."""
+    if page.file.src_uri.endswith(".ipynb"):
+        _started[page.file.src_uri] = time.perf_counter()
+    return page
+
+
 def on_page_content(html, page, config, files, **kwargs):
     """``:func:<code>name</code>`` → ``<code>name</code>``, and the RST literal-block marker
     ``text::`` before a code block → ``text:``; in notebook pages, links to ``.md`` and
     ``.ipynb`` sources → links to their pages."""
     if page.file.src_uri.endswith(".ipynb"):
+        _seconds[page.file.src_uri] = round(time.perf_counter() - _started[page.file.src_uri], 1)
         html = _notebook_links(html, page, config, files)
     return _ROLE.sub("", html).replace("::</p>", ":</p>")
 
@@ -77,6 +91,11 @@ def _mathjax_es5() -> Path:
 
 
 def on_post_build(config, **kwargs):
+    """MathJax into the site; and ``execution-seconds.json``: how long each notebook page took
+    to execute and render in this build (every tutorial should stay within ~3 minutes on 2
+    cores; a cached page takes ~0 s)."""
+    site = Path(config["site_dir"])
+    (site / "execution-seconds.json").write_text(json.dumps(_seconds, indent=1))
     es5 = _mathjax_es5()
     dest = Path(config["site_dir"]) / "javascripts" / "mathjax"
     dest.mkdir(parents=True, exist_ok=True)
