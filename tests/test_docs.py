@@ -7,6 +7,7 @@ the site must serve MathJax itself (offline, no CDN).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
