@@ -487,6 +487,9 @@ def spectra(
         "convergence curves; 16 is a good choice. K·D² of memory per point (planned) and "
         "K + 21 more eigendecompositions per point.")] = None,
     nulls: Annotated[str | None, typer.Option(help=_cli_nulls.NULLS_HELP)] = None,
+    precision: Annotated[str, typer.Option(
+        help="Gram of each batch: auto (= fp32, merged in fp64), fp32, fp64, bf16-split.")]
+        = "auto",
 ) -> None:
     """Spectra and metrics of every FFN of any model, written to OUT."""
     from . import data
@@ -499,7 +502,8 @@ def spectra(
          exclude={**_parse_exclusion(exclude_positions, exclude_token_ids),
                   "exclude_norm_above": exclude_norm_above, "token_fraction": token_fraction,
                   "subsample_seed": subsample_seed, "max_outlier_tokens": max_outlier_tokens,
-                  "n_groups": groups},
+                  "n_groups": groups, "precision": check_choices(
+                      precision, ("auto", "fp32", "fp64", "bf16-split"), "--precision")[0]},
          layers=_parse_ints(layers),
          points=check_choices(points, ("pre", "post", "act", "up"), "--points"),
          batch_size=batch_size, max_length=max_length, out=out, device=device,

@@ -159,6 +159,7 @@ def no_model_load(monkeypatch):
     (["--max-tokens", "1"], "max_tokens == 1, must be >= 2", "covariance needs 2 rows"),
     (["--max-length", "0"], "max_length == 0", ">= 1"),
     (["--points", "pre,mid"], "unknown 'mid'", "choose from pre,post,act,up"),
+    (["--precision", "fp16"], "unknown 'fp16'", "choose from auto,fp32,fp64,bf16-split"),
     (["--exclude-positions", "-1"], "exclude_positions", ">= 0"),
     (["--device", "gpu"], "is not a device", "pass 'cpu'"),
     (["--text", "{file}.missing"], "no such file", "pass an existing .txt"),
