@@ -38,9 +38,10 @@ def test_remote_local_equals_local_capture(name, kw, tiny_tokenizer, local_backe
     for b in batches:  # right padding only (see test_nnsight_transformers_model_wrapper)
         b["attention_mask"][3] = 1
     model = TransformersModel(make_tiny(name), tokenizer=tiny_tokenizer)
-    local = ni.collect_spectra(model, batches, progress=False, **kw)
+    local = ni.collect_spectra(model, batches, progress=False, precision="fp64", **kw)
     assert local_backend_calls == []
-    remote = ni.collect_spectra(model, batches, progress=False, remote="local", **kw)
+    remote = ni.collect_spectra(model, batches, progress=False, remote="local",
+                                precision="fp64", **kw)
     # one request per batch run (the token budget of the llama case ends after 2 batches)
     assert local_backend_calls == ["LocalSimulationBackend"] * remote.metadata["n_batches"]
     assert remote.metadata["n_batches"] == (2 if "max_tokens" in kw else 3)
@@ -97,9 +98,9 @@ def test_lazy_meta_model_as_on_ndif(tmp_path, tiny_tokenizer, local_backend_call
         b["attention_mask"][3] = 1
     lazy = nnsight.TransformersModel(str(folder), task="text-generation", tokenizer=str(folder))
     assert next(lazy._module.parameters()).device.type == "meta"
-    got = ni.collect_spectra(lazy, batches, progress=False, remote="local")
+    got = ni.collect_spectra(lazy, batches, progress=False, remote="local", precision="fp64")
     assert len(local_backend_calls) == 2 and got.metadata["remote"] == "local"
-    want = ni.collect_spectra(make_tiny("llama"), batches, progress=False)
+    want = ni.collect_spectra(make_tiny("llama"), batches, progress=False, precision="fp64")
     for layer in want.layers:
         for point in want.points:
             a, b = got.eigenvalues(layer, point), want.eigenvalues(layer, point)
@@ -115,9 +116,10 @@ def test_remote_keeps_position_exclusion_and_refuses_norm_rule(tiny_tokenizer):
     for b in batches:
         b["attention_mask"][3] = 1
     model = TransformersModel(make_tiny("gpt2"), tokenizer=tiny_tokenizer)
-    local = ni.collect_spectra(model, batches, progress=False, exclude_positions=(0,))
+    local = ni.collect_spectra(model, batches, progress=False, exclude_positions=(0,),
+                               precision="fp64")
     remote = ni.collect_spectra(model, batches, progress=False, remote="local",
-                                exclude_positions=(0,))
+                                exclude_positions=(0,), precision="fp64")
     assert remote.metadata["n_tokens"] == local.metadata["n_tokens"]
     assert remote.metadata["n_excluded"]["positions"] == local.metadata["n_excluded"]["positions"]
     for layer in local.layers:
