@@ -605,11 +605,11 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------ (e) directions
-def _time_round_robin(variants: dict[str, Any], reps: int, device: torch.device
-                      ) -> dict[str, list[float]]:
-    """Seconds per call of each variant: one untimed warm-up, then ``reps`` rounds with the
-    order rotated every round."""
-    for fn in variants.values():
+def _time_round_robin(variants: dict[str, Any], reps: int, device: torch.device,
+                      warm_up: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each variant: one untimed warm-up (unless ``warm_up=False``), then
+    ``reps`` rounds with the order rotated every round."""
+    for fn in variants.values() if warm_up else ():
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(reps):
@@ -786,11 +786,13 @@ def _peer_setup(n_tokens: int, layers: tuple[int, ...] | None, quick: bool
     return model, batches, reads
 
 
-def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quick: bool
-                ) -> dict:
+def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quick: bool,
+                rounds: int = 0) -> dict:
     """Run in a fresh process: a plain forward, then ``method`` ("ours": collect_spectra with
     its defaults, eigendecompositions included; "nerve": :func:`nerve_analyzer_spectra`) on
-    the same batches; seconds of each and the method's peak RSS above the baseline."""
+    the same batches; seconds of each and the method's peak RSS above the baseline. For
+    "ours" on every layer up to 8,192 tokens, then ``rounds`` rounds of :func:`_peer_rounds`
+    (the done-when ratios of issue 19)."""
     warnings.filterwarnings("ignore")
     model, batches, reads = _peer_setup(n_tokens, layers, quick)
     small = batches[:1]
@@ -820,12 +822,29 @@ def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quic
            "seconds": method_s, "plain_forward_s": plain_s, "x_plain": method_s / plain_s,
            "peak_above_baseline_bytes": peak, "baseline_bytes": base,
            "threads": torch.get_num_threads()}
-    if method == "ours" and n_tokens <= 8192:  # the streaming part alone (no eigh)
-        t0 = time.perf_counter()
+    if method == "ours" and layers is None and n_tokens <= 8192 and rounds:
+        row.update(_peer_rounds(model, batches, run, rounds))
+    return row
+
+
+def _peer_rounds(model: torch.nn.Module, batches: list[dict], run: Any, rounds: int
+                 ) -> dict[str, Any]:
+    """``rounds`` rounds of plain forward, whole call and streaming part alone (the
+    eigendecompositions discarded), side by side in one process, the order rotated every
+    round; each round's ratio to its own plain forward, and their medians."""
+    def streaming() -> None:
         with discard_eigh():
             run(batches)
-        row["streaming_x_plain"] = (time.perf_counter() - t0) / plain_s
-    return row
+
+    t = _time_round_robin({"plain": lambda: plain_forward(model, batches),
+                           "whole": lambda: run(batches), "streaming": streaming},
+                          rounds, torch.device("cpu"), warm_up=False)
+    whole = [w / p for w, p in zip(t["whole"], t["plain"], strict=True)]
+    stream = [s / p for s, p in zip(t["streaming"], t["plain"], strict=True)]
+    return {"rounds": rounds, "round_x_plain": whole, "round_streaming_x_plain": stream,
+            "x_plain_median": statistics.median(whole),
+            "streaming_x_plain": statistics.median(stream),
+            "round_load_avg": round(os.getloadavg()[0], 2)}
 
 
 PEER_CASES = ((4096, None), (8192, None), (16384, None), (65536, (0, 1)))
@@ -859,8 +878,8 @@ def bench_peer(args: argparse.Namespace) -> dict:
             if threads > 1 and not args.quick and n not in PEER_THREADED:
                 continue
             for method in ("ours", "nerve"):
-                cmd = _child_command(f"_child_peer({method!r}, {n}, {layers!r}, {args.quick})",
-                                     threads=threads)
+                call = f"_child_peer({method!r}, {n}, {layers!r}, {args.quick}, {args.reps})"
+                cmd = _child_command(call, threads=threads)
                 proc = subprocess.run(cmd, env=_child_env(), text=True, capture_output=True,
                                       timeout=1800)
                 rows.append(_child_result(f"peer child {method} N={n} threads={threads}",
@@ -922,8 +941,12 @@ def print_report(res: dict) -> None:
                   + (f" = {r['x_plain']:5.2f}x plain" if r["x_plain"] == r["x_plain"] else "")
                   + ", "
                   f"peak +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB"
-                  + (f"; streaming alone {r['streaming_x_plain']:.2f}x plain"
-                     if "streaming_x_plain" in r else ""))
+                  + ("" if "rounds" not in r else
+                     f"\n{'':9}{r['rounds']} rounds side by side (load {r['round_load_avg']}):"
+                     f" whole call {r['x_plain_median']:.2f}x plain (rounds "
+                     + ", ".join(f"{x:.2f}" for x in r["round_x_plain"])
+                     + f"), streaming alone {r['streaming_x_plain']:.2f}x (rounds "
+                     + ", ".join(f"{x:.2f}" for x in r["round_streaming_x_plain"]) + ")"))
     if res.get("readme"):
         print("\n[g] README blocks (as written unless --quick), wall s vs the time they state")
         for r in res["readme"]:

@@ -44,7 +44,9 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     assert res["memory"][0]["rows"][0]["N"] == 256
     peer = {(r["method"], r["N"]) for r in res["peer"]["rows"]}
     assert peer == {(m, n) for m in ("ours", "nerve") for n in (256, 1024)}
-    assert all(r["streaming_x_plain"] > 0 for r in res["peer"]["rows"] if r["method"] == "ours")
+    ours = [r for r in res["peer"]["rows"] if r["method"] == "ours"]
+    assert all(r["rounds"] == 1 and len(r["round_x_plain"]) == 1 and r["streaming_x_plain"] > 0
+               and r["x_plain_median"] > 0 for r in ours)
     assert "[d] peak memory" in capsys.readouterr().out
     # the GPU throughput path, run on the CPU with tiny bf16 models
     gpu = bench.bench_throughput_gpu(
