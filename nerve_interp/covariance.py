@@ -338,20 +338,22 @@ _DIAGONAL_CHUNK = 1 << 24
 
 def centre_rows(x: torch.Tensor, *, bf16_shift: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centre float32 (or bf16/fp16) rows on their mean for a float32 Gram product, with
-    every sum in float64 from one widening of each chunk of rows.
+    """Centre rows on their mean for a float32 Gram product, with every sum in float64 from
+    one widening of each chunk of rows.
 
     The rows are widened to float64 (exactly); their column sums give the exact mean ``μ``
     (matrix-vector products: one BLAS pass each, where a float64 ``sum(dim=0)`` of float32
     rows cost a third of the Gram product at D = 1536); the shift ``s`` is ``μ`` rounded to
-    float32 (to bfloat16 with ``bf16_shift``), so ``x − s`` is exact in float64, and its
-    column sums (the residual of the shift) and sums of squares (the diagonal, as
-    :func:`exact_diagonal`) come from the same widened chunk before it is narrowed to the
-    float32 rows of the product.
+    float32 (to bfloat16 with ``bf16_shift``), so ``x − s`` is exact in float64 for float32
+    (bf16, fp16) rows, and its column sums (the residual of the shift) and sums of squares
+    (the diagonal, as :func:`exact_diagonal`) come from the same widened chunk before it is
+    narrowed to the float32 rows of the product. float64 rows are centred in float64 before
+    that one rounding: rounding them first would lose what an offset hides (at ``|μ| = 1e3``
+    a float32 ulp is 6e-5 of a unit-variance deviation). ``x`` is never modified.
 
     Parameters
     ----------
-    x : torch.Tensor of shape (N, D), float32, bfloat16 or float16
+    x : torch.Tensor of shape (N, D), float64, float32, bfloat16 or float16
     bf16_shift : bool
         Round the shift to bfloat16 (``"bf16-split"``: then ``x − s`` is exact in float32 for
         bf16 inputs).
@@ -381,7 +383,8 @@ def centre_rows(x: torch.Tensor, *, bf16_shift: bool = False
         xc = torch.empty(n, d, dtype=torch.float32, device=x.device)
         sums = torch.zeros(2, d, dtype=torch.float64, device=x.device)
         for start, part in zip(range(0, n, rows), x.split(rows), strict=True):
-            wide = part.double().sub_(shift)  # exact: both are float32 numbers
+            # exact for float32 rows (both are float32 numbers); a copy, so x is kept
+            wide = part.to(torch.float64, copy=True).sub_(shift)
             xc[start:start + part.shape[0]] = wide
             sums[0] += torch.mv(wide.T, ones[:part.shape[0]])
             sums[1] += torch.mv(wide.square_().T, ones[:part.shape[0]])
@@ -698,13 +701,12 @@ class CovarianceAccumulator:
             return self
         if self._resolved is None:
             self._resolved = default_precision(x.device)
-        if self._resolved == "fp64" or x.dtype == torch.float64:
+        diag: torch.Tensor | None = None
+        if self._resolved == "fp64":
             mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # the exact mean
             self._check_finite(x, mean_b)
-            xc, _ = self._centred(x, mean_b)
-            resid = xc.sum(dim=0, dtype=torch.float64)  # ≈ 0: exact correction for the shift
-            # the diagonal (per-coordinate sums of squares) in float64: see exact_diagonal()
-            diag = exact_diagonal(xc) if xc.dtype != torch.float64 else None
+            xc = x.to(torch.float64, copy=True).sub_(mean_b)
+            resid = xc.sum(dim=0)  # ≈ 0: the exact correction for the mean's rounding
         else:  # one float64 widening of the rows gives the exact mean, residual, diagonal
             xc, mean_b, resid, diag = centre_rows(x, bf16_shift=self._resolved == "bf16-split")
             self._check_finite(x, mean_b)
@@ -727,22 +729,6 @@ class CovarianceAccumulator:
             f"{self.name}: {bad} of {n_b} tokens have NaN/inf activations. Check the "
             "model's dtype (fp16 overflows easily; load in float32 or bfloat16) and inputs."
         )
-
-    def _centred(self, x: torch.Tensor, mean_b: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x − s, s)``: the rows centred in the Gram product's dtype, and the shift ``s``,
-        the mean ``mean_b`` rounded to that dtype (to bfloat16 for ``"bf16-split"``: then
-        ``x − s`` is exact for bf16 inputs)."""
-        if self._resolved == "bf16-split":
-            shift = mean_b.to(_BF16).float()
-            return x.to(torch.float32, copy=True).sub_(shift), shift
-        dtype = _PRECISION_GRAM_DTYPE[self._resolved]
-        shift = mean_b.to(dtype)
-        if x.dtype == torch.float64 and dtype != torch.float64:
-            # rounding float64 rows to float32 *before* centring would lose what an offset
-            # hides (at |μ| = 1e3 a float32 ulp is 6e-5 of a unit-variance deviation)
-            return (x - mean_b.to(x.device)).to(dtype), shift
-        return x.to(dtype, copy=True).sub_(shift), shift  # one N×D copy, no temporary
 
     def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor,
                      diag: torch.Tensor | None) -> bool:

@@ -461,3 +461,15 @@ def test_float64_rows_are_centred_before_the_float32_gram():
     assert acc.precision_ == "fp32" and rel_err(acc.covariance_.numpy(), ref) < 2e-7
     rounded = np.cov(x.astype(np.float32).astype(np.float64), rowvar=False)
     assert rel_err(rounded, ref) > 1e-6
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "bf16-split"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_update_never_modifies_its_input(precision, dtype):
+    """Centring works on a copy: the caller's activations come back bit for bit, whatever
+    the input dtype and precision (float64 rows widen to float64 without a copy, so an
+    in-place shift would otherwise write into them)."""
+    x = (torch.randn(50, 7, dtype=torch.float64) + 3.0).to(dtype)
+    before = x.clone()
+    CovarianceAccumulator("t", precision=precision).update(x)
+    assert torch.equal(x, before)
