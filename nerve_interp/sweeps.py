@@ -11,6 +11,7 @@ interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 
 from ._progress import tqdm
-from ._validation import check_seeds
+from ._validation import check_positive_int, check_seeds
 from ._warnings import user_stacklevel
 from .errors import FiniteSampleWarning
 from .training import TrainConfig
@@ -279,33 +280,46 @@ def _old_keywords(sweep: Callable) -> Callable:
     @functools.wraps(sweep)
     def width_sweep(*args: Any, model_overrides: dict[str, Any] | None = None,
                     fit_metrics: Sequence[str] | None = None, eval_blocks: int | None = None,
-                    untrained: bool = False, **kwargs: Any) -> WidthSweepResult:
-        if model_overrides:
-            kwargs = {**model_overrides, **kwargs}
-        _check_keywords(kwargs, own)
-        if untrained:
-            kwargs["train_config"] = _Untrained(**asdict(kwargs.get("train_config")
-                                                         or TrainConfig()))
-        if eval_blocks is not None:
-            if "n_over_d" in kwargs:
-                raise TypeError("width_sweep() got both n_over_d= and the deprecated "
-                                "eval_blocks=; pass n_over_d only.")
-            warnings.warn(
-                "width_sweep(eval_blocks=...) is deprecated: it measures every width on the "
-                "same tokens, so N/D falls as D grows and biases the exponents (the widest "
-                f"widths most). Pass n_over_d= (default {DEFAULT_N_OVER_D:g}) to measure every "
-                "width at the same N/D.", DeprecationWarning, stacklevel=2)
-            kwargs["n_over_d"] = _EvalBlocks(int(eval_blocks))
-        if fit_metrics is not None:
-            warnings.warn("width_sweep(fit_metrics=...) is deprecated; the sweep fits "
-                          f"{list(FIT_METRICS)} and result.fit(metrics) fits others.",
-                          DeprecationWarning, stacklevel=2)
-        result = sweep(*args, **kwargs)
-        if fit_metrics is not None:
-            result.fits = result.fit(fit_metrics)
-        return result
+                    untrained: bool = False, n_jobs: int = 1,
+                    **kwargs: Any) -> WidthSweepResult:
+        token = _N_JOBS.set(_check_n_jobs(n_jobs))
+        try:
+            return _call_sweep(sweep, own, args, kwargs, model_overrides, fit_metrics,
+                               eval_blocks, untrained)
+        finally:
+            _N_JOBS.reset(token)
 
     return width_sweep
+
+
+def _call_sweep(sweep: Callable, own: set[str], args: tuple, kwargs: dict[str, Any],
+                model_overrides: dict[str, Any] | None, fit_metrics: Sequence[str] | None,
+                eval_blocks: int | None, untrained: bool) -> WidthSweepResult:
+    """The body of the ``width_sweep`` wrapper of :func:`_old_keywords`."""
+    if model_overrides:
+        kwargs = {**model_overrides, **kwargs}
+    _check_keywords(kwargs, own)
+    if untrained:
+        kwargs["train_config"] = _Untrained(**asdict(kwargs.get("train_config")
+                                                     or TrainConfig()))
+    if eval_blocks is not None:
+        if "n_over_d" in kwargs:
+            raise TypeError("width_sweep() got both n_over_d= and the deprecated "
+                            "eval_blocks=; pass n_over_d only.")
+        warnings.warn(
+            "width_sweep(eval_blocks=...) is deprecated: it measures every width on the "
+            "same tokens, so N/D falls as D grows and biases the exponents (the widest "
+            f"widths most). Pass n_over_d= (default {DEFAULT_N_OVER_D:g}) to measure every "
+            "width at the same N/D.", DeprecationWarning, stacklevel=3)
+        kwargs["n_over_d"] = _EvalBlocks(int(eval_blocks))
+    if fit_metrics is not None:
+        warnings.warn("width_sweep(fit_metrics=...) is deprecated; the sweep fits "
+                      f"{list(FIT_METRICS)} and result.fit(metrics) fits others.",
+                      DeprecationWarning, stacklevel=3)
+    result = sweep(*args, **kwargs)
+    if fit_metrics is not None:
+        result.fits = result.fit(fit_metrics)
+    return result
 
 
 def _check_keywords(kwargs: dict[str, Any], own: set[str]) -> None:
@@ -447,6 +461,8 @@ def width_sweep(
         Keep every run's final spectra in ``WidthSweepResult.spectra`` (to plot them
         without retraining); with ``out_dir`` they are also saved there
         (``<norm>-D<width>-s<seed>.safetensors``) and reloaded on resume.
+    progress : bool, default True
+        A progress bar over the runs.
     **model_overrides
         :class:`nerve_interp.models.LMConfig` fields that replace the preset's, as in
         :func:`nerve_interp.models.make_lm` (e.g. ``vocab_size=len(tok)``); also accepted as
@@ -468,6 +484,13 @@ def width_sweep(
         difference between a sweep and its ``untrained=True`` twin. ``val_loss`` is then the
         initial loss (``train_config``'s ``eval_batches`` × ``batch_size`` blocks); with
         ``out_dir`` the runs are kept as ``<norm>-D<width>-s<seed>-init.json``.
+    n_jobs : int, default 1
+        Runs trained at once, each in its own worker process with
+        ``max(1, torch.get_num_threads() // n_jobs)`` threads (``-1``: one per CPU core).
+        The runs are independent and seeded, so the table and spectra are the same as with
+        ``n_jobs=1`` at the same thread count per run; small models train fastest one thread
+        per core. Workers are started with ``spawn``: in a script, call ``width_sweep``
+        under ``if __name__ == "__main__":``.
 
     Warns
     -----
@@ -486,22 +509,96 @@ def width_sweep(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    runs = [(n, w, s) for n in placements for w in widths for s in seeds]
+    n_jobs = _N_JOBS.get()  # width_sweep(n_jobs=...), documented in Other Parameters
     untrained = isinstance(train_config, _Untrained)  # width_sweep(untrained=True)
-    rows: list[dict] = []
-    kept: dict[tuple[str, int, int], Any] = {}
-    bar = tqdm(runs, disable=not progress, desc="width sweep", unit="model", dynamic_ncols=True)
-    for norm, width, seed in bar:
-        bar.set_postfix(run=_run_key(norm, width, seed, untrained))
-        rows.extend(_one_run(
-            (norm, int(width), int(seed)), out, keep_spectra, kept,
-            lambda cfg, model_kw, w=int(width): _train_run(
-                preset, model_kw, cfg, train_blocks, val_blocks, val_blocks[:n_eval[w]], point),
-            train_config or TrainConfig(), model_overrides, untrained))
+    jobs = [_SweepJob((n, int(w), int(s)), out, keep_spectra, preset,
+                      train_config or TrainConfig(), model_overrides, untrained,
+                      train_blocks, val_blocks, n_eval[int(w)], point)
+            for n in placements for w in widths for s in seeds]
+    done = _run_jobs(jobs, n_jobs, progress)
+    rows = [row for job in jobs for row in done[job.key][0]]  # in run order, whatever n_jobs
+    kept = {job.key: done[job.key][1] for job in jobs if keep_spectra}
     result = WidthSweepResult(pd.DataFrame(rows), pd.DataFrame(), kept)
     _warn_few_tokens(result.table)
     result.fits = result.fit(FIT_METRICS)
     return result
+
+
+@dataclass(frozen=True)
+class _SweepJob:
+    """One (norm, width, seed) run of a sweep, everything it needs (picklable: the runs of
+    ``n_jobs > 1`` travel to worker processes)."""
+
+    key: tuple[str, int, int]
+    out: Path | None
+    keep_spectra: bool
+    preset: str
+    train_config: TrainConfig
+    model_overrides: dict[str, Any]
+    untrained: bool
+    train_blocks: torch.Tensor
+    val_blocks: torch.Tensor
+    n_eval: int
+    point: str
+
+    def __call__(self) -> tuple[list[dict], Any]:
+        """The run's rows and (with ``keep_spectra``) spectra: resumed or trained."""
+        kept: dict[tuple[str, int, int], Any] = {}
+        rows = _one_run(
+            self.key, self.out, self.keep_spectra, kept,
+            lambda cfg, model_kw: _train_run(
+                self.preset, model_kw, cfg, self.train_blocks, self.val_blocks,
+                self.val_blocks[:self.n_eval], self.point),
+            self.train_config, self.model_overrides, self.untrained)
+        return rows, kept.get(self.key)
+
+
+_N_JOBS: contextvars.ContextVar[int] = contextvars.ContextVar("width_sweep_n_jobs", default=1)
+"""``width_sweep(n_jobs=...)``, from the keyword wrapper to the sweep."""
+
+
+def _check_n_jobs(n_jobs: Any) -> int:
+    """``n_jobs`` as a count of worker processes (``-1``: one per CPU core)."""
+    import os
+
+    if n_jobs == -1 and not isinstance(n_jobs, bool):
+        return os.cpu_count() or 1
+    return check_positive_int(n_jobs, "n_jobs", context=" (runs trained at once; -1 for "
+                              "one per CPU core)")
+
+
+def _call_job(job: _SweepJob, threads: int) -> tuple[list[dict], Any]:
+    torch.set_num_threads(threads)
+    return job()
+
+
+def _run_jobs(jobs: list[_SweepJob], n_jobs: int, progress: bool
+              ) -> dict[tuple[str, int, int], tuple[list[dict], Any]]:
+    """``{key: (rows, spectra)}`` of every job, in this process (``n_jobs == 1``) or in
+    ``n_jobs`` spawned worker processes, with a progress bar over finished runs."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    bar = tqdm(total=len(jobs), disable=not progress, desc="width sweep", unit="model",
+               dynamic_ncols=True)
+    done: dict[tuple[str, int, int], tuple[list[dict], Any]] = {}
+    with bar:
+        if n_jobs == 1 or len(jobs) == 1:
+            for job in jobs:
+                bar.set_postfix(run=_run_key(*job.key, job.untrained))
+                done[job.key] = job()
+                bar.update()
+            return done
+        threads = max(1, torch.get_num_threads() // n_jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(min(n_jobs, len(jobs)), mp_context=ctx) as pool:
+            futures = {pool.submit(_call_job, job, threads): job for job in jobs}
+            for future in cf.as_completed(futures):
+                job = futures[future]
+                done[job.key] = future.result()
+                bar.set_postfix(run=_run_key(*job.key, job.untrained))
+                bar.update()
+    return done
 
 
 def _one_run(key: tuple[str, int, int], out: Path | None, keep_spectra: bool, kept: dict,

@@ -305,3 +305,30 @@ def test_untrained_sweep_is_the_model_at_init(tmp_path, monkeypatch):
     monkeypatch.setattr(nerve_interp.training, "train", no_training)
     assert width_sweep([32, 48, 64], blocks, blocks[:32], untrained=True, **kw).table.equals(
         init.table)
+
+
+def test_width_sweep_n_jobs_gives_the_same_sweep(tmp_path):
+    """n_jobs=2 trains the runs in two spawned worker processes: the same table (in the same
+    run order) and spectra as one process at the same threads per run, files written for
+    resume; bad n_jobs is refused before any training."""
+    g = torch.Generator().manual_seed(0)
+    blocks = (torch.randint(0, 50, (64, 1), generator=g) + torch.arange(32)) % 50 + 1
+    cfg = TrainConfig(steps=4, batch_size=8, warmup=1, eval_every=4)
+    kw = dict(norms=("pre_ln",), preset="tiny", model_overrides={"vocab_size": 64},
+              train_config=cfg, n_over_d=16, progress=False, seeds=(0, 1),
+              keep_spectra=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the two workers gets on any machine below
+    try:
+        one = width_sweep([32, 48, 64], blocks, blocks[:32], **kw)
+        two = width_sweep([32, 48, 64], blocks, blocks[:32], n_jobs=2, out_dir=tmp_path,
+                          **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert two.table.equals(one.table) and len(list(tmp_path.glob("*.json"))) == 6
+    key = ("pre_ln", 48, 1)
+    np.testing.assert_array_equal(two.spectra[key].spectrum(1, "post").eigenvalues,
+                                  one.spectra[key].spectrum(1, "post").eigenvalues)
+    for bad, err in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="n_jobs"):
+            width_sweep([32, 48, 64], blocks, blocks[:32], n_jobs=bad, **kw)
