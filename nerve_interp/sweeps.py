@@ -542,15 +542,28 @@ class _SweepJob:
     point: str
 
     def __call__(self) -> tuple[list[dict], Any]:
-        """The run's rows and (with ``keep_spectra``) spectra: resumed or trained."""
-        kept: dict[tuple[str, int, int], Any] = {}
-        rows = _one_run(
-            self.key, self.out, self.keep_spectra, kept,
-            lambda cfg, model_kw: _train_run(
-                self.preset, model_kw, cfg, self.train_blocks, self.val_blocks,
-                self.val_blocks[:self.n_eval], self.point),
-            self.train_config, self.model_overrides, self.untrained)
-        return rows, kept.get(self.key)
+        """The run's rows and (with ``keep_spectra``, else None) spectra: resumed from
+        ``out`` when it is there, else trained and written to ``out``."""
+        from .results import SpectraResult
+
+        norm, width, seed = self.key
+        done = _finished_run(self.out, norm, width, seed, self.untrained)
+        if done is not None and (not self.keep_spectra
+                                 or done.with_suffix(".safetensors").exists()):
+            spectra = (SpectraResult.load(done.with_suffix(".safetensors"))
+                       if self.keep_spectra else None)
+            return _resumed_rows(done, norm), spectra
+        cfg = type(self.train_config)(**{**asdict(self.train_config), "seed": seed})
+        model_kw = {**(self.model_overrides or {}), "norm": norm, "d_ff": width}
+        rows, spectra = _train_run(self.preset, model_kw, cfg, self.train_blocks,
+                                   self.val_blocks, self.val_blocks[:self.n_eval], self.point)
+        if self.out is not None:
+            path = self.out / f"{_run_key(norm, width, seed, self.untrained)}.json"
+            if self.keep_spectra:
+                spectra.save(path.with_suffix(".safetensors"))
+            path.write_text(json.dumps({"rows": rows, "train_config": asdict(cfg),
+                                        "n_tokens": spectra.metadata["n_tokens"]}))
+        return rows, spectra if self.keep_spectra else None
 
 
 _N_JOBS: contextvars.ContextVar[int] = contextvars.ContextVar("width_sweep_n_jobs", default=1)
@@ -599,32 +612,6 @@ def _run_jobs(jobs: list[_SweepJob], n_jobs: int, progress: bool
                 bar.set_postfix(run=_run_key(*job.key, job.untrained))
                 bar.update()
     return done
-
-
-def _one_run(key: tuple[str, int, int], out: Path | None, keep_spectra: bool, kept: dict,
-             train_one: Callable, base_cfg: TrainConfig, model_overrides: dict,
-             untrained: bool = False) -> list[dict]:
-    """The rows of one (norm, width, seed): resumed from ``out`` when it is there, else
-    trained by ``train_one(cfg, model_kw)`` and written to ``out``."""
-    from .results import SpectraResult
-
-    norm, width, seed = key
-    done = _finished_run(out, norm, width, seed, untrained)
-    if done is not None and (not keep_spectra or done.with_suffix(".safetensors").exists()):
-        if keep_spectra:
-            kept[key] = SpectraResult.load(done.with_suffix(".safetensors"))
-        return _resumed_rows(done, norm)
-    cfg = type(base_cfg)(**{**asdict(base_cfg), "seed": seed})
-    new, spectra = train_one(cfg, {**(model_overrides or {}), "norm": norm, "d_ff": width})
-    path = out / f"{_run_key(norm, width, seed, untrained)}.json" if out is not None else None
-    if keep_spectra:
-        kept[key] = spectra
-        if path is not None:
-            spectra.save(path.with_suffix(".safetensors"))
-    if path is not None:
-        path.write_text(json.dumps({"rows": new, "train_config": asdict(cfg),
-                                    "n_tokens": spectra.metadata["n_tokens"]}))
-    return new
 
 
 __all__ = ["DEFAULT_N_OVER_D", "FIT_METRICS", "MIN_SEEDS_FOR_WEIGHTS", "SWEEP_METRICS",
