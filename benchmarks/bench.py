@@ -341,8 +341,13 @@ class _CentredTF32:
             r = xc.sum(0, dtype=torch.float64)
         finally:
             mm.fp32_precision = old
-        self.acc._fold(x.shape[0], mean,
-                       lambda m2: (m2.add_(g), m2.addr_(r, r, alpha=-1.0 / x.shape[0])))
+        def add(m2: torch.Tensor, low_rank: tuple | None) -> bool:
+            m2.add_(g).addr_(r, r, alpha=-1.0 / x.shape[0])
+            if low_rank is not None:  # Chan's δδᵀ term
+                m2.addmm_(low_rank[0], low_rank[1].T)
+            return False
+
+        self.acc._fold(x.shape[0], mean, add)
         return self
 
     @property
@@ -367,11 +372,14 @@ class _SplitVariant:
         r = d.sum(0, dtype=torch.float64)
         diag = exact_diagonal(d) if self.float64_diagonal else None
 
-        def add(m2: torch.Tensor) -> None:
+        def add(m2: torch.Tensor, low_rank: tuple | None) -> bool:
             m2.add_(g)
             if diag is not None:
                 m2.diagonal().add_(diag - g.diagonal().double())
             m2.addr_(r, r, alpha=-1.0 / n)
+            if low_rank is not None:  # Chan's δδᵀ term
+                m2.addmm_(low_rank[0], low_rank[1].T)
+            return False
 
         self.acc._fold(n, mean, add)
         return self

@@ -67,12 +67,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .errors import CaptureError, NotFittedError, ResultsFileError
+from .moments import BatchMoments, MomentSums, NormMoments
+
+LowRank = tuple[torch.Tensor, torch.Tensor]
+"""``(u, v)`` of shape (D, k) each: the low-rank term ``u vᵀ``."""
 
 PRECISIONS = ("fp64", "fp32", "bf16-split")
 """Accumulation modes of :class:`CovarianceAccumulator` (plus ``"auto"``)."""
@@ -336,60 +340,112 @@ _DIAGONAL_CHUNK = 1 << 24
 """Elements per float64 chunk in :func:`exact_diagonal` (128 MB)."""
 
 
-def centre_rows(x: torch.Tensor, *, bf16_shift: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centre rows on their mean for a float32 Gram product, with every sum in float64 from
-    one widening of each chunk of rows.
+_ROW_CHUNK = 1 << 17
+"""Elements per float64 chunk of :func:`batch_mean` and :func:`centre_rows` (1 MB: a chunk,
+its square and its float32 rows stay in one core's L2 cache, so each batch's rows are read
+from memory twice, however many sums are taken of them)."""
 
-    The rows are widened to float64 (exactly); their column sums give the exact mean ``μ``
-    (matrix-vector products: one BLAS pass each, where a float64 ``sum(dim=0)`` of float32
-    rows cost a third of the Gram product at D = 1536); the shift ``s`` is ``μ`` rounded to
-    float32 (to bfloat16 with ``bf16_shift``), so ``x − s`` is exact in float64 for float32
-    (bf16, fp16) rows, and its column sums (the residual of the shift) and sums of squares
-    (the diagonal, as :func:`exact_diagonal`) come from the same widened chunk before it is
-    narrowed to the float32 rows of the product. float64 rows are centred in float64 before
-    that one rounding: rounding them first would lose what an offset hides (at ``|μ| = 1e3``
-    a float32 ulp is 6e-5 of a unit-variance deviation). ``x`` is never modified.
+
+def _row_chunks(x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Rows per chunk, and a float64 vector of that many ones (for column sums as BLAS
+    matrix-vector products: a float64 ``sum(dim=0)`` of float32 rows cost a third of the
+    Gram product at D = 1536)."""
+    rows = max(1, _ROW_CHUNK // max(1, int(x.shape[1])))
+    return rows, torch.ones(min(int(x.shape[0]), rows), dtype=torch.float64, device=x.device)
+
+
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """The exact column mean of rows ``x`` ``[N, D]`` (any float dtype), in float64: each
+    chunk is widened exactly and summed by a BLAS product.
+
+    Examples
+    --------
+    >>> batch_mean(torch.tensor([[1.0, -2.0], [3.0, 0.5]])).tolist()
+    [2.0, -0.75]
+    """
+    rows, ones = _row_chunks(x)
+    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    with full_precision_matmul():
+        for part in x.split(rows):
+            mean.addmv_(part.double().T, ones[:part.shape[0]])
+    return mean.div_(max(1, int(x.shape[0])))
+
+
+class CentredRows(NamedTuple):
+    """What :func:`centre_rows` returns (float64 unless said)."""
+
+    xc: torch.Tensor
+    """(N, D) float32: ``x − s``, rounded once."""
+    mean: torch.Tensor
+    """(D,): ``μ``, the exact mean."""
+    resid: torch.Tensor
+    """(D,): ``Σ(x − s)``."""
+    diag: torch.Tensor
+    """(D,): ``Σ(x − s)²``."""
+    moments: BatchMoments | None
+    """The batch's :class:`~nerve_interp.moments.BatchMoments` when ``delta`` was given."""
+
+
+def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift: bool = False,
+                delta: torch.Tensor | None = None) -> CentredRows:
+    """Centre rows on their mean for a float32 Gram product, with every sum in float64, in
+    one pass over chunks of rows that stay in cache.
+
+    Each chunk is widened to float64 (exactly) and shifted by ``s``, the mean ``μ`` rounded
+    to float32 (to bfloat16 with ``bf16_shift``), so ``x − s`` is exact in float64 for
+    float32 (bf16, fp16) rows. Its column sums (the residual of the shift), its sums of
+    squares (the diagonal, as :func:`exact_diagonal`) and, with ``delta``, the batch's
+    fourth-moment sums (:class:`~nerve_interp.moments.MomentSums`) come from the same
+    widened chunk before it is narrowed to the float32 rows of the product. float64 rows are
+    centred in float64 before that one rounding: rounding them first would lose what an
+    offset hides (at ``|μ| = 1e3`` a float32 ulp is 6e-5 of a unit-variance deviation).
+    ``x`` is never modified.
 
     Parameters
     ----------
     x : torch.Tensor of shape (N, D), float64, float32, bfloat16 or float16
+    mean : torch.Tensor of shape (D,), float64, optional
+        ``x``'s exact mean (:func:`batch_mean`), when the caller has it already.
     bf16_shift : bool
         Round the shift to bfloat16 (``"bf16-split"``: then ``x − s`` is exact in float32 for
         bf16 inputs).
+    delta : torch.Tensor of shape (D,), float64, optional
+        The batch's offset ``δ_b`` for its :class:`~nerve_interp.moments.NormMoments`
+        (:meth:`~nerve_interp.moments.NormMoments.offset`); None: no moments.
 
     Returns
     -------
-    xc : torch.Tensor of shape (N, D), float32
-        ``x − s``, rounded once.
-    mean, resid, diag : torch.Tensor of shape (D,), float64
-        ``μ``, ``Σ(x − s)`` and ``Σ(x − s)²``.
+    CentredRows
+        ``(xc, mean, resid, diag, moments)``.
 
     Examples
     --------
-    >>> xc, mean, resid, diag = centre_rows(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    >>> xc, mean, resid, diag, _ = centre_rows(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
     >>> mean.tolist(), resid.tolist(), diag.tolist()
     ([2.0, -0.75], [0.0, 0.0], [2.0, 3.125])
     """
     n, d = x.shape
-    rows = max(1, _DIAGONAL_CHUNK // max(1, d))
-    ones = torch.ones(min(n, rows), dtype=torch.float64, device=x.device)
-    mean = torch.zeros(d, dtype=torch.float64, device=x.device)
+    mean = batch_mean(x) if mean is None else mean
+    rows, ones = _row_chunks(x)
+    shift = (mean.to(_BF16) if bf16_shift else mean.float()).double()
+    sums = None if delta is None else MomentSums(mean - shift, delta)
+    xc = torch.empty(n, d, dtype=torch.float32, device=x.device)
+    resid = torch.zeros(d, dtype=torch.float64, device=x.device)
+    diag = torch.zeros(d, dtype=torch.float64, device=x.device)
+    wide = torch.empty(min(n, rows), d, dtype=torch.float64, device=x.device)
     with full_precision_matmul():
-        for part in x.split(rows):
-            mean += torch.mv(part.double().T, ones[:part.shape[0]])
-        mean /= n
-        shift = (mean.to(_BF16) if bf16_shift else mean.float()).double()
-        xc = torch.empty(n, d, dtype=torch.float32, device=x.device)
-        sums = torch.zeros(2, d, dtype=torch.float64, device=x.device)
         for start, part in zip(range(0, n, rows), x.split(rows), strict=True):
-            # exact for float32 rows (both are float32 numbers); a copy, so x is kept
-            wide = part.to(torch.float64, copy=True).sub_(shift)
-            xc[start:start + part.shape[0]] = wide
-            sums[0] += torch.mv(wide.T, ones[:part.shape[0]])
-            sums[1] += torch.mv(wide.square_().T, ones[:part.shape[0]])
-    return xc, mean, sums[0], sums[1]
-
+            k = int(part.shape[0])
+            w = torch.sub(part, shift, out=wide[:k])  # exact for float32 rows; x is kept
+            xc[start:start + k] = w
+            resid.addmv_(w.T, ones[:k])
+            if sums is None:
+                diag.addmv_(w.square_().T, ones[:k])
+                continue
+            sq = w.square()
+            diag.addmv_(sq.T, ones[:k])
+            sums.add(w, sq.sum(1))
+    return CentredRows(xc, mean, resid, diag, None if sums is None else sums.result())
 
 
 # ------------------------------------------------------------------ symmetric Gram
@@ -408,8 +464,8 @@ def panels(d: int, width: int = PANEL_WIDTH) -> list[tuple[int, int]]:
     return [(i, min(i + width, d)) for i in range(0, d, width)]
 
 
-def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WIDTH
-                   ) -> torch.Tensor:
+def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WIDTH,
+                   low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Add ``xcᵀxc`` to the *upper block triangle* of ``m2``, in place: half the products.
 
     For each panel ``[i, j)`` of :func:`panels`, ``m2[i:j, i:] += xc[:, i:j]ᵀ xc[:, i:]``:
@@ -428,6 +484,9 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
         Centred rows, on ``m2``'s device.
     width : int
         Panel width.
+    low_rank : (torch.Tensor, torch.Tensor) of shape (D, k) each, float64, optional
+        Also add ``u vᵀ`` to the same blocks, each while it is in cache (the rank-one
+        corrections of an update: :func:`add_upper_low_rank` without its own pass).
 
     Returns
     -------
@@ -444,11 +503,13 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
         if scratch is None:
             block.addmm_(xc[:, i:j].T, xc[:, i:])
             diag[i:j] = block[:, :j - i].diagonal()  # unused for float64 (no correction)
-            continue
-        part = scratch[:(j - i) * (d - i)].view(j - i, d - i)
-        torch.mm(xc[:, i:j].T, xc[:, i:], out=part)
-        diag[i:j] = part[:, :j - i].diagonal()
-        block.add_(part)
+        else:
+            part = scratch[:(j - i) * (d - i)].view(j - i, d - i)
+            torch.mm(xc[:, i:j].T, xc[:, i:], out=part)
+            diag[i:j] = part[:, :j - i].diagonal()
+            block.add_(part)
+        if low_rank is not None:
+            block.addmm_(low_rank[0][i:j], low_rank[1][i:].T)
     return diag
 
 
@@ -639,15 +700,17 @@ class CovarianceAccumulator:
 
     # ---------------------------------------------------------------- updates
     def _fold(self, n_b: int, mean_b: torch.Tensor,
-              add_scatter: Callable[[torch.Tensor], bool],
+              add_scatter: Callable[[torch.Tensor, LowRank | None], bool],
               resid: torch.Tensor | None = None) -> None:
-        """Chan's update, in place: ``add_scatter(M2)`` adds the batch's own ``M2_b``
-        (returning True when it updated only the upper block triangle), less
-        ``resid residᵀ / n_b`` when ``resid`` (``Σ(x − s)`` around the batch's shift) is given.
+        """Chan's update, in place: ``add_scatter(M2, low_rank)`` adds the batch's own
+        ``M2_b`` and the rank-one corrections ``low_rank`` (``u vᵀ``, or None), returning True
+        when it updated only the upper block triangle; the corrections are
+        ``−resid residᵀ / n_b`` when ``resid`` (``Σ(x − s)`` around the batch's shift) is
+        given, and Chan's ``δ δᵀ · n_a n_b / n``.
 
         Adding ``M2_b`` straight into the float64 state saves a D×D float64 temporary
         (1.6 GB at D = 14336) per update; the two rank-one corrections go in as one rank-two
-        product (one pass over ``M2``).
+        product, on the CPU block by block with the Gram (no pass over ``M2`` of their own).
         """
         if self._mean is None:
             d = int(mean_b.shape[0])
@@ -661,20 +724,18 @@ class CovarianceAccumulator:
         mean_b = mean_b.to(self._mean.device)
         n_a, n = self._n, self._n + n_b
         delta = mean_b - self._mean
-        self._stale = bool(add_scatter(self._m2)) or self._stale
         u, v = [], []
         if resid is not None:
             resid = resid.to(self._m2.device)
             u, v = [resid], [resid * (-1.0 / n_b)]
         if n_a:
             u, v = [*u, delta], [*v, delta * (n_a * n_b / n)]
-        if u:
-            add_upper_low_rank(self._m2, torch.stack(u, 1), torch.stack(v, 1),
-                               upper=self._stale)
+        low_rank = (torch.stack(u, 1), torch.stack(v, 1)) if u else None
+        self._stale = bool(add_scatter(self._m2, low_rank)) or self._stale
         self._mean += delta * (n_b / n)
         self._n = n
 
-    def update(self, x: Any) -> CovarianceAccumulator:
+    def update(self, x: Any, moments: NormMoments | None = None) -> CovarianceAccumulator:
         """Fold a batch of rows into the statistics.
 
         Parameters
@@ -684,6 +745,10 @@ class CovarianceAccumulator:
             dtype and device; it is centred on (a rounding of) its own mean and its scatter
             matrix is formed in the accumulator's precision on the same device. ``N = 0`` is
             a no-op.
+        moments : NormMoments, optional
+            Fold the same rows into this fourth-moment statistic first (as
+            ``moments.update(x, self)``, which must see the scatter before the batch); in
+            the float32 and bf16-split modes its sums share the pass that centres the rows.
 
         Returns
         -------
@@ -705,12 +770,19 @@ class CovarianceAccumulator:
         if self._resolved == "fp64":
             mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # the exact mean
             self._check_finite(x, mean_b)
+            if moments is not None:
+                moments.update(x, self)
             xc = x.to(torch.float64, copy=True).sub_(mean_b)
             resid = xc.sum(dim=0)  # ≈ 0: the exact correction for the mean's rounding
-        else:  # one float64 widening of the rows gives the exact mean, residual, diagonal
-            xc, mean_b, resid, diag = centre_rows(x, bf16_shift=self._resolved == "bf16-split")
+        else:  # chunks widened once give the residual, the diagonal and the moments
+            mean_b = batch_mean(x)
             self._check_finite(x, mean_b)
-        self._fold(n_b, mean_b, lambda m2: self._add_scatter(m2, xc, diag), resid)
+            xc, _, resid, diag, batch = centre_rows(
+                x, mean_b, bf16_shift=self._resolved == "bf16-split",
+                delta=None if moments is None else moments.offset(mean_b, n_b))
+            if moments is not None:
+                moments.fold(n_b, mean_b, batch, self)
+        self._fold(n_b, mean_b, lambda m2, low: self._add_scatter(m2, xc, diag, low), resid)
         return self
 
     def _check_finite(self, x: torch.Tensor, mean_b: torch.Tensor) -> None:
@@ -730,11 +802,11 @@ class CovarianceAccumulator:
             "model's dtype (fp16 overflows easily; load in float32 or bfloat16) and inputs."
         )
 
-    def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor,
-                     diag: torch.Tensor | None) -> bool:
+    def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor, diag: torch.Tensor | None,
+                     low_rank: LowRank | None) -> bool:
         """Add the centred rows' scatter ``xcᵀxc`` to ``m2`` (its float64 ``diag`` in place
-        of the product's); True when only the upper block triangle was updated (on the CPU,
-        :func:`add_upper_gram`; elsewhere one full product)."""
+        of the product's) and ``low_rank``; True when only the upper block triangle was
+        updated (on the CPU, :func:`add_upper_gram`; elsewhere one full product)."""
         with full_precision_matmul():
             if self._resolved == "bf16-split":
                 hi, lo = bf16_split(xc)
@@ -743,13 +815,19 @@ class CovarianceAccumulator:
             elif xc.device.type != "cpu" or xc.device != m2.device:
                 gram = xc.T @ xc
             else:
-                formed = add_upper_gram(m2, xc)
+                formed = add_upper_gram(m2, xc, low_rank=low_rank)
                 if diag is not None:
                     m2.diagonal().add_(diag - formed.to(m2))
                 return len(panels(int(xc.shape[1]))) > 1
         m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
         if diag is not None:
             m2.diagonal().add_(diag.to(m2.device) - gram.diagonal().to(m2))
+        return self._add_low_rank(m2, low_rank)
+
+    def _add_low_rank(self, m2: torch.Tensor, low_rank: LowRank | None) -> bool:
+        """``m2 += u vᵀ`` (on the upper block triangle when the state is stale); False."""
+        if low_rank is not None:
+            add_upper_low_rank(m2, *low_rank, upper=self._stale)
         return False
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
@@ -763,7 +841,8 @@ class CovarianceAccumulator:
         if other._n:
             if self._resolved is None:
                 self._resolved = other._resolved
-            self._fold(other._n, other._mean, lambda m2: _add_full(m2, other._symmetric()))
+            self._fold(other._n, other._mean, lambda m2, low: _add_full(m2, other._symmetric())
+                       or self._add_low_rank(m2, low))
         return self
 
     # ----------------------------------------------------------- persistence
@@ -814,8 +893,10 @@ __all__ = [
     "CovarianceAccumulator",
     "add_upper_gram",
     "add_upper_low_rank",
+    "batch_mean",
     "bf16_split",
     "bf16_split_scatter",
+    "centre_rows",
     "check_precision",
     "default_precision",
     "exact_diagonal",

@@ -115,9 +115,7 @@ class GroupStats:
             start += c
 
     def _fold(self, g: int, part: torch.Tensor) -> None:
-        if self.moments is not None:  # before the accumulator (it reads the earlier M2)
-            self.moments[g].update(part, self.accs[g])
-        self.accs[g].update(part)
+        self.accs[g].update(part, moments=None if self.moments is None else self.moments[g])
 
     def pairs(self) -> list[tuple[NormMoments | None, CovarianceAccumulator]]:
         moments = self.moments or [None] * self.k

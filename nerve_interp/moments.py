@@ -25,6 +25,7 @@ the covariance's O(N·D²).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -58,6 +59,55 @@ def recentre_rest(a: torch.Tensor, v: torch.Tensor, m2_rest: torch.Tensor, n_res
                  + 3 * n_rest * ee * ee)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchMoments:
+    """One batch's moments around its own mean ``μ_b`` (all float64): ``a = Σ‖x − μ_b‖⁴``,
+    ``tr = Σ‖x − μ_b‖²`` (its scatter's trace), ``v = Σ‖x − μ_b‖² (x − μ_b)`` (shape (D,)) and
+    ``m2_delta = M2_b δ_b = Σ (x − μ_b)(x − μ_b)ᵀ δ_b`` (shape (D,)) for its offset ``δ_b``."""
+
+    a: torch.Tensor
+    tr: torch.Tensor
+    v: torch.Tensor
+    m2_delta: torch.Tensor
+
+
+class MomentSums:
+    """:class:`BatchMoments` summed over chunks of one batch's rows, each given as
+    ``w = x − s`` around any centre ``s`` (float64), with ``e = μ_b − s`` and the offset
+    ``δ_b`` known in advance.
+
+    Per row, ``‖x − μ_b‖² = ‖w‖² − 2 wᵀe + ‖e‖²`` and ``(x − μ_b)ᵀδ_b = wᵀδ_b − eᵀδ_b`` come
+    from one (rows × 2) product, and ``Σ s_i w_i``, ``Σ r_i w_i`` from one (D × 2) product,
+    so no (rows × D) array is written; ``Σ s_i (x_i − μ_b) = Σ s_i w_i − e Σ s_i`` at the end.
+    With ``s = 0`` this is the plain float64 update; with ``s`` the float32 shift of
+    :func:`~nerve_interp.covariance.centre_rows` the sums share its pass over the rows.
+
+    Parameters
+    ----------
+    e, delta : torch.Tensor of shape (D,), float64
+    """
+
+    def __init__(self, e: torch.Tensor, delta: torch.Tensor) -> None:
+        self.e = e
+        self._ed = torch.stack([e, delta], 1)
+        self._ee, self._e_delta = e @ e, e @ delta
+        self._cols = torch.zeros(e.shape[0], 2, dtype=torch.float64, device=e.device)
+        self._scalars = torch.zeros(3, dtype=torch.float64, device=e.device)
+
+    def add(self, w: torch.Tensor, norms2: torch.Tensor) -> None:
+        """Add the rows ``w`` ``[k, D]`` (float64) whose squared norms are ``norms2`` ``[k]``."""
+        q = w @ self._ed
+        s = norms2 - 2 * q[:, 0] + self._ee  # ‖x − μ_b‖²
+        r = q[:, 1] - self._e_delta          # (x − μ_b)ᵀ δ_b
+        self._cols.addmm_(w.T, torch.stack([s, r], 1))
+        self._scalars += torch.stack([(s * s).sum(), s.sum(), r.sum()])
+
+    def result(self) -> BatchMoments:
+        a, tr, r_sum = self._scalars
+        return BatchMoments(a, tr, self._cols[:, 0] - self.e * tr,
+                            self._cols[:, 1] - self.e * r_sum)
+
+
 class NormMoments:
     """``A = Σ ‖x_i − x̄‖⁴`` (``fourth_``) of one point's rows, streamed.
 
@@ -87,31 +137,42 @@ class NormMoments:
 
     def update(self, x: torch.Tensor, acc: Any) -> NormMoments:
         """Fold the rows ``x`` ``[n, D]`` in; ``acc`` is the paired CovarianceAccumulator
-        *before* its own update with the same rows."""
+        *before* its own update with the same rows.
+
+        ``acc.update(x, moments=self)`` does both in one pass over the rows (the float32
+        and bf16-split paths centre them once for both); this is the standalone path."""
         n_b = int(x.shape[0])
         if n_b == 0:
             return self
         x64 = x.detach().to(torch.float64)
         mean_b = x64.sum(0) / n_b
-        n_a, n = self._n, self._n + n_b
-        mean = mean_b if n_a == 0 else self._mean + (mean_b - self._mean) * (n_b / n)
-        d_b = mean_b - mean  # this batch's offset from the merged mean (0 for the first)
-        # five passes over the rows, none writing an N×D array: ‖x − μ_b‖² and (x − μ_b)ᵀδ
-        # from x·μ_b and x·δ (one N×2 product), then Σ s_i x_i and Σ r_i x_i (one D×2)
-        q = x64 @ torch.stack([mean_b, d_b], 1)
-        s = torch.linalg.vector_norm(x64, dim=1) ** 2 - 2 * q[:, 0] + mean_b @ mean_b
-        r = q[:, 1] - mean_b @ d_b
-        w = x64.T @ torch.stack([s, r], 1)
-        tr_b = s.sum()
-        a_b, v_b = (s * s).sum(), w[:, 0] - mean_b * tr_b
-        m2b_d = w[:, 1] - mean_b * r.sum()  # M2_b δ_b = Σ (x_i − μ_b) r_i
-        if n_a == 0:
-            self._n, self._mean, self._a, self._v = n_b, mean_b, a_b, v_b
+        sums = MomentSums(mean_b, self.offset(mean_b, n_b))
+        sums.add(x64, torch.linalg.vector_norm(x64, dim=1) ** 2)
+        return self.fold(n_b, mean_b, sums.result(), acc)
+
+    def offset(self, mean_b: torch.Tensor, n_b: int) -> torch.Tensor:
+        """``δ_b = μ_b − μ``: a batch's offset from the mean after it is folded in (0 for the
+        first batch), float64 of shape (D,)."""
+        if self._n == 0:
+            return torch.zeros_like(mean_b, dtype=torch.float64)
+        return (mean_b - self._mean.to(mean_b.device)) * (self._n / (self._n + n_b))
+
+    def fold(self, n_b: int, mean_b: torch.Tensor, batch: BatchMoments, acc: Any
+             ) -> NormMoments:
+        """Fold one batch's :class:`BatchMoments` (around its mean ``mean_b``, with the
+        offset of :meth:`offset`) in; ``acc`` is the paired accumulator before the batch."""
+        if n_b == 0:
             return self
+        n_a, n = self._n, self._n + n_b
+        if n_a == 0:
+            self._n, self._mean, self._a, self._v = n_b, mean_b.clone(), batch.a, batch.v
+            return self
+        mean = self._mean + (mean_b - self._mean) * (n_b / n)
         d_a = self._mean - mean
-        a1, v1 = shift(self._a, self._v, None, acc.scatter_trace().to(x64.device), n_a, d_a,
-                       m2_delta=acc.scatter_matvec(d_a).to(x64.device))
-        a2, v2 = shift(a_b, v_b, None, tr_b, n_b, d_b, m2_delta=m2b_d)
+        a1, v1 = shift(self._a, self._v, None, acc.scatter_trace().to(mean.device), n_a, d_a,
+                       m2_delta=acc.scatter_matvec(d_a).to(mean.device))
+        a2, v2 = shift(batch.a, batch.v, None, batch.tr, n_b, mean_b - mean,
+                       m2_delta=batch.m2_delta)
         self._n, self._mean, self._a, self._v = n, mean, a1 + a2, v1 + v2
         return self
 
@@ -169,4 +230,4 @@ class NormMoments:
         return self
 
 
-__all__ = ["NormMoments", "recentre_rest", "shift"]
+__all__ = ["BatchMoments", "MomentSums", "NormMoments", "recentre_rest", "shift"]

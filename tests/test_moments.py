@@ -65,6 +65,37 @@ def test_streamed_fourth_moment_equals_numpy():
     assert total == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "bf16-split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_update_with_moments_equals_two_updates_and_numpy(precision, dtype):
+    """``acc.update(x, moments=mom)`` (one pass over the rows: the centring chunks feed the
+    moments) gives the fourth moment and the covariance of ``mom.update(x, acc)`` then
+    ``acc.update(x)``, and numpy's, through batches larger than one chunk, a large offset
+    and a D spanning several panels; the rows are not modified."""
+    from nerve_interp import covariance
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(1200, 300, generator=g, dtype=torch.float64) ** 3
+         @ torch.randn(300, 300, generator=g, dtype=torch.float64) / 30 + 25).to(dtype)
+    assert 300 > covariance.PANEL_WIDTH and 600 > covariance._ROW_CHUNK // 300
+    one, two = ((CovarianceAccumulator("t", precision=precision), NormMoments("t"))
+                for _ in range(2))
+    for chunk in x.split(600):
+        before = chunk.clone()
+        one[0].update(chunk, moments=one[1])
+        assert torch.equal(chunk, before)
+        two[1].update(chunk, two[0])
+        two[0].update(chunk)
+    ref = x.double().numpy()
+    assert one[1].fourth_ == pytest.approx(fourth(ref), rel=1e-11)
+    assert one[1].fourth_ == pytest.approx(two[1].fourth_, rel=1e-12)
+    assert torch.allclose(one[1].mean_, two[1].mean_, rtol=0, atol=1e-12)
+    cov = one[0].covariance_.numpy()
+    tol = 1e-10 if precision == "fp64" else 1e-5
+    assert np.abs(cov - np.cov(ref, rowvar=False)).max() <= tol * np.abs(cov).max()
+    assert torch.equal(one[0].covariance_, two[0].covariance_)
+
+
 def test_capture_matches_raw_hooks_with_exclusions_and_budget():
     """participation_ratio_corrected of a capture equals the estimator on the raw-hook
     activations of the documented rows (llama: gated points; positions and a budget cut)."""

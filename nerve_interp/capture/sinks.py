@@ -61,9 +61,7 @@ class PointSink:
         if self.groups is not None:
             self.groups.update(rows, labels)
             return
-        if self.moments is not None:  # before acc: it reads the scatter of earlier rows
-            self.moments.update(rows, self.acc)
-        self.acc.update(rows)
+        self.acc.update(rows, moments=self.moments)  # one pass over the rows for both
 
     def merge_groups(self) -> None:
         """Form ``acc`` and ``moments`` as the exact merge of the groups."""

@@ -62,8 +62,7 @@ def sample_layer(draw: Draw, names: dict[str, str], n_tokens: int, n_groups: int
             if grp is not None:
                 grp.update(x, torch.full((x.shape[0],), b % n_groups, dtype=torch.long))
             else:
-                mom.update(x, acc)
-                acc.update(x)
+                acc.update(x, moments=mom)
     return {p: _finish(names[p], *s) for p, s in stats.items()}
 
 
