@@ -98,14 +98,18 @@ class GroupStats:
                         if moments else None)
 
     def update(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
-        """Fold rows ``[n, D]`` in; ``labels`` ``[n]`` is each row's group. Rows of one
-        sequence are contiguous, so each run of equal labels is folded as one view; rows of
-        non-token models (one row per example, labels interleaved) are gathered per group."""
+        """Fold rows ``[n, D]`` in; ``labels`` ``[n]`` is each row's group. Each group's rows
+        are folded once per call, in data order: a batch of more sequences than there are
+        groups (sequence ``s`` goes to group ``s mod K``, so its runs of equal labels
+        interleave) is gathered per group, one fold of each group's rows rather than one per
+        sequence (each fold adds to a D × D float64 accumulator); a batch whose runs are
+        the groups themselves is folded as views, without a copy."""
         if rows.shape[0] == 0:
             return
         values, counts = torch.unique_consecutive(labels, return_counts=True)
-        if values.numel() > self.k:  # interleaved (one row per example): one gather per group
-            for g in torch.unique(values).tolist():
+        groups = torch.unique(values)
+        if values.numel() > groups.numel():  # interleaved runs: one gather per group
+            for g in groups.tolist():
                 idx = (labels == g).nonzero().squeeze(1).to(rows.device)
                 self._fold(g, rows.index_select(0, idx))
             return

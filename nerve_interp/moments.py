@@ -89,22 +89,22 @@ class MomentSums:
 
     def __init__(self, e: torch.Tensor, delta: torch.Tensor) -> None:
         self.e = e
-        self._ed = torch.stack([e, delta], 1)
-        self._ee, self._e_delta = e @ e, e @ delta
+        self._ed = torch.stack([-2 * e, delta], 1)
+        self._bias = torch.stack([e @ e, -(e @ delta)]).unsqueeze(0)
         self._cols = torch.zeros(e.shape[0], 2, dtype=torch.float64, device=e.device)
-        self._scalars = torch.zeros(3, dtype=torch.float64, device=e.device)
+        self._rows: list[torch.Tensor] = []
 
     def add(self, w: torch.Tensor, norms2: torch.Tensor) -> None:
         """Add the rows ``w`` ``[k, D]`` (float64) whose squared norms are ``norms2`` ``[k]``."""
-        q = w @ self._ed
-        s = norms2 - 2 * q[:, 0] + self._ee  # ‖x − μ_b‖²
-        r = q[:, 1] - self._e_delta          # (x − μ_b)ᵀ δ_b
-        self._cols.addmm_(w.T, torch.stack([s, r], 1))
-        self._scalars += torch.stack([(s * s).sum(), s.sum(), r.sum()])
+        sr = torch.addmm(self._bias, w, self._ed)  # ‖e‖² − 2wᵀe, wᵀδ_b − eᵀδ_b
+        sr[:, 0] += norms2                         # s = ‖x − μ_b‖², r = (x − μ_b)ᵀδ_b
+        self._cols.addmm_(w.T, sr)
+        self._rows.append(sr)
 
     def result(self) -> BatchMoments:
-        a, tr, r_sum = self._scalars
-        return BatchMoments(a, tr, self._cols[:, 0] - self.e * tr,
+        sr = torch.cat(self._rows) if self._rows else self._cols[:0]
+        s, (tr, r_sum) = sr[:, 0], sr.sum(0)
+        return BatchMoments(s @ s, tr, self._cols[:, 0] - self.e * tr,
                             self._cols[:, 1] - self.e * r_sum)
 
 
