@@ -324,6 +324,22 @@ class _Uncentred:
         return (self.g - self.n * torch.outer(mu, mu)) / (self.n - 1)
 
 
+def _scatter_adder(g: torch.Tensor, r: torch.Tensor, n: int,
+                   diag: torch.Tensor | None = None) -> Any:
+    """The ``add_scatter`` of ``CovarianceAccumulator._fold`` for a reference variant: its
+    Gram ``g`` (with the float64 ``diag`` in place of its own, if given), less
+    ``r rᵀ / n`` for the shift's residual ``r``, and Chan's low-rank term; every block."""
+    def add(m2: torch.Tensor, low_rank: tuple | None) -> bool:
+        m2.add_(g)
+        if diag is not None:
+            m2.diagonal().add_(diag - g.diagonal().double())
+        m2.addr_(r, r, alpha=-1.0 / n)
+        if low_rank is not None:
+            m2.addmm_(low_rank[0], low_rank[1].T)
+        return False
+    return add
+
+
 class _CentredTF32:
     """Reference only (CUDA): fp32 centred update with TF32 explicitly allowed."""
 
@@ -341,13 +357,7 @@ class _CentredTF32:
             r = xc.sum(0, dtype=torch.float64)
         finally:
             mm.fp32_precision = old
-        def add(m2: torch.Tensor, low_rank: tuple | None) -> bool:
-            m2.add_(g).addr_(r, r, alpha=-1.0 / x.shape[0])
-            if low_rank is not None:  # Chan's δδᵀ term
-                m2.addmm_(low_rank[0], low_rank[1].T)
-            return False
-
-        self.acc._fold(x.shape[0], mean, add)
+        self.acc._fold(x.shape[0], mean, _scatter_adder(g, r, x.shape[0]))
         return self
 
     @property
@@ -372,16 +382,7 @@ class _SplitVariant:
         r = d.sum(0, dtype=torch.float64)
         diag = exact_diagonal(d) if self.float64_diagonal else None
 
-        def add(m2: torch.Tensor, low_rank: tuple | None) -> bool:
-            m2.add_(g)
-            if diag is not None:
-                m2.diagonal().add_(diag - g.diagonal().double())
-            m2.addr_(r, r, alpha=-1.0 / n)
-            if low_rank is not None:  # Chan's δδᵀ term
-                m2.addmm_(low_rank[0], low_rank[1].T)
-            return False
-
-        self.acc._fold(n, mean, add)
+        self.acc._fold(n, mean, _scatter_adder(g, r, n, diag))
         return self
 
     @property

@@ -569,12 +569,6 @@ def upper_matvec(m2: torch.Tensor, v: torch.Tensor, *, width: int = PANEL_WIDTH
     return out
 
 
-def _add_full(m2: torch.Tensor, other: torch.Tensor) -> bool:
-    """``m2 += other`` (both (D, D), symmetric in full); False: every block was updated."""
-    m2.add_(other.to(m2.device))
-    return False
-
-
 def _as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -747,8 +741,8 @@ class CovarianceAccumulator:
             a no-op.
         moments : NormMoments, optional
             Fold the same rows into this fourth-moment statistic first (as
-            ``moments.update(x, self)``, which must see the scatter before the batch); in
-            the float32 and bf16-split modes its sums share the pass that centres the rows.
+            ``moments.update(x, self)``, which must see the scatter before the batch), from
+            the rows as this update centres them (no second pass over ``x``).
 
         Returns
         -------
@@ -770,10 +764,12 @@ class CovarianceAccumulator:
         if self._resolved == "fp64":
             mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # the exact mean
             self._check_finite(x, mean_b)
-            if moments is not None:
-                moments.update(x, self)
             xc = x.to(torch.float64, copy=True).sub_(mean_b)
             resid = xc.sum(dim=0)  # ≈ 0: the exact correction for the mean's rounding
+            if moments is not None:  # the centred rows, not a second widening of x
+                sums = MomentSums(torch.zeros_like(mean_b), moments.offset(mean_b, n_b))
+                sums.add(xc, torch.linalg.vector_norm(xc, dim=1) ** 2)
+                moments.fold(n_b, mean_b, sums.result(), self)
         else:  # chunks widened once give the residual, the diagonal and the moments
             mean_b = batch_mean(x)
             self._check_finite(x, mean_b)
@@ -825,7 +821,9 @@ class CovarianceAccumulator:
         return self._add_low_rank(m2, low_rank)
 
     def _add_low_rank(self, m2: torch.Tensor, low_rank: LowRank | None) -> bool:
-        """``m2 += u vᵀ`` (on the upper block triangle when the state is stale); False."""
+        """``m2 += u vᵀ`` (on the upper block triangle when the state is stale); False: the
+        scatter added before it (a full product, or another accumulator's full ``M2``)
+        updated every block."""
         if low_rank is not None:
             add_upper_low_rank(m2, *low_rank, upper=self._stale)
         return False
@@ -841,8 +839,9 @@ class CovarianceAccumulator:
         if other._n:
             if self._resolved is None:
                 self._resolved = other._resolved
-            self._fold(other._n, other._mean, lambda m2, low: _add_full(m2, other._symmetric())
-                       or self._add_low_rank(m2, low))
+            self._fold(other._n, other._mean,
+                       lambda m2, low: self._add_low_rank(
+                           m2.add_(other._symmetric().to(m2.device)), low))
         return self
 
     # ----------------------------------------------------------- persistence
