@@ -45,9 +45,11 @@ peer
     fresh process per size after a plain forward of the same batches: seconds as a ratio to
     that forward, and peak memory. SmolLM2-135M on python-docs batches of the defaults (8
     texts × 256 tokens): all 60 points at 4k, 8k and 16k tokens, layers 0-1 (4 points) at 64k
-    (every point's rows would need 24 GB); the streaming part alone up to 8k. ``--quick``:
-    TinyLM, 256 and 1024 tokens. The longest part (~25 min on 1 thread); ``--peer-tokens
-    4096,8192`` picks sizes.
+    (every point's rows would need 24 GB). Up to 8k, ``--reps`` rounds side by side in one
+    process as well, in rotation: plain forward, each method's whole call and streaming part
+    alone, and NerVE's method with a float64 ``eigvalsh`` (ours decomposes in float64), so
+    "ours / NerVE's" is a ratio from one process. ``--quick``: TinyLM, 256 and 1024 tokens.
+    The longest part (~25 min on 1 thread); ``--peer-tokens 4096,8192`` picks sizes.
 """
 
 from __future__ import annotations
@@ -715,8 +717,8 @@ class _StopForward(Exception):
     """Raised by the peer's last hook: its forward stops where ours does (tracer.stop())."""
 
 
-def nerve_analyzer_spectra(model: torch.nn.Module, batches: list[dict], reads: list[tuple]
-                           ) -> dict[str, torch.Tensor]:
+def nerve_analyzer_spectra(model: torch.nn.Module, batches: list[dict], reads: list[tuple],
+                           eigvalsh: str = "fp32") -> dict[str, torch.Tensor]:
     """NerVE's analyzer method (``nerve/analyzer.py``, ``nerve/metrics.py`` @35a8f95 of
     github.com/nerve-eigenspectrum/NerVE; notes/papers.md §1.2-1.3), over several batches.
 
@@ -725,10 +727,17 @@ def nerve_analyzer_spectra(model: torch.nn.Module, batches: list[dict], reads: l
     float32 and float32 ``eigvalsh``, sorted descending and clamped at 1e-12, freeing each
     point's rows as it goes. The forward stops after the last point read (as ours does).
 
+    ``eigvalsh``: ``"fp32"`` (NerVE's own), ``"fp64"`` (the same float32 covariance
+    decomposed in float64, as ours decomposes: what the precision of the decomposition
+    costs) or ``"none"`` (the method's streaming and covariances alone, no decomposition).
+
     Returns
     -------
-    dict name -> torch.Tensor of shape (D,), float32 eigenvalues
+    dict name -> torch.Tensor of shape (D,), eigenvalues (float32 for ``"fp32"``; empty
+    for ``"none"``)
     """
+    if eigvalsh not in ("fp32", "fp64", "none"):
+        raise ValueError(f"eigvalsh must be 'fp32', 'fp64' or 'none'; got {eigvalsh!r}.")
     kept: dict[str, list[torch.Tensor]] = {name: [] for name, *_ in reads}
     state: dict[str, Any] = {}
     last = reads[-1][0]
@@ -765,7 +774,9 @@ def nerve_analyzer_spectra(model: torch.nn.Module, batches: list[dict], reads: l
         xc = x - x.mean(dim=0)
         cov = xc.T @ xc / (x.shape[0] - 1 + 1e-12)
         del x, xc
-        out[name] = torch.linalg.eigvalsh(cov).flip(-1).clamp_min(1e-12)
+        if eigvalsh != "none":
+            cov = cov.double() if eigvalsh == "fp64" else cov
+            out[name] = torch.linalg.eigvalsh(cov).flip(-1).clamp_min(1e-12)
     return out
 
 
@@ -832,28 +843,49 @@ def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quic
            "peak_above_baseline_bytes": peak, "baseline_bytes": base,
            "threads": torch.get_num_threads()}
     if method == "ours" and layers is None and n_tokens <= 8192 and rounds:
-        row.update(_peer_rounds(model, batches, run, rounds))
+        row.update(_peer_rounds(model, batches, reads, run, rounds))
     return row
 
 
-def _peer_rounds(model: torch.nn.Module, batches: list[dict], run: Any, rounds: int
-                 ) -> dict[str, Any]:
-    """``rounds`` rounds of plain forward, whole call and streaming part alone (the
-    eigendecompositions discarded), side by side in one process, the order rotated every
-    round; each round's ratio to its own plain forward, and their medians."""
+def _peer_rounds(model: torch.nn.Module, batches: list[dict], reads: list[tuple], run: Any,
+                 rounds: int) -> dict[str, Any]:
+    """``rounds`` rounds, side by side in one process with the order rotated every round, of
+    a plain forward and of each method's whole call and streaming part alone (ours with the
+    eigendecompositions discarded, NerVE's method with none), and NerVE's method with a
+    float64 decomposition; each round's ratios to its own plain forward and ours over
+    NerVE's, and their medians. (Ratios across processes are not comparable on a noisy
+    machine: its plain forward varied 15-50% between processes.)"""
     def streaming() -> None:
         with discard_eigh():
             run(batches)
 
+    def nerve(eig: str) -> Any:
+        return lambda: nerve_analyzer_spectra(model, batches, reads, eigvalsh=eig)
+
     t = _time_round_robin({"plain": lambda: plain_forward(model, batches),
-                           "whole": lambda: run(batches), "streaming": streaming},
+                           "whole": lambda: run(batches), "streaming": streaming,
+                           "nerve": nerve("fp32"), "nerve_streaming": nerve("none"),
+                           "nerve_fp64": nerve("fp64")},
                           rounds, torch.device("cpu"), warm_up=False)
-    whole = [w / p for w, p in zip(t["whole"], t["plain"], strict=True)]
-    stream = [s / p for s, p in zip(t["streaming"], t["plain"], strict=True)]
-    return {"rounds": rounds, "round_x_plain": whole, "round_streaming_x_plain": stream,
-            "x_plain_median": statistics.median(whole),
-            "streaming_x_plain": statistics.median(stream),
-            "round_load_avg": round(os.getloadavg()[0], 2)}
+
+    def ratios(a: str, b: str = "plain") -> list[float]:
+        return [x / y for x, y in zip(t[a], t[b], strict=True)]
+
+    whole, stream = ratios("whole"), ratios("streaming")
+    row = {"rounds": rounds, "round_x_plain": whole, "round_streaming_x_plain": stream,
+           "x_plain_median": statistics.median(whole),
+           "streaming_x_plain": statistics.median(stream),
+           "round_seconds": t, "round_load_avg": round(os.getloadavg()[0], 2)}
+    for key, (a, b) in {"nerve_x_plain": ("nerve", "plain"),
+                        "nerve_streaming_x_plain": ("nerve_streaming", "plain"),
+                        "nerve_fp64_x_plain": ("nerve_fp64", "plain"),
+                        "ours_over_nerve": ("whole", "nerve"),
+                        "ours_over_nerve_fp64": ("whole", "nerve_fp64"),
+                        "streaming_over_nerve_streaming": ("streaming", "nerve_streaming")
+                        }.items():
+        row[f"round_{key}"] = ratios(a, b)
+        row[key] = statistics.median(row[f"round_{key}"])
+    return row
 
 
 PEER_CASES = ((4096, None), (8192, None), (16384, None), (65536, (0, 1)))
@@ -905,6 +937,25 @@ def _fmt(x: float) -> str:
     return f"{x:.2e}" if (x and (abs(x) < 1e-2 or abs(x) >= 1e4)) else f"{x:.3g}"
 
 
+def _print_peer_rounds(r: dict) -> None:
+    """The side-by-side rounds of one size: each ratio's median and its rounds."""
+    print(f"{'':9}{r['rounds']} rounds side by side in one process (load "
+          f"{r['round_load_avg']}), medians (rounds):")
+    for label, key in (("ours, whole call / plain", "x_plain_median"),
+                       ("ours, streaming alone / plain", "streaming_x_plain"),
+                       ("NerVE's method / plain", "nerve_x_plain"),
+                       ("NerVE's method, streaming alone / plain", "nerve_streaming_x_plain"),
+                       ("NerVE's method, float64 eigvalsh / plain", "nerve_fp64_x_plain"),
+                       ("ours / NerVE's method", "ours_over_nerve"),
+                       ("ours / NerVE's method with float64 eigvalsh", "ours_over_nerve_fp64"),
+                       ("ours / NerVE's method, streaming alone",
+                        "streaming_over_nerve_streaming")):
+        rounds_key = {"x_plain_median": "round_x_plain",
+                      "streaming_x_plain": "round_streaming_x_plain"}.get(key, "round_" + key)
+        print(f"{'':11}{label:<46}{r[key]:.2f} ("
+              + ", ".join(f"{x:.2f}" for x in r[rounds_key]) + ")")
+
+
 def print_report(res: dict) -> None:
     print(f"\nnerve_interp benchmarks ({res['host']}); load avg at start {res['load_avg']}; "
           f"seconds per part {res.get('part_s')}")
@@ -948,14 +999,11 @@ def print_report(res: dict) -> None:
             print(f"  {r['method']:<6} {r['threads']} thr N={r['N']:>7} ({r['points']} points, "
                   f"layers {r['layers']}): {r['seconds']:8.1f} s"
                   + (f" = {r['x_plain']:5.2f}x plain" if r["x_plain"] == r["x_plain"] else "")
-                  + ", "
-                  f"peak +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB"
-                  + ("" if "rounds" not in r else
-                     f"\n{'':9}{r['rounds']} rounds side by side (load {r['round_load_avg']}):"
-                     f" whole call {r['x_plain_median']:.2f}x plain (rounds "
-                     + ", ".join(f"{x:.2f}" for x in r["round_x_plain"])
-                     + f"), streaming alone {r['streaming_x_plain']:.2f}x (rounds "
-                     + ", ".join(f"{x:.2f}" for x in r["round_streaming_x_plain"]) + ")"))
+                  + f", peak +{r['peak_above_baseline_bytes'] / 1e6:8.1f} MB")
+            if "rounds" in r:
+                _print_peer_rounds(r)
+
+
     if res.get("readme"):
         print("\n[g] README blocks (as written unless --quick), wall s vs the time they state")
         for r in res["readme"]:

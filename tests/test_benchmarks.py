@@ -47,6 +47,12 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     ours = [r for r in res["peer"]["rows"] if r["method"] == "ours"]
     assert all(r["rounds"] == 1 and len(r["round_x_plain"]) == 1 and r["streaming_x_plain"] > 0
                and r["x_plain_median"] > 0 for r in ours)
+    for r in ours:  # NerVE's method side by side in the same process, and ours over it
+        t = r["round_seconds"]
+        assert r["ours_over_nerve"] == pytest.approx(t["whole"][0] / t["nerve"][0])
+        assert r["nerve_fp64_x_plain"] == pytest.approx(t["nerve_fp64"][0] / t["plain"][0])
+        assert r["streaming_over_nerve_streaming"] == pytest.approx(
+            t["streaming"][0] / t["nerve_streaming"][0])
     assert "[d] peak memory" in capsys.readouterr().out
     # the GPU throughput path, run on the CPU with tiny bf16 models
     gpu = bench.bench_throughput_gpu(
@@ -74,3 +80,10 @@ def test_peer_method_measures_the_same_spectra(bench):
         keep = s.eigenvalues > 1e-4 * s.eigenvalues[0]
         assert keep.sum() > 10 and theirs[s.name].dtype == torch.float32
         np.testing.assert_allclose(lam[keep], s.eigenvalues[keep], rtol=1e-3)
+    # the float64 decomposition of the same float32 covariance, and none at all
+    wide = bench.nerve_analyzer_spectra(model, batches, reads, eigvalsh="fp64")
+    assert all(v.dtype == torch.float64 for v in wide.values())
+    np.testing.assert_allclose(wide[s.name].numpy()[keep], s.eigenvalues[keep], rtol=1e-3)
+    assert bench.nerve_analyzer_spectra(model, batches, reads, eigvalsh="none") == {}
+    with pytest.raises(ValueError, match="eigvalsh must be"):
+        bench.nerve_analyzer_spectra(model, batches, reads, eigvalsh="bf16")
