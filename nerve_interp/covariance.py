@@ -57,6 +57,14 @@ corrections touch the same half. The lower half is copied from the upper one whe
 scatter is read (``scatter_``, ``covariance_``, ``state_dict``, ``merge``); the streamed
 fourth moment reads ``M2 δ`` from the upper half (:meth:`CovarianceAccumulator.scatter_matvec`).
 
+**Massive activations in float64** (every mode below fp64). A row with more than 64× the
+median ``‖x − s‖²`` of its batch (an attention-sink token: 500× the median norm at
+SmolLM2-135M's layer 11 ``post``) would set the float32 round-off of every entry and, through
+the batch mean, offset every other row. Such rows are zeroed in the float32 product, the
+others are centred on their own mean, and the few massive rows are multiplied in float64
+(:func:`massive_rows`). Without it, the spectrum *without* those tokens
+(``SpectraResult.without_outliers``) lost its tail: its smallest eigenvalue came out 83% low.
+
 A 16-bit Gram matrix (``"bf16"``, ``"fp16"``) and TF32 (``"tf32"``) are refused: with a mean
 offset the cancellation in ``E[xxᵀ] − μμᵀ`` destroys the tail of the spectrum (DESIGN.md:
 on an H100, 1271 of 3072 eigenvalues came out negative with bf16; TF32's tail error was
@@ -386,8 +394,15 @@ class CentredRows(NamedTuple):
     """The batch's :class:`~nerve_interp.moments.BatchMoments` when ``delta`` was given."""
 
 
+def shift_of(mean: torch.Tensor, bf16_shift: bool = False) -> torch.Tensor:
+    """The shift ``s`` :func:`centre_rows` centres on: the float64 mean rounded to float32
+    (to bfloat16 with ``bf16_shift``), as float64."""
+    return (mean.to(_BF16) if bf16_shift else mean.float()).double()
+
+
 def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift: bool = False,
-                delta: torch.Tensor | None = None) -> CentredRows:
+                delta: torch.Tensor | None = None, norms2: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> CentredRows:
     """Centre rows on their mean for a float32 Gram product, with every sum in float64, in
     one pass over chunks of rows that stay in cache.
 
@@ -412,6 +427,11 @@ def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift
     delta : torch.Tensor of shape (D,), float64, optional
         The batch's offset ``δ_b`` for its :class:`~nerve_interp.moments.NormMoments`
         (:meth:`~nerve_interp.moments.NormMoments.offset`); None: no moments.
+    norms2 : torch.Tensor of shape (N,), float64, optional
+        Filled with each row's ``‖x − s‖²`` (from the same widened chunks).
+    shift : torch.Tensor of shape (D,), float64, optional
+        ``s`` itself, when it is not :func:`shift_of` ``mean`` (a float32- or
+        bfloat16-representable vector).
 
     Returns
     -------
@@ -427,7 +447,7 @@ def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift
     n, d = x.shape
     mean = batch_mean(x) if mean is None else mean
     rows, ones = _row_chunks(x)
-    shift = (mean.to(_BF16) if bf16_shift else mean.float()).double()
+    shift = shift_of(mean, bf16_shift) if shift is None else shift
     sums = None if delta is None else MomentSums(mean - shift, delta)
     xc = torch.empty(n, d, dtype=torch.float32, device=x.device)
     resid = torch.zeros(d, dtype=torch.float64, device=x.device)
@@ -441,11 +461,41 @@ def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift
             resid.addmv_(w.T, ones[:k])
             if sums is None:
                 diag.addmv_(w.square_().T, ones[:k])
+                if norms2 is not None:
+                    torch.sum(w, 1, out=norms2[start:start + k])
                 continue
             sq = w.square()
             diag.addmv_(sq.T, ones[:k])
-            sums.add(w, sq.sum(1))
+            row2 = sq.sum(1) if norms2 is None else torch.sum(sq, 1, out=norms2[start:start + k])
+            sums.add(w, row2)
     return CentredRows(xc, mean, resid, diag, None if sums is None else sums.result())
+
+
+MASSIVE_ROW_FACTOR = 64.0
+"""Rows whose ``‖x − s‖²`` exceeds this many times their batch's median (norm 8× the median)
+enter the scatter through a float64 product (:func:`massive_rows`)."""
+
+
+def massive_rows(norms2: torch.Tensor, factor: float = MASSIVE_ROW_FACTOR) -> torch.Tensor:
+    """Indices of the rows of *massive activations*: ``‖x − s‖²`` above ``factor`` × the
+    batch's median (or its mean, when the median is 0).
+
+    A float32 product's round-off is relative to the energy of the rows it sums, so one
+    attention-sink token with 500× the median norm (SmolLM2-135M, ``post`` of layer 11) sets
+    the error of every entry, and its pull on the batch mean offsets every other row; taking
+    it out again (``without_outliers``) left that error in a covariance 10⁴× smaller (the
+    smallest eigenvalue came out 83% low). :meth:`CovarianceAccumulator.update` therefore
+    centres the other rows on their own mean and multiplies these in float64: a few rows per
+    batch, O(k·D²) against the product's O(N·D²).
+
+    Examples
+    --------
+    >>> massive_rows(torch.tensor([1.0, 2.0, 1.5, 5000.0], dtype=torch.float64)).tolist()
+    [3]
+    """
+    typical = norms2.median()
+    typical = typical if bool(typical > 0) else norms2.mean()
+    return (norms2 > factor * typical).nonzero().squeeze(1)
 
 
 # ------------------------------------------------------------------ symmetric Gram
@@ -760,7 +810,7 @@ class CovarianceAccumulator:
             return self
         if self._resolved is None:
             self._resolved = default_precision(x.device)
-        diag: torch.Tensor | None = None
+        diag = wide = None
         if self._resolved == "fp64":
             mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # the exact mean
             self._check_finite(x, mean_b)
@@ -773,13 +823,34 @@ class CovarianceAccumulator:
         else:  # chunks widened once give the residual, the diagonal and the moments
             mean_b = batch_mean(x)
             self._check_finite(x, mean_b)
-            xc, _, resid, diag, batch = centre_rows(
-                x, mean_b, bf16_shift=self._resolved == "bf16-split",
-                delta=None if moments is None else moments.offset(mean_b, n_b))
+            xc, resid, diag, wide, batch = self._centre(
+                x, mean_b, None if moments is None else moments.offset(mean_b, n_b))
             if moments is not None:
                 moments.fold(n_b, mean_b, batch, self)
-        self._fold(n_b, mean_b, lambda m2, low: self._add_scatter(m2, xc, diag, low), resid)
+        self._fold(n_b, mean_b, lambda m2, low: self._add_scatter(m2, xc, diag, low, wide),
+                   resid)
         return self
+
+    def _centre(self, x: torch.Tensor, mean_b: torch.Tensor, delta: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+        """:func:`centre_rows` for a product below float64, with the :func:`massive_rows`
+        taken out: when there are any, the rows are centred again on the shift of the
+        others' mean, and the massive ones come back in float64 for their own product.
+
+        Returns ``(xc, resid, diag, wide, moments)``; ``wide`` (k, D) float64 or None."""
+        bf16 = self._resolved == "bf16-split"
+        norms2 = torch.empty(int(x.shape[0]), dtype=torch.float64, device=x.device)
+        xc, _, resid, diag, batch = centre_rows(x, mean_b, bf16_shift=bf16, delta=delta,
+                                                norms2=norms2)
+        big = massive_rows(norms2)
+        if big.numel() == 0:
+            return xc, resid, diag, None, batch
+        rows = x.index_select(0, big).double()
+        rest = (mean_b * x.shape[0] - rows.sum(0)) / max(1, int(x.shape[0]) - big.numel())
+        shift = shift_of(rest, bf16)
+        xc, _, resid, diag, batch = centre_rows(x, mean_b, delta=delta, shift=shift)
+        xc.index_fill_(0, big, 0.0)
+        return xc, resid, diag, rows.sub_(shift), batch
 
     def _check_finite(self, x: torch.Tensor, mean_b: torch.Tensor) -> None:
         """Raise on NaN/inf rows. A NaN/inf anywhere makes its column's float64 sum
@@ -799,10 +870,12 @@ class CovarianceAccumulator:
         )
 
     def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor, diag: torch.Tensor | None,
-                     low_rank: LowRank | None) -> bool:
+                     low_rank: LowRank | None, wide: torch.Tensor | None = None) -> bool:
         """Add the centred rows' scatter ``xcᵀxc`` to ``m2`` (its float64 ``diag`` in place
-        of the product's) and ``low_rank``; True when only the upper block triangle was
-        updated (on the CPU, :func:`add_upper_gram`; elsewhere one full product)."""
+        of the product's), the float64 rows ``wide``'s (:func:`massive_rows`) and
+        ``low_rank``; True when only the upper block triangle was updated (on the CPU,
+        :func:`add_upper_gram`; elsewhere one full product)."""
+        formed_wide = 0.0 if wide is None else wide.to(m2.device).square().sum(0)
         with full_precision_matmul():
             if self._resolved == "bf16-split":
                 hi, lo = bf16_split(xc)
@@ -812,12 +885,16 @@ class CovarianceAccumulator:
                 gram = xc.T @ xc
             else:
                 formed = add_upper_gram(m2, xc, low_rank=low_rank)
+                if wide is not None:
+                    add_upper_gram(m2, wide)
                 if diag is not None:
-                    m2.diagonal().add_(diag - formed.to(m2))
+                    m2.diagonal().add_(diag - formed.to(m2) - formed_wide)
                 return len(panels(int(xc.shape[1]))) > 1
-        m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
+            m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
+            if wide is not None:
+                m2.addmm_(wide.to(m2.device).T, wide.to(m2.device))
         if diag is not None:
-            m2.diagonal().add_(diag.to(m2.device) - gram.diagonal().to(m2))
+            m2.diagonal().add_(diag.to(m2.device) - gram.diagonal().to(m2) - formed_wide)
         return self._add_low_rank(m2, low_rank)
 
     def _add_low_rank(self, m2: torch.Tensor, low_rank: LowRank | None) -> bool:

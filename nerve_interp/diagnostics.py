@@ -636,9 +636,12 @@ def remove_rows(n: int, mean: torch.Tensor, scatter: torch.Tensor, rows: torch.T
 
     If ``A ∪ B`` has ``(n, μ, M2)`` and ``B`` holds ``rows`` with ``(n_b, μ_b, M2_b)``, then
     ``n_a = n − n_b``, ``μ_a = (n μ − n_b μ_b) / n_a``, ``δ = μ_b − μ_a`` and
-    ``M2_a = M2 − M2_b − δ δᵀ · n_a n_b / n``. Exact up to float64 round-off relative to the
-    *total* variance: fine with a float64 Gram; with a float32 Gram, removing tokens that held
-    ``s`` of the variance amplifies its round-off by ``1 / (1 − s)``.
+    ``M2_a = M2 − M2_b − δ δᵀ · n_a n_b / n``. Exact up to the round-off of ``M2`` relative
+    to the *total* variance: removing tokens that held ``s`` of it amplifies that round-off by
+    ``1 / (1 − s)``. Fine with a float64 Gram, and with a float32 one for the tokens of massive
+    activations, which the accumulator multiplies in float64
+    (:func:`~nerve_interp.covariance.massive_rows`: SmolLM2-135M layer 11 ``post``, where one
+    token held 99.99% of the variance, went from 0.83 to 3e-7 relative error in the tail).
 
     Parameters
     ----------
