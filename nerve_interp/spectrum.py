@@ -169,10 +169,22 @@ def spectrum_from_covariance(
         Site name for messages.
     warn : bool, default True
         Emit ``FiniteSampleWarning`` / ``NegativeEigenvalueWarning``.
+
+    Raises
+    ------
+    ValueError
+        ``covariance`` is not square, or has NaN/inf entries (LAPACK would return finite
+        eigenvalues for them that mean nothing).
     """
     cov = torch.as_tensor(covariance).detach().to("cpu", torch.float64)
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"covariance of {name} must be square (D, D); got {tuple(cov.shape)}.")
+    finite = torch.isfinite(cov)
+    if not bool(finite.all()):  # LAPACK returns finite nonsense here (±1.41 for one NaN)
+        raise ValueError(
+            f"covariance of {name} has {int((~finite).sum())} NaN/inf entries of "
+            f"{finite.numel()}; its eigenvalues are undefined. Find where it became "
+            "non-finite (the accumulators refuse NaN/inf activations with a CaptureError).")
     if eigenvectors:
         vals, vecs = torch.linalg.eigh(cov)
         vecs = vecs.flip(-1).numpy()

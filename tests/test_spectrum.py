@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from nerve_interp.errors import NegativeEigenvalueWarning, NotFittedError, RankDeficientWarning
 from nerve_interp.spectrum import spectrum_from_covariance
@@ -92,3 +93,13 @@ def test_pipeline_eigenvalues_equal_sklearn_pca():
     # same principal axes up to sign
     dots = np.abs(np.sum(s.eigenvectors.T * pca.components_, axis=1))
     np.testing.assert_allclose(dots, 1.0, atol=1e-8)
+
+
+def test_non_finite_covariance_is_refused_not_decomposed():
+    """torch's (MKL's) eigvalsh returned finite values for this NaN matrix (±1.41, on an AMD
+    EPYC): that must be an error, not a spectrum."""
+    cov = torch.eye(3, dtype=torch.float64)
+    cov[0, 1] = cov[1, 0] = float("nan")
+    for bad in (cov, cov.numpy(), torch.diag(torch.tensor([1.0, float("inf"), 2.0]))):
+        with pytest.raises(ValueError, match=r"covariance of L3\.post has \d NaN/inf entries"):
+            spectrum_from_covariance(bad, np.zeros(3), 100, name="L3.post")
