@@ -875,7 +875,8 @@ class CovarianceAccumulator:
         of the product's), the float64 rows ``wide``'s (:func:`massive_rows`) and
         ``low_rank``; True when only the upper block triangle was updated (on the CPU,
         :func:`add_upper_gram`; elsewhere one full product)."""
-        formed_wide = 0.0 if wide is None else wide.to(m2.device).square().sum(0)
+        wide = None if wide is None else wide.to(m2.device)
+        formed_wide = 0.0 if wide is None else wide.square().sum(0)
         with full_precision_matmul():
             if self._resolved == "bf16-split":
                 hi, lo = bf16_split(xc)
@@ -892,7 +893,7 @@ class CovarianceAccumulator:
                 return len(panels(int(xc.shape[1]))) > 1
             m2.add_(gram.to(m2.device))  # float32 → float64 in place, no temporary
             if wide is not None:
-                m2.addmm_(wide.to(m2.device).T, wide.to(m2.device))
+                m2.addmm_(wide.T, wide)
         if diag is not None:
             m2.diagonal().add_(diag.to(m2.device) - gram.diagonal().to(m2) - formed_wide)
         return self._add_low_rank(m2, low_rank)
