@@ -502,10 +502,10 @@ def test_massive_rows_enter_in_float64_so_removing_them_keeps_the_tail(split, mo
     rest keeps float32's usual tail accuracy; without the split the tail is lost."""
     from nerve_interp import covariance
     from nerve_interp.diagnostics import remove_rows
+    from nerve_interp.moments import NormMoments
 
     if not split:
         monkeypatch.setattr(covariance, "massive_rows", lambda n2: n2[:0].long())
-    from nerve_interp.moments import NormMoments
 
     batches = _sink_batches()
     acc, mom = CovarianceAccumulator("sink", precision="fp32"), NormMoments("sink")
