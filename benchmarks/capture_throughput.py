@@ -103,16 +103,20 @@ def module_and_io(path: str) -> tuple[str, str]:
     return mod, io
 
 
+WITHOUT_OUTLIERS = " without outliers"
+"""Suffix of :func:`stub_eigh`'s key for a flagged point's covariance without its outliers."""
+
+
 @contextmanager
 def stub_eigh(sink: dict):
     """Patch collect_spectra's eigendecomposition: keep the covariance, skip eigvalsh.
 
     ``sink[name]`` is the first covariance decomposed under ``name`` (all tokens); a later
     one under the same name (a flagged point's spectrum without its outlier tokens) goes to
-    ``sink[name + " without outliers"]`` instead of replacing it."""
+    ``sink[name + WITHOUT_OUTLIERS]`` instead of replacing it."""
 
     def fake(covariance, mean, n_samples, *, eigenvectors=False, name="spectrum", warn=True):
-        key = name if name not in sink else f"{name} without outliers"
+        key = name if name not in sink else name + WITHOUT_OUTLIERS
         sink[key] = (covariance, mean, n_samples)
         d = int(covariance.shape[0])
         return Spectrum(eigenvalues=np.zeros(d), mean=np.zeros(d), n_samples=int(n_samples),
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     eig_cache: dict[tuple[str, str], np.ndarray] = {}
     for key in ("f64", "f32"):
         accs = raw_accs[key]  # raw hooks keep no spectra without outliers: all tokens only
-        sink = {n: v for n, v in cov_sinks[key].items() if not n.endswith(" without outliers")}
+        sink = {n: v for n, v in cov_sinks[key].items() if not n.endswith(WITHOUT_OUTLIERS)}
         assert set(sink) == set(accs), "nnsight and raw hooks captured different sites"
         cov_d = max(rel_diff(sink[n][0], accs[n].covariance_) for n in sink)
         mean_d = max(rel_diff(sink[n][1], accs[n].mean_) for n in sink)
