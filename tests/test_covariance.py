@@ -392,10 +392,12 @@ def test_bf16_split_on_cuda_dense_covariance(rows):
 
 
 # ------------------------------------------------------------------ symmetric (panel) Gram
-def test_upper_gram_helpers_match_the_full_product():
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_upper_gram_helpers_match_the_full_product(onednn, monkeypatch):
     """add_upper_gram + fill_lower give xcᵀxc (float64: to round-off; float32 panels widened
-    into float64); upper_matvec is S·v of the symmetric S; low-rank updates touch the upper
-    block triangle (or all of it)."""
+    into float64, through oneDNN or torch.mm); upper_matvec is S·v of the symmetric S;
+    low-rank updates touch the upper block triangle (or all of it)."""
+    monkeypatch.setenv("NERVE_INTERP_ONEDNN", onednn)
     from nerve_interp.covariance import (
         add_upper_gram,
         add_upper_low_rank,
@@ -411,7 +413,7 @@ def test_upper_gram_helpers_match_the_full_product():
     for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
         m2 = torch.zeros(300, 300, dtype=torch.float64)
         diag = add_upper_gram(m2, xc.to(dtype))
-        assert diag.dtype == dtype
+        assert diag.dtype == torch.float64
         assert rel_err(diag.double().numpy(), full.diagonal().numpy()) < tol
         assert not m2[128:, :128].any() and not m2[256:, 128:256].any()  # nothing below
         v = torch.randn(300, generator=g, dtype=torch.float64)
