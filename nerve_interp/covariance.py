@@ -572,30 +572,31 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
 
 
 ONEDNN_ROWS = 256
-"""Rows per float32 product of :func:`add_upper_gram` through oneDNN: each sums at most this
-many rows in float32, and the products are added in float64. oneDNN's kernels sum the whole
-batch in one float32 chain (MKL's block theirs): over 2,048 rows per update that tripled the
-tail eigenvalue error of the heavy-tailed benchmark case (2.7e-4 against MKL's 9.1e-5); in
-blocks of 256 rows it is 9.2e-5 (1.9e-4 with 512, 3.7e-5 with 128, which costs 10-20% more
-time than 256)."""
+"""Rows per float32 product of :func:`add_upper_gram` through oneDNN. oneDNN's kernels sum a
+whole batch in one float32 chain, where MKL's ``sgemm`` sums blocks of rows and then adds the
+blocks' products: over 2,048 rows per update one chain tripled the tail eigenvalue error of
+the heavy-tailed benchmark case (2.7e-4 against MKL's 9.1e-5). Products of at most 256 rows,
+added in float32, gave 1.1e-4 (9.2e-5 when each was added to the float64 state instead, which
+took 1.2 ms more per update at D = 1536; 3.7e-5 with 128 rows, 10-20% slower)."""
 
 
 def _add_upper_gram_onednn(m2: torch.Tensor, xc: torch.Tensor, width: int,
                            low_rank: LowRank | None) -> torch.Tensor:
-    """:func:`add_upper_gram` of float32 CPU rows through oneDNN, in blocks of at most
-    :data:`ONEDNN_ROWS` rows each added to ``m2`` in float64; returns the float64 sum of the
-    products' diagonals."""
+    """:func:`add_upper_gram` of float32 CPU rows through oneDNN: each panel is the float32
+    sum of products of blocks of at most :data:`ONEDNN_ROWS` rows, added to ``m2`` in
+    float64; returns the panels' diagonals (float64)."""
     n, d = (int(s) for s in xc.shape)
-    diag = torch.zeros(d, dtype=torch.float64, device=xc.device)
+    diag = torch.empty(d, dtype=torch.float64, device=xc.device)
     k = -(-n // ONEDNN_ROWS)
     step = -(-n // max(1, k))  # equal blocks: no short last product
     blocks = [xc[s:s + step].T.contiguous() for s in range(0, n, step)]
     for i, j in panels(d, width):
         block = m2[i:j, i:]
-        for xct in blocks:
-            part = _onednn.rows_times_rows(xct[i:j], xct[i:])
-            diag[i:j] += part[:, :j - i].diagonal()
-            block.add_(part)
+        part = _onednn.rows_times_rows(blocks[0][i:j], blocks[0][i:])
+        for xct in blocks[1:]:  # float32 sums of block sums, as MKL's sgemm adds its own
+            part += _onednn.rows_times_rows(xct[i:j], xct[i:])
+        diag[i:j] = part[:, :j - i].diagonal()
+        block.add_(part)
         if low_rank is not None:
             block.addmm_(low_rank[0][i:j], low_rank[1][i:].T)
     return diag
