@@ -45,10 +45,12 @@ peer
     fresh process per size after a plain forward of the same batches: seconds as a ratio to
     that forward, and peak memory. SmolLM2-135M on python-docs batches of the defaults (8
     texts × 256 tokens): all 60 points at 4k, 8k and 16k tokens, layers 0-1 (4 points) at 64k
-    (every point's rows would need 24 GB). Up to 8k, ``--reps`` rounds side by side in one
-    process as well, in rotation: plain forward, each method's whole call and streaming part
-    alone, and NerVE's method with a float64 ``eigvalsh`` (ours decomposes in float64), so
-    "ours / NerVE's" is a ratio from one process. ``--quick``: TinyLM, 256 and 1024 tokens.
+    (every point's rows would need 24 GB); these children run with a fixed mmap threshold
+    (:data:`MALLOC_FOR_RSS`) so that RSS follows live memory. Up to 8k, ``--reps`` rounds side
+    by side in one more process, with glibc's default allocator (as users run), in rotation:
+    plain forward, each method's whole call and streaming part alone, and NerVE's method
+    with a float64 ``eigvalsh`` (ours decomposes in float64), so "ours / NerVE's" is a ratio
+    from one process. ``--quick``: TinyLM, 256 and 1024 tokens.
     The longest part (~25 min on 1 thread); ``--peer-tokens 4096,8192`` picks sizes.
 """
 
@@ -568,13 +570,22 @@ def _child_memory(n_tokens: int, device: str, quick: bool) -> dict:
             "points": len(list(res.items()))}
 
 
-def _child_env() -> dict[str, str]:
-    """The environment of a measuring child process: this nerve_interp first on the path and
-    a fixed mmap threshold (large blocks come from mmap and go back on free, so RSS follows
-    live memory; glibc's dynamic threshold keeps freed blocks in the heap)."""
+MALLOC_FOR_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+"""glibc settings of a child that measures memory: large blocks come from mmap and go back on
+free, so RSS follows live memory (glibc's dynamic threshold keeps freed blocks in the heap).
+They also make every large temporary a fresh mmap whose pages fault in: a plain forward of
+8.8k SmolLM2 tokens took 39 s under them against 27 s without (2 threads), and a capture
+that allocates per product 1.8x its plain forward against 1.2-1.3x. Time is therefore
+measured side by side in a child with glibc's defaults, as users run."""
+
+
+def _child_env(for_memory: bool = True) -> dict[str, str]:
+    """The environment of a measuring child process: this nerve_interp first on the path,
+    and :data:`MALLOC_FOR_RSS` when it measures memory (else glibc's defaults)."""
     root = str(Path(nerve_interp.__file__).resolve().parent.parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-            "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_FOR_RSS}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    return {**env, **(MALLOC_FOR_RSS if for_memory else {})}
 
 
 def _child_command(call: str, threads: int | None = None) -> list[str]:
@@ -806,13 +817,12 @@ def _peer_setup(n_tokens: int, layers: tuple[int, ...] | None, quick: bool
     return model, batches, reads
 
 
-def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quick: bool,
-                rounds: int = 0) -> dict:
-    """Run in a fresh process: a plain forward, then ``method`` ("ours": collect_spectra with
-    its defaults, eigendecompositions included; "nerve": :func:`nerve_analyzer_spectra`) on
-    the same batches; seconds of each and the method's peak RSS above the baseline. For
-    "ours" on every layer up to 8,192 tokens, then ``rounds`` rounds of :func:`_peer_rounds`
-    (the done-when ratios of issue 19)."""
+def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quick: bool
+                ) -> dict:
+    """Run in a fresh process (with :data:`MALLOC_FOR_RSS`): a plain forward, then ``method``
+    ("ours": collect_spectra with its defaults, eigendecompositions included; "nerve":
+    :func:`nerve_analyzer_spectra`) on the same batches; seconds of each and the method's
+    peak RSS above the baseline."""
     warnings.filterwarnings("ignore")
     model, batches, reads = _peer_setup(n_tokens, layers, quick)
     small = batches[:1]
@@ -842,9 +852,25 @@ def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quic
            "seconds": method_s, "plain_forward_s": plain_s, "x_plain": method_s / plain_s,
            "peak_above_baseline_bytes": peak, "baseline_bytes": base,
            "threads": torch.get_num_threads()}
-    if method == "ours" and layers is None and n_tokens <= 8192 and rounds:
-        row.update(_peer_rounds(model, batches, reads, run, rounds))
     return row
+
+
+def _child_peer_rounds(n_tokens: int, quick: bool, rounds: int) -> dict:
+    """Run in a fresh process with glibc's default allocator (:data:`MALLOC_FOR_RSS`):
+    ``rounds`` rounds of :func:`_peer_rounds` on every layer (the done-when ratios of
+    issue 19)."""
+    warnings.filterwarnings("ignore")
+    model, batches, reads = _peer_setup(n_tokens, None, quick)
+    layer_ids = sorted({int(name.split(".")[1]) for name, *_ in reads})
+
+    def ours(data: list[dict]) -> None:
+        collect_spectra(model, data, layers=layer_ids, progress=False)
+
+    ours(batches[:1])  # warm-up: allocator, nnsight
+    nerve_analyzer_spectra(model, batches[:1], reads)
+    plain_forward(model, batches[:1])
+    return {**_peer_rounds(model, batches, reads, ours, rounds),
+            "rounds_allocator": "glibc defaults"}
 
 
 def _peer_rounds(model: torch.nn.Module, batches: list[dict], reads: list[tuple], run: Any,
@@ -905,6 +931,12 @@ def _peer_threads(args: argparse.Namespace) -> tuple[int, ...]:
     return tuple(sorted({1, os.cpu_count() or 1}))
 
 
+def _run_child(call: str, threads: int, for_memory: bool, what: str) -> dict:
+    proc = subprocess.run(_child_command(call, threads=threads), env=_child_env(for_memory),
+                          text=True, capture_output=True, timeout=3600)
+    return _child_result(what, proc.returncode, proc.stdout, proc.stderr)
+
+
 def bench_peer(args: argparse.Namespace) -> dict:
     """Ours (``collect_spectra`` defaults) vs NerVE's analyzer method: seconds (with a plain
     forward of the same batches in the same process) and peak memory, one fresh process per
@@ -919,17 +951,21 @@ def bench_peer(args: argparse.Namespace) -> dict:
             if threads > 1 and not args.quick and n not in PEER_THREADED:
                 continue
             for method in ("ours", "nerve"):
-                call = f"_child_peer({method!r}, {n}, {layers!r}, {args.quick}, {args.reps})"
-                cmd = _child_command(call, threads=threads)
-                proc = subprocess.run(cmd, env=_child_env(), text=True, capture_output=True,
-                                      timeout=1800)
-                rows.append(_child_result(f"peer child {method} N={n} threads={threads}",
-                                          proc.returncode, proc.stdout, proc.stderr))
+                call = f"_child_peer({method!r}, {n}, {layers!r}, {args.quick})"
+                rows.append(_run_child(call, threads, True, f"peer child {method} N={n} "
+                                                             f"threads={threads}"))
+            if layers is None and n <= 8192 and args.reps:
+                call = f"_child_peer_rounds({n}, {args.quick}, {args.reps})"
+                rows[-2].update(_run_child(call, threads, False,
+                                           f"peer rounds N={n} threads={threads}"))
     return {"model": "TinyLM small, 2 layers" if args.quick else "SmolLM2-135M",
-            "how": "fresh process per method, size and thread count; seconds of the whole "
-                   "call (eigendecompositions included) over a plain forward of the same "
-                   "batches in the same process; peak RSS (VmHWM) above the RSS after loading "
-                   "and a warm-up", "rows": rows}
+            "how": "fresh process per method, size and thread count, with a fixed mmap "
+                   "threshold (MALLOC_FOR_RSS): seconds of the whole call (eigendecompositions "
+                   "included) over a plain forward of the same batches in the same process, "
+                   "peak RSS (VmHWM) above the RSS after loading and a warm-up; up to 8k "
+                   "tokens, rounds side by side in one more process with glibc's default "
+                   "allocator (the fixed threshold slows allocation-heavy code)",
+            "rows": rows}
 
 
 # ------------------------------------------------------------------ report

@@ -47,6 +47,10 @@ def test_bench_quick_runs_every_part(bench, tmp_path, capsys):
     ours = [r for r in res["peer"]["rows"] if r["method"] == "ours"]
     assert all(r["rounds"] == 1 and len(r["round_x_plain"]) == 1 and r["streaming_x_plain"] > 0
                and r["x_plain_median"] > 0 for r in ours)
+    # time under glibc's defaults, memory under the fixed mmap threshold
+    assert all(r["rounds_allocator"] == "glibc defaults" for r in ours)
+    assert set(bench.MALLOC_FOR_RSS) <= set(bench._child_env(for_memory=True))
+    assert not set(bench.MALLOC_FOR_RSS) & set(bench._child_env(for_memory=False))
     for r in ours:  # NerVE's method side by side in the same process, and ours over it
         t = r["round_seconds"]
         assert r["ours_over_nerve"] == pytest.approx(t["whole"][0] / t["nerve"][0])
