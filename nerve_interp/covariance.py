@@ -554,7 +554,7 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
     """
     d = int(xc.shape[1])
     with full_precision_matmul():
-        if xc.dtype != m2.dtype and _uses_onednn(xc):
+        if xc.dtype != m2.dtype and xc.shape[0] and _uses_onednn(xc):  # 0 rows: torch.mm
             return _add_upper_gram_onednn(m2, xc, width, low_rank)
         diag = torch.empty(d, dtype=torch.float64, device=xc.device)
         narrow = xc.dtype != m2.dtype

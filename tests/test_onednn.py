@@ -129,3 +129,12 @@ def test_a_user_allowing_bf16_products_does_not_reach_the_gram():
         mm.fp32_precision = saved
     cov.fill_lower(m2)
     assert bool(((m2 - exact).abs() <= bound).all())
+
+
+def test_no_rows_add_only_the_low_rank_term():
+    """A batch of 0 rows (which the oneDNN blocks cannot split) adds nothing but ``u vᵀ``."""
+    m2 = torch.zeros(200, 200, dtype=torch.float64)
+    u = torch.ones(200, 1, dtype=torch.float64)
+    diag = cov.add_upper_gram(m2, torch.zeros(0, 200), low_rank=(u, u))
+    cov.fill_lower(m2)
+    assert bool((m2 == 1).all()) and bool((diag == 0).all())
