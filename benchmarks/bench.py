@@ -46,12 +46,13 @@ peer
     that forward, and peak memory. SmolLM2-135M on python-docs batches of the defaults (8
     texts × 256 tokens): all 60 points at 4k, 8k and 16k tokens, layers 0-1 (4 points) at 64k
     (every point's rows would need 24 GB); these children run with a fixed mmap threshold
-    (:data:`MALLOC_FOR_RSS`) so that RSS follows live memory. Up to 8k, ``--reps`` rounds side
-    by side in one more process, with glibc's default allocator (as users run), in rotation:
-    plain forward, each method's whole call and streaming part alone, and NerVE's method
-    with a float64 ``eigvalsh`` (ours decomposes in float64), so "ours / NerVE's" is a ratio
-    from one process. ``--quick``: TinyLM, 256 and 1024 tokens.
-    The longest part (~25 min on 1 thread); ``--peer-tokens 4096,8192`` picks sizes.
+    (:data:`MALLOC_FOR_RSS`) so that RSS follows live memory. At every size, ``--reps``
+    rounds side by side in one more process, with glibc's default allocator (as users run),
+    in rotation: plain forward (not at 64k, where both methods stop after layer 1), each
+    method's whole call and streaming part alone, and NerVE's method with a float64
+    ``eigvalsh`` (ours decomposes in float64), so "ours / NerVE's" is a ratio from one
+    process. ``--quick``: TinyLM, 256 and 1024 tokens.
+    The longest part (~2 h with ``--reps 2``); ``--peer-tokens 4096,8192`` picks sizes.
 """
 
 from __future__ import annotations
@@ -817,6 +818,17 @@ def _peer_setup(n_tokens: int, layers: tuple[int, ...] | None, quick: bool
     return model, batches, reads
 
 
+def _ours(model: torch.nn.Module, reads: list[tuple]) -> Any:
+    """``collect_spectra`` with its defaults on the layers of ``reads``, as a function of the
+    batches (eigendecompositions included, no progress bar)."""
+    layer_ids = sorted({int(name.split(".")[1]) for name, *_ in reads})
+
+    def ours(data: list[dict]) -> None:
+        collect_spectra(model, data, layers=layer_ids, progress=False)
+
+    return ours
+
+
 def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quick: bool
                 ) -> dict:
     """Run in a fresh process (with :data:`MALLOC_FOR_RSS`): a plain forward, then ``method``
@@ -826,15 +838,11 @@ def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quic
     warnings.filterwarnings("ignore")
     model, batches, reads = _peer_setup(n_tokens, layers, quick)
     small = batches[:1]
-    layer_ids = sorted({int(name.split(".")[1]) for name, *_ in reads})
-
-    def ours(data: list[dict]) -> None:
-        collect_spectra(model, data, layers=layer_ids, progress=False)
 
     def nerve(data: list[dict]) -> None:
         nerve_analyzer_spectra(model, data, reads)
 
-    run = {"ours": ours, "nerve": nerve}[method]
+    run = {"ours": _ours(model, reads), "nerve": nerve}[method]
     run(small)  # warm-up: allocator, nnsight
     plain_s = float("nan")  # with a subset of layers both methods stop early: no ratio
     if layers is None:
@@ -855,32 +863,30 @@ def _child_peer(method: str, n_tokens: int, layers: tuple[int, ...] | None, quic
     return row
 
 
-def _child_peer_rounds(n_tokens: int, quick: bool, rounds: int) -> dict:
-    """Run in a fresh process with glibc's default allocator (:data:`MALLOC_FOR_RSS`):
-    ``rounds`` rounds of :func:`_peer_rounds` on every layer (the done-when ratios of
-    issue 19)."""
+def _child_peer_rounds(n_tokens: int, layers: tuple[int, ...] | None, quick: bool,
+                       rounds: int) -> dict:
+    """Run in a fresh process with glibc's default allocator (no :data:`MALLOC_FOR_RSS`):
+    ``rounds`` rounds of :func:`_peer_rounds` (the done-when ratios of issue 19). With a
+    subset of ``layers`` both methods stop after the last one, so the rounds have no plain
+    forward and give only ours over NerVE's."""
     warnings.filterwarnings("ignore")
-    model, batches, reads = _peer_setup(n_tokens, None, quick)
-    layer_ids = sorted({int(name.split(".")[1]) for name, *_ in reads})
-
-    def ours(data: list[dict]) -> None:
-        collect_spectra(model, data, layers=layer_ids, progress=False)
-
+    model, batches, reads = _peer_setup(n_tokens, layers, quick)
+    ours = _ours(model, reads)
     ours(batches[:1])  # warm-up: allocator, nnsight
     nerve_analyzer_spectra(model, batches[:1], reads)
     plain_forward(model, batches[:1])
-    return {**_peer_rounds(model, batches, reads, ours, rounds),
+    return {**_peer_rounds(model, batches, reads, ours, rounds, plain=layers is None),
             "rounds_allocator": "glibc defaults"}
 
 
 def _peer_rounds(model: torch.nn.Module, batches: list[dict], reads: list[tuple], run: Any,
-                 rounds: int) -> dict[str, Any]:
+                 rounds: int, plain: bool = True) -> dict[str, Any]:
     """``rounds`` rounds, side by side in one process with the order rotated every round, of
-    a plain forward and of each method's whole call and streaming part alone (ours with the
-    eigendecompositions discarded, NerVE's method with none), and NerVE's method with a
-    float64 decomposition; each round's ratios to its own plain forward and ours over
-    NerVE's, and their medians. (Ratios across processes are not comparable on a noisy
-    machine: its plain forward varied 15-50% between processes.)"""
+    a plain forward (unless ``plain=False``) and of each method's whole call and streaming
+    part alone (ours with the eigendecompositions discarded, NerVE's method with none), and
+    NerVE's method with a float64 decomposition; each round's ratios to its own plain
+    forward and ours over NerVE's, and their medians. (Ratios across processes are not
+    comparable on a noisy machine: its plain forward varied 15-50% between processes.)"""
     def streaming() -> None:
         with discard_eigh():
             run(batches)
@@ -888,30 +894,33 @@ def _peer_rounds(model: torch.nn.Module, batches: list[dict], reads: list[tuple]
     def nerve(eig: str) -> Any:
         return lambda: nerve_analyzer_spectra(model, batches, reads, eigvalsh=eig)
 
-    t = _time_round_robin({"plain": lambda: plain_forward(model, batches),
-                           "whole": lambda: run(batches), "streaming": streaming,
+    variants = {"plain": lambda: plain_forward(model, batches)} if plain else {}
+    t = _time_round_robin({**variants, "whole": lambda: run(batches), "streaming": streaming,
                            "nerve": nerve("fp32"), "nerve_streaming": nerve("none"),
                            "nerve_fp64": nerve("fp64")},
                           rounds, torch.device("cpu"), warm_up=False)
 
-    def ratios(a: str, b: str = "plain") -> list[float]:
+    def ratios(a: str, b: str) -> list[float]:
         return [x / y for x, y in zip(t[a], t[b], strict=True)]
 
-    whole, stream = ratios("whole"), ratios("streaming")
-    row = {"rounds": rounds, "round_x_plain": whole, "round_streaming_x_plain": stream,
-           "x_plain_median": statistics.median(whole),
-           "streaming_x_plain": statistics.median(stream),
-           "round_seconds": t, "round_load_avg": round(os.getloadavg()[0], 2)}
-    for key, (a, b) in {"nerve_x_plain": ("nerve", "plain"),
-                        "nerve_streaming_x_plain": ("nerve_streaming", "plain"),
-                        "nerve_fp64_x_plain": ("nerve_fp64", "plain"),
-                        "ours_over_nerve": ("whole", "nerve"),
-                        "ours_over_nerve_fp64": ("whole", "nerve_fp64"),
-                        "streaming_over_nerve_streaming": ("streaming", "nerve_streaming")
-                        }.items():
-        row[f"round_{key}"] = ratios(a, b)
-        row[key] = statistics.median(row[f"round_{key}"])
+    row = {"rounds": rounds, "round_seconds": t, "round_load_avg": round(os.getloadavg()[0], 2)}
+    pairs = {"ours_over_nerve": ("whole", "nerve"),
+             "ours_over_nerve_fp64": ("whole", "nerve_fp64"),
+             "streaming_over_nerve_streaming": ("streaming", "nerve_streaming")}
+    if plain:
+        pairs = {"x_plain_median": ("whole", "plain"), "streaming_x_plain": ("streaming", "plain"),
+                 "nerve_x_plain": ("nerve", "plain"),
+                 "nerve_streaming_x_plain": ("nerve_streaming", "plain"),
+                 "nerve_fp64_x_plain": ("nerve_fp64", "plain"), **pairs}
+    for key, (a, b) in pairs.items():
+        row[ROUNDS_KEY.get(key, "round_" + key)] = ratios(a, b)
+        row[key] = statistics.median(row[ROUNDS_KEY.get(key, "round_" + key)])
     return row
+
+
+ROUNDS_KEY = {"x_plain_median": "round_x_plain", "streaming_x_plain": "round_streaming_x_plain"}
+"""The key of each round's ratios where it is not ``"round_" + key`` of the median (names
+kept from the first version of the table)."""
 
 
 PEER_CASES = ((4096, None), (8192, None), (16384, None), (65536, (0, 1)))
@@ -950,20 +959,21 @@ def bench_peer(args: argparse.Namespace) -> dict:
         for n, layers in cases:
             if threads > 1 and not args.quick and n not in PEER_THREADED:
                 continue
-            for method in ("ours", "nerve"):
-                call = f"_child_peer({method!r}, {n}, {layers!r}, {args.quick})"
-                rows.append(_run_child(call, threads, True, f"peer child {method} N={n} "
-                                                             f"threads={threads}"))
-            if layers is None and n <= 8192 and args.reps:
-                call = f"_child_peer_rounds({n}, {args.quick}, {args.reps})"
-                rows[-2].update(_run_child(call, threads, False,
-                                           f"peer rounds N={n} threads={threads}"))
+            pair = {method: _run_child(f"_child_peer({method!r}, {n}, {layers!r}, {args.quick})",
+                                       threads, True, f"peer child {method} N={n} "
+                                                      f"threads={threads}")
+                    for method in ("ours", "nerve")}
+            if args.reps:
+                call = f"_child_peer_rounds({n}, {layers!r}, {args.quick}, {args.reps})"
+                pair["ours"].update(_run_child(call, threads, False,
+                                               f"peer rounds N={n} threads={threads}"))
+            rows += [pair["ours"], pair["nerve"]]
     return {"model": "TinyLM small, 2 layers" if args.quick else "SmolLM2-135M",
             "how": "fresh process per method, size and thread count, with a fixed mmap "
                    "threshold (MALLOC_FOR_RSS): seconds of the whole call (eigendecompositions "
                    "included) over a plain forward of the same batches in the same process, "
-                   "peak RSS (VmHWM) above the RSS after loading and a warm-up; up to 8k "
-                   "tokens, rounds side by side in one more process with glibc's default "
+                   "peak RSS (VmHWM) above the RSS after loading and a warm-up; at every "
+                   "size, rounds side by side in one more process with glibc's default "
                    "allocator (the fixed threshold slows allocation-heavy code)",
             "rows": rows}
 
@@ -986,10 +996,10 @@ def _print_peer_rounds(r: dict) -> None:
                        ("ours / NerVE's method with float64 eigvalsh", "ours_over_nerve_fp64"),
                        ("ours / NerVE's method, streaming alone",
                         "streaming_over_nerve_streaming")):
-        rounds_key = {"x_plain_median": "round_x_plain",
-                      "streaming_x_plain": "round_streaming_x_plain"}.get(key, "round_" + key)
-        print(f"{'':11}{label:<46}{r[key]:.2f} ("
-              + ", ".join(f"{x:.2f}" for x in r[rounds_key]) + ")")
+        if key in r:  # no plain forward in the rounds of a subset of layers
+            print(f"{'':11}{label:<46}{r[key]:.2f} ("
+                  + ", ".join(f"{x:.2f}" for x in r[ROUNDS_KEY.get(key, "round_" + key)])
+                  + ")")
 
 
 def print_report(res: dict) -> None:

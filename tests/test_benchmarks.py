@@ -91,3 +91,19 @@ def test_peer_method_measures_the_same_spectra(bench):
     assert bench.nerve_analyzer_spectra(model, batches, reads, eigvalsh="none") == {}
     with pytest.raises(ValueError, match="eigvalsh must be"):
         bench.nerve_analyzer_spectra(model, batches, reads, eigvalsh="bf16")
+
+
+def test_peer_rounds_of_a_layer_subset_have_no_plain_forward(bench):
+    """At 64k the methods read layers 0-1 only and stop there: a plain forward through every
+    layer is no reference, so those rounds time the methods against each other only."""
+    r = bench._child_peer_rounds(300, (0,), True, 2)
+    t = r["round_seconds"]
+    assert "plain" not in t and set(t) == {"whole", "streaming", "nerve", "nerve_streaming",
+                                           "nerve_fp64"}
+    assert all(len(v) == 2 for v in t.values())
+    assert not any("plain" in k for k in r)
+    assert r["round_ours_over_nerve"] == pytest.approx(
+        [w / n for w, n in zip(t["whole"], t["nerve"], strict=True)])
+    assert r["ours_over_nerve"] == pytest.approx(
+        sorted(r["round_ours_over_nerve"])[0] / 2 + sorted(r["round_ours_over_nerve"])[1] / 2)
+    bench._print_peer_rounds(r)  # prints the ratios it has, no KeyError
