@@ -80,10 +80,11 @@ def test_a_probe_that_gets_a_wrong_product_turns_it_off(monkeypatch, fresh_probe
 
 @needs_onednn
 def test_each_float32_sum_has_at_most_onednn_rows_rows(monkeypatch):
-    """add_upper_gram multiplies blocks of at most ONEDNN_ROWS rows (equal ones) and adds
-    their products in float32: each entry is a float32 sum of 250 + 3 terms, so within
-    γ_253 (one chain over the 1,000 rows may be off by up to γ_1000); every panel sees
-    every row once."""
+    """add_upper_gram multiplies blocks of exactly ONEDNN_ROWS rows (the last padded with
+    zeros, so every product has one shape and oneDNN caches one primitive per panel, not
+    one per batch size) and adds their products in float32: each entry is a float32 sum of
+    ONEDNN_ROWS + 3 terms, so within γ_(ONEDNN_ROWS+3) (one chain over the 1,000 rows may be
+    off by up to γ_1000); every panel sees every row once."""
     calls: list[tuple[int, int, int]] = []
     real = _onednn.rows_times_rows
 
@@ -98,11 +99,12 @@ def test_each_float32_sum_has_at_most_onednn_rows_rows(monkeypatch):
     m2 = torch.zeros(d, d, dtype=torch.float64)
     diag = cov.add_upper_gram(m2, xc)
     rows = [k for *_, k in calls]
-    assert set(rows) == {250}  # 4 equal blocks of at most ONEDNN_ROWS
-    assert sum(rows) == n * len(cov.panels(d))
+    blocks = -(-n // cov.ONEDNN_ROWS)
+    assert set(rows) == {cov.ONEDNN_ROWS}  # one shape whatever n
+    assert len(rows) == blocks * len(cov.panels(d))
     cov.fill_lower(m2)
     exact = xc.double().T @ xc.double()
-    bound = gamma(250 + 3) * (xc.double().abs().T @ xc.double().abs())
+    bound = gamma(cov.ONEDNN_ROWS + 3) * (xc.double().abs().T @ xc.double().abs())
     assert bool(((m2 - exact).abs() <= bound).all())
     assert float((diag - exact.diagonal()).abs().max()) <= float(bound.diagonal().max())
 
