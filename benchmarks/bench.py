@@ -879,6 +879,13 @@ def _child_peer_rounds(n_tokens: int, layers: tuple[int, ...] | None, quick: boo
             "rounds_allocator": "glibc defaults"}
 
 
+def _round_key(key: str) -> str:
+    """The key of each round's ratios behind the median under ``key``: ``"round_" + key``,
+    except for the two names kept from the first version of the table."""
+    return {"x_plain_median": "round_x_plain",
+            "streaming_x_plain": "round_streaming_x_plain"}.get(key, "round_" + key)
+
+
 def _peer_rounds(model: torch.nn.Module, batches: list[dict], reads: list[tuple], run: Any,
                  rounds: int, plain: bool = True) -> dict[str, Any]:
     """``rounds`` rounds, side by side in one process with the order rotated every round, of
@@ -913,14 +920,9 @@ def _peer_rounds(model: torch.nn.Module, batches: list[dict], reads: list[tuple]
                  "nerve_streaming_x_plain": ("nerve_streaming", "plain"),
                  "nerve_fp64_x_plain": ("nerve_fp64", "plain"), **pairs}
     for key, (a, b) in pairs.items():
-        row[ROUNDS_KEY.get(key, "round_" + key)] = ratios(a, b)
-        row[key] = statistics.median(row[ROUNDS_KEY.get(key, "round_" + key)])
+        row[_round_key(key)] = ratios(a, b)
+        row[key] = statistics.median(row[_round_key(key)])
     return row
-
-
-ROUNDS_KEY = {"x_plain_median": "round_x_plain", "streaming_x_plain": "round_streaming_x_plain"}
-"""The key of each round's ratios where it is not ``"round_" + key`` of the median (names
-kept from the first version of the table)."""
 
 
 PEER_CASES = ((4096, None), (8192, None), (16384, None), (65536, (0, 1)))
@@ -998,7 +1000,7 @@ def _print_peer_rounds(r: dict) -> None:
                         "streaming_over_nerve_streaming")):
         if key in r:  # no plain forward in the rounds of a subset of layers
             print(f"{'':11}{label:<46}{r[key]:.2f} ("
-                  + ", ".join(f"{x:.2f}" for x in r[ROUNDS_KEY.get(key, "round_" + key)])
+                  + ", ".join(f"{x:.2f}" for x in r[_round_key(key)])
                   + ")")
 
 
