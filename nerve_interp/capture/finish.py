@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .._inflight import map_in_flight
 from .._progress import tqdm
 from .._warnings import user_stacklevel
 from ..diagnostics import TOKEN_META, decode_tokens, remove_rows, warn_outliers
@@ -30,22 +31,32 @@ def finish(p: Pipeline, state: RunState, sites: Sequence[FFNSite], n_layers: int
     p.selector.check_counted(state.n_tokens, state.tally, p.model)
     if p.shard.is_main:
         p.selector.warn(state.tally)
-    spectra, joint = {}, {}
-    for sink in tqdm(p.sinks.points, desc="eigendecompositions", unit="point",
-                     disable=not p.opts.progress or not p.shard.is_main, leave=False,
-                     dynamic_ncols=True):
+    points = p.sinks.points
+    for sink in points:
         sink.merge_groups()
+        if sink.acc.n_samples_seen_ < 2:
+            raise CaptureError(f"{sink.acc.name} saw {sink.acc.n_samples_seen_} token(s); "
+                               "need >= 2.")
+
+    def decompose(sink: Any) -> Any:  # one point's own state only: runs in a worker
         acc = sink.acc
-        if acc.n_samples_seen_ < 2:
-            raise CaptureError(f"{acc.name} saw {acc.n_samples_seen_} token(s); need >= 2.")
-        spectra[sink.key] = spectrum_from_covariance(
-            acc.covariance_, acc.mean_, acc.n_samples_seen_, eigenvectors=p.opts.eigenvectors,
-            name=acc.name, warn=False)
+        spec = spectrum_from_covariance(acc.covariance_, acc.mean_, acc.n_samples_seen_,
+                                        eigenvectors=p.opts.eigenvectors, name=acc.name,
+                                        warn=False)
         if sink.moments is not None and sink.moments.n_samples_seen_ == acc.n_samples_seen_:
-            spectra[sink.key].fourth_moment = sink.moments.fourth_
+            spec.fourth_moment = sink.moments.fourth_
+        return spec
+
+    bar = dict(unit="point", disable=not p.opts.progress or not p.shard.is_main, leave=False,
+               dynamic_ncols=True)
+    spectra = {sink.key: spec for sink, spec in zip(points, tqdm(
+        map_in_flight(decompose, points), total=len(points), desc="eigendecompositions",
+        **bar), strict=True)}
+    joint = {}
+    for sink in points:
         if sink.groups is not None:  # K leave-one-out + convergence spectra, then free K·D²
             spectra[sink.key].groups = sink.groups.spectra(
-                acc, sink.moments, **({} if p.opts.convergence else {"orders": 0}))
+                sink.acc, sink.moments, **({} if p.opts.convergence else {"orders": 0}))
             sink.groups = None
         joint.update(_joint(p, sink, sites))
     # round-off of the per-batch scatter sets how negative an eigenvalue may come out:
@@ -121,27 +132,35 @@ def token_diagnostics(p: Pipeline, tokenizer: Any) -> tuple[dict, dict]:
     outlier tokens (``TokenDiagnostics.outlier_mask``)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(p.wrapper, "tokenizer", None)
     out = p.opts.outliers
-    diags, free = {}, {}
+    diags, flagged = {}, []
     for sink in tqdm(p.sinks.points, desc="token diagnostics", unit="point", leave=False,
                      disable=not p.opts.progress or not p.shard.is_main, dynamic_ncols=True):
         acc, st = sink.acc, sink.tokens
         if st.n_samples_seen_ == 0:
             continue
-        m2 = acc.scatter_
-        d = st.finish(acc.mean_, float(torch.diagonal(m2).sum()),
+        d = st.finish(acc.mean_, float(torch.diagonal(acc.scatter_).sum()),
                       outlier_fraction=out.fraction, outlier_threshold=out.threshold)
         d.top_tokens = decode_tokens(d.top_meta[:, TOKEN_META.index("token_id")], tokenizer)
         diags[sink.key] = d
         if d.outlier_flag and acc.n_samples_seen_ - d.n_outliers >= 2:
-            mask = torch.from_numpy(d.outlier_mask).to(st.top_vectors_.device)
-            n_a, mean_a, m2_a = remove_rows(acc.n_samples_seen_, acc.mean_, m2,
-                                            st.top_vectors_[mask])
-            free[sink.key] = spectrum_from_covariance(
-                m2_a / (n_a - 1), mean_a, n_a, eigenvectors=p.opts.eigenvectors,
-                name=acc.name, warn=False)
-            if sink.moments is not None and sink.moments.n_samples_seen_ == acc.n_samples_seen_:
-                free[sink.key].fourth_moment = sink.moments.without(
-                    st.top_vectors_[mask], mean_a, m2_a)
+            flagged.append(sink)
+
+    def without_outliers(sink: Any) -> Any:  # one point's own state only: runs in a worker
+        acc, st, d = sink.acc, sink.tokens, diags[sink.key]
+        mask = torch.from_numpy(d.outlier_mask).to(st.top_vectors_.device)
+        n_a, mean_a, m2_a = remove_rows(acc.n_samples_seen_, acc.mean_, acc.scatter_,
+                                        st.top_vectors_[mask])
+        spec = spectrum_from_covariance(m2_a / (n_a - 1), mean_a, n_a,
+                                        eigenvectors=p.opts.eigenvectors, name=acc.name,
+                                        warn=False)
+        if sink.moments is not None and sink.moments.n_samples_seen_ == acc.n_samples_seen_:
+            spec.fourth_moment = sink.moments.without(st.top_vectors_[mask], mean_a, m2_a)
+        return spec
+
+    free = dict(zip([s.key for s in flagged], tqdm(
+        map_in_flight(without_outliers, flagged), total=len(flagged),
+        desc="spectra without outliers", unit="point", leave=False, dynamic_ncols=True,
+        disable=not p.opts.progress or not p.shard.is_main or not flagged), strict=True))
     return diags, free
 
 
