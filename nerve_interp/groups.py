@@ -24,11 +24,12 @@ they are formed.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ._inflight import map_in_flight
 from .covariance import CovarianceAccumulator
 from .errors import CaptureError
 from .jackknife import convergence_grid
@@ -144,33 +145,47 @@ class GroupStats:
     def spectra(self, total: CovarianceAccumulator, total_moments: NormMoments | None, *,
                 seed: int = 0, orders: int = CONVERGENCE_ORDERS) -> GroupSpectra:
         """The leave-one-group-out and convergence spectra (eigenvalues only)."""
-        loo, loo_a = [], []
-        # the total's (A, v) around its own mean, formed once for all K groups
+        # the total's (A, v) around its own mean, formed once for all K groups; its M2
+        # completed here, so the workers below only read the total
         av = (total_moments.recentred(total.mean_, total.scatter_)
               if total_moments is not None else None)
-        for g in range(self.k):
+        total.scatter_  # noqa: B018
+
+        def leave_out(g: int) -> tuple[np.ndarray, float | None]:  # runs in a worker
             n_r, mean_r, m2_r = remove_group(total, self.accs[g])
-            loo.append(_eigenvalues(m2_r, n_r))
-            if total_moments is not None:
-                loo_a.append(_fourth_without(total, av, self.accs[g], self.moments[g],
-                                             mean_r, m2_r, n_r))
+            fourth = (None if total_moments is None else _fourth_without(
+                total, av, self.accs[g], self.moments[g], mean_r, m2_r, n_r))
+            return _eigenvalues(m2_r, n_r), fourth
+
+        loo, loo_a = [], []
+        for vals, fourth in map_in_flight(leave_out, range(self.k)):
+            loo.append(vals)
+            if fourth is not None:
+                loo_a.append(fourth)
         grid = [k for k in convergence_grid(self.k) if k < self.k]
         rng = np.random.default_rng(seed)
         conv_n = np.zeros((orders, len(grid)), dtype=np.int64)
         conv = np.zeros((orders, len(grid), total.dim), dtype=np.float64)
         conv_a = np.zeros((orders, len(grid))) if total_moments is not None else None
-        for r in range(orders):
-            perm = rng.permutation(self.k)
-            cum = CovarianceAccumulator(self.name)
-            for j, g in enumerate(perm, start=1):
-                cum.merge(self.accs[g])
-                if j in grid:
-                    p = grid.index(j)
-                    conv_n[r, p] = cum.n_samples_seen_
-                    conv[r, p] = _eigenvalues(cum.scatter_, cum.n_samples_seen_)
-                    if conv_a is not None:
-                        pairs = [self.pairs()[h] for h in perm[:j]]
-                        conv_a[r, p] = merge_pairs(pairs, self.name)[1].fourth_
+
+        def snapshots() -> Iterator[tuple[tuple[int, int], torch.Tensor, int]]:
+            for r in range(orders):
+                perm = rng.permutation(self.k)
+                cum = CovarianceAccumulator(self.name)
+                for j, g in enumerate(perm, start=1):
+                    cum.merge(self.accs[g])
+                    if j in grid:
+                        p = grid.index(j)
+                        conv_n[r, p] = cum.n_samples_seen_
+                        if conv_a is not None:
+                            pairs = [self.pairs()[h] for h in perm[:j]]
+                            conv_a[r, p] = merge_pairs(pairs, self.name)[1].fourth_
+                        # a copy: the next merge changes cum's M2 while a worker reads this
+                        yield (r, p), cum.scatter_.clone(), cum.n_samples_seen_
+
+        for (r, p), vals in map_in_flight(lambda s: (s[0], _eigenvalues(s[1], s[2])),
+                                          snapshots()):
+            conv[r, p] = vals
         return GroupSpectra(
             n=np.array([a.n_samples_seen_ for a in self.accs], dtype=np.int64),
             loo_eigenvalues=np.stack(loo), loo_fourth=np.array(loo_a) if loo_a else None,

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny, random_batch
+from test_diagnostics import lookup_data
 
 import nerve_interp as ni
 from nerve_interp._inflight import ENV, default_workers, map_in_flight
 from nerve_interp.errors import OutlierTokenWarning
-from tests.test_diagnostics import lookup_data
 
 
 @pytest.fixture
@@ -130,3 +132,24 @@ def test_a_capture_finishes_the_same_with_one_or_two_workers(monkeypatch, two_th
             assert s1.n_samples == s2.n_samples
     assert len(dict(two.without_outliers().items())) >= 1
     assert torch.get_num_threads() == 2 and _threads_seen_by_a_new_thread() == 2
+
+
+def test_group_spectra_are_the_same_with_one_or_two_workers(monkeypatch, two_threads):
+    """The K leave-one-group-out and the convergence spectra (and their fourth moments),
+    decomposed in flight: the same as one at a time, in the same places."""
+    model = make_tiny("llama")
+    batches = [random_batch(seed=s) for s in range(4)]
+    runs = {}
+    for workers in ("1", "2"):
+        monkeypatch.setenv(ENV, workers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few tokens per dimension: not the point here
+            runs[workers] = ni.collect_spectra(model, batches, n_groups=4, progress=False)
+    for key, s1 in runs["1"].items():
+        g1, g2 = s1.groups, runs["2"].spectrum(*key).groups
+        scale = float(s1.eigenvalues[0])
+        for name in ("loo_eigenvalues", "conv_eigenvalues"):
+            a, b = getattr(g1, name), getattr(g2, name)
+            assert a.shape == b.shape and np.max(np.abs(a - b)) <= 1e-12 * scale, (key, name)
+        for name in ("loo_fourth", "conv_fourth", "conv_n", "n"):
+            np.testing.assert_allclose(getattr(g2, name), getattr(g1, name), rtol=1e-12)
