@@ -34,11 +34,11 @@ ENV = "NERVE_INTERP_EIGH_WORKERS"
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["ENV", "default_workers", "map_in_flight"]
+__all__ = ["ENV", "default_workers", "env_workers", "map_in_flight"]
 
 
-def default_workers() -> int:
-    """``NERVE_INTERP_EIGH_WORKERS`` when set, else 2 where torch has >= 2 threads, else 1.
+def env_workers() -> int | None:
+    """``NERVE_INTERP_EIGH_WORKERS`` as an int, or None when unset.
 
     Raises
     ------
@@ -46,14 +46,22 @@ def default_workers() -> int:
         The environment variable is not a positive integer.
     """
     raw = os.environ.get(ENV, "").strip()
-    if raw:
-        try:
-            n = int(raw)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"{ENV}={raw!r} must be a positive integer (1: one "
-                             "eigendecomposition at a time); unset it for the default.")
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{ENV}={raw!r} must be a positive integer (1: one "
+                         "eigendecomposition at a time); unset it for the default.")
+    return n
+
+
+def default_workers() -> int:
+    """``NERVE_INTERP_EIGH_WORKERS`` when set, else 2 where torch has >= 2 threads, else 1."""
+    n = env_workers()
+    if n is not None:
         return n
     return 2 if torch.get_num_threads() >= 2 else 1
 

@@ -13,8 +13,12 @@ What is counted (bytes, ``D`` the width of a point, ``N`` rows per batch)::
       fp32        N·D·(a + 4) + 4·D²       rows + float32 copy; Gram
       bf16-split  N·D·(a + 8 [+ 8]) + 12·D²  rows + fp32 d + bf16 hi, lo [+ fp32 widening
                                              off CUDA]; Gram, cross term and one product
-    finalize    8·D² on CUDA (covariance handed to the host eigh), 32·D² on CPU
-                (covariance, symmetrised copy, eigh workspace)
+    finalize    W decompositions in flight (W = 2, or NERVE_INTERP_EIGH_WORKERS;
+                :mod:`nerve_interp._inflight`), each 8·D² on CUDA (covariance handed to
+                the host eigh) or 24·D² on CPU (covariance, torch's copy for LAPACK, its
+                workspace; 19-21·D² measured, 40-45·D² for two in flight)
+      groups      16·D² + W·32·D² (the merged total and a running merge; per decomposition
+                  its leave-one-group-out or convergence scatter as well)
 
 The model's weights and the forward's own activations are *not* counted: on CUDA the default
 budget is the free memory after the model was loaded (``torch.cuda.mem_get_info``), times
@@ -48,6 +52,18 @@ AUTO_FRACTION = {"cuda": 0.9, "cpu": 0.5}
 
 _ROW_WORK = {"fp64": 8, "fp32": 4, "bf16-split": 8}   # bytes per activation value, per update
 _GRAM_WORK = {"fp64": 8, "fp32": 4, "bf16-split": 12}  # bytes per D² entry, per update
+FINISH_BYTES = 24
+"""Bytes per D² entry of one float64 eigendecomposition on the CPU (the covariance, torch's
+copy for LAPACK, its workspace): 19-21 measured at D = 3072."""
+
+
+def finish_workers() -> int:
+    """Decompositions in flight that the plan leaves room for: ``NERVE_INTERP_EIGH_WORKERS``
+    when set, else 2 (the most the default runs; :mod:`nerve_interp._inflight`)."""
+    from ._inflight import env_workers
+
+    n = env_workers()
+    return 2 if n is None else n
 
 
 def _concrete(precision: str, device_type: str) -> str:
@@ -98,7 +114,7 @@ def workspace_bytes(dim: int, tokens_per_batch: int, precision: str = "fp64", *,
     p = _concrete(precision, dev)
     row = activation_bytes + _ROW_WORK[p] + (8 if p == "bf16-split" and dev != "cuda" else 0)
     update = tokens_per_batch * dim * row + _GRAM_WORK[p] * dim * dim
-    finalize = (8 if dev == "cuda" else 32) * dim * dim
+    finalize = finish_workers() * (8 if dev == "cuda" else FINISH_BYTES) * dim * dim
     return max(update, finalize)
 
 
@@ -253,8 +269,9 @@ def plan_capture(
         Report the host memory of eigenvectors kept for ablations.
     n_groups : int, optional
         Per-group statistics (``collect_spectra(n_groups=K)``): K accumulators per point
-        (K·(8·D + 8·D²) of state), and three more D×D float64 matrices while a point is
-        finished (the merged total, a leave-one-group-out scatter, a running merge).
+        (K·(8·D + 8·D²) of state), and while a point is finished the merged total, a running
+        merge and, per decomposition in flight, a leave-one-group-out or convergence scatter
+        (see the module's table).
 
     Returns
     -------
@@ -280,7 +297,7 @@ def plan_capture(
     k_groups = 1 if n_groups is None else int(n_groups)
 
     def work(d: int) -> int:
-        finish = 24 * d * d if k_groups > 1 else 0
+        finish = (16 + finish_workers() * (8 + FINISH_BYTES)) * d * d if k_groups > 1 else 0
         return max(finish, workspace_bytes(d, tokens_per_batch, prec,
                                            activation_bytes=activation_bytes, device=dev))
 
