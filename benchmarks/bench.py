@@ -28,7 +28,9 @@ accuracy
     eigenvalue error (worst in the decile), negative eigenvalues, and time per update
     relative to fp32.
 eigh
-    ``spectrum_from_covariance`` (float64 eigvalsh on the host) time vs D.
+    ``spectrum_from_covariance`` (float64 eigvalsh on the host) time vs D, through numpy's
+    LAPACK (OpenBLAS, the default) and torch's (MKL) side by side, one at a time and two in
+    flight: which is faster on this machine (``NERVE_INTERP_LAPACK`` picks).
 directions
     The second pass of ``explain_directions`` (``run_pass``: read one ``post`` point, project
     onto d directions, heaps and per-token sums; O(N·D·d)) as a ratio to a plain forward of
@@ -81,6 +83,8 @@ from capture_throughput import module_and_io, plain_forward, raw_hook_capture  #
 import nerve_interp  # noqa: E402
 import nerve_interp.capture.finish as capture_mod  # noqa: E402
 import nerve_interp.groups as groups_mod  # noqa: E402
+from nerve_interp import _lapack  # noqa: E402
+from nerve_interp._inflight import map_in_flight  # noqa: E402
 from nerve_interp.capture import collect_spectra  # noqa: E402
 from nerve_interp.covariance import (  # noqa: E402
     CovarianceAccumulator,
@@ -463,24 +467,52 @@ def bench_accuracy(args: argparse.Namespace) -> list[dict]:
 
 
 # ------------------------------------------------------------------ (c) eigh vs D
+def _eigvalsh_with(lapack: str, covs: list[torch.Tensor], workers: int) -> float:
+    """Seconds per covariance of ``spectrum_from_covariance`` over ``covs`` through ``lapack``'s
+    LAPACK (:mod:`nerve_interp._lapack`), ``workers`` at a time."""
+    before = os.environ.get(_lapack.ENV)
+    os.environ[_lapack.ENV] = lapack
+    try:
+        t0 = time.perf_counter()
+        for _ in map_in_flight(lambda c: spectrum_from_covariance(
+                c, np.zeros(c.shape[0]), 10 * c.shape[0], warn=False), covs, workers=workers):
+            pass
+        return (time.perf_counter() - t0) / len(covs)
+    finally:
+        if before is None:
+            os.environ.pop(_lapack.ENV)
+        else:
+            os.environ[_lapack.ENV] = before
+
+
 def bench_eigh(args: argparse.Namespace) -> dict:
-    dims = (32, 64, 128) if args.quick else (256, 512, 1024, 2048, 4096)
+    """Seconds per float64 eigvalsh vs D through each LAPACK (numpy's OpenBLAS, torch's MKL),
+    one at a time on every thread and (with >= 2 threads) two in flight, the variants
+    alternated in rounds; ``numpy_over_torch`` < 1: numpy's is faster here."""
+    dims = (32, 64, 128) if args.quick else (256, 512, 1024, 1536, 2048, 4096)
     rng = np.random.default_rng(0)
+    workers = (1, 2) if torch.get_num_threads() >= 2 else (1,)
     rows = []
     for d in dims:
         a = rng.standard_normal((d, d + 8))
-        cov = torch.from_numpy(a @ a.T / (d + 8))
-        ts = []
+        covs = [torch.from_numpy(a @ a.T / (d + 8))] * (2 if d >= 2048 else 4)
+        t: dict[tuple[str, int], list[float]] = {}
         for _ in range(1 if d >= 2048 else args.reps):
-            t0 = time.perf_counter()
-            spectrum_from_covariance(cov, np.zeros(d), 10 * d, warn=False)
-            ts.append(time.perf_counter() - t0)
-        rows.append({"D": d, "eigvalsh_s": statistics.median(ts)})
+            for key in ((lp, w) for w in workers for lp in _lapack.BACKENDS):
+                t.setdefault(key, []).append(_eigvalsh_with(key[0], covs, key[1]))
+        med = {k: statistics.median(v) for k, v in t.items()}
+        row = {"D": d, "eigvalsh_s": med[(_lapack.backend(d), 1)], "auto": _lapack.backend(d)}
+        for w in workers:
+            row |= {f"{lp}_w{w}_s": med[(lp, w)] for lp in _lapack.BACKENDS}
+            row[f"numpy_over_torch_w{w}"] = med[("numpy", w)] / med[("torch", w)]
+        rows.append(row)
     x = np.log([r["D"] for r in rows])
     y = np.log([r["eigvalsh_s"] for r in rows])
     slope = float(np.polyfit(x[-3:], y[-3:], 1)[0])
     return {"rows": rows, "loglog_slope_last3": slope,
-            "note": "float64 eigvalsh on the host, once per point per capture"}
+            "last_level_cache_bytes": _lapack.last_level_cache_bytes(),
+            "note": "float64 eigvalsh on the host, once per point per capture; wN: N in "
+                    "flight (nerve_interp._inflight), seconds per decomposition"}
 
 
 # ------------------------------------------------------------------ (d) memory vs N
@@ -1032,6 +1064,12 @@ def print_report(res: dict) -> None:
         print(f"\n[c] eigh (spectrum_from_covariance, fp64 eigvalsh) vs D; log-log slope of the "
               f"last 3: {e['loglog_slope_last3']:.2f}")
         print("  " + "  ".join(f"D={r['D']}: {r['eigvalsh_s']:.3f}s" for r in e["rows"]))
+        print(f"  seconds per decomposition, numpy's LAPACK / torch's (w2 = two in flight; "
+              f"last-level cache {e.get('last_level_cache_bytes')} bytes; auto picks):")
+        for r in e["rows"]:
+            print(f"  D={r['D']:>5} {r.get('auto', '?'):>5}" + "".join(
+                f"   w{w}: {r[f'numpy_w{w}_s']:.4f} / {r[f'torch_w{w}_s']:.4f} s = "
+                f"{r[f'numpy_over_torch_w{w}']:.2f}" for w in (1, 2) if f"numpy_w{w}_s" in r))
     for case in res.get("directions", []):
         print(f"\n[e] explain_directions' second pass vs a plain forward: {case['case']}, "
               f"{case['layers']} layers, post D={case['D']}, {case['tokens']} tokens, "

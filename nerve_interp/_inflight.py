@@ -6,12 +6,16 @@ little from a second thread. Two decompositions in flight, each on one OpenMP th
 two cores better than one decomposition on two: on an AMD EPYC (Zen 5, 2 cores) 12 float64
 covariances at D = 1536 took 93–96 ms each against 107–113 ms one after another on 2 threads
 (``eigh`` with eigenvectors: 242–256 against 252–259 ms). The eigenvalues agree to 6e-15·λ₁,
-round-off of a different thread count, not bitwise.
+round-off of a different thread count, not bitwise. Eigenvalues alone now go through numpy's
+LAPACK (:mod:`nerve_interp._lapack`), which releases the GIL: 76 ms per decomposition two at
+a time.
 
 The thread count of torch is per calling thread (OpenMP's), so each worker sets its own
 (``torch.set_num_threads`` inside the worker; calling it once in the main thread does not reach
 the workers). The call also stores the count that *new* threads start with, so
-:func:`map_in_flight` sets the caller's count again when it ends.
+:func:`map_in_flight` sets the caller's count again when it ends. numpy's BLAS has one
+count for the whole process, so :func:`map_in_flight` holds it at the workers' share
+(:func:`~nerve_interp._lapack.blas_threads`) while they run.
 
 ``NERVE_INTERP_EIGH_WORKERS`` in the environment sets the number of workers (``1``: one at a
 time on every thread, as torch does by default); unset, it is 2 where torch has at least
@@ -27,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+
+from ._lapack import blas_threads
 
 ENV = "NERVE_INTERP_EIGH_WORKERS"
 """Number of eigendecompositions in flight (``1`` turns the workers off)."""
@@ -70,11 +76,11 @@ def map_in_flight(fn: Callable[[T], R], items: Iterable[T], *,
                   workers: int | None = None) -> Iterator[R]:
     """``map(fn, items)`` with up to ``workers`` calls in flight, results in input order.
 
-    Each worker runs torch on ``max(1, threads // workers)`` threads, where ``threads`` is the
-    caller's ``torch.get_num_threads()``. Items are drawn lazily and at most ``workers``
-    calls are pending, so the memory of at most ``workers`` items' work is alive at once. An
-    exception in ``fn`` is raised here, at its item. With one worker (or one thread) it is
-    ``map`` in the calling thread.
+    Each worker runs torch, and numpy's BLAS, on ``max(1, threads // workers)`` threads,
+    where ``threads`` is the caller's ``torch.get_num_threads()``. Items are drawn lazily
+    and at most ``workers`` calls are pending, so the memory of at most ``workers`` items'
+    work is alive at once. An exception in ``fn`` is raised here, at its item. With one
+    worker (or one thread) it is ``map`` in the calling thread.
 
     Parameters
     ----------
@@ -100,7 +106,8 @@ def map_in_flight(fn: Callable[[T], R], items: Iterable[T], *,
 
     pending: collections.deque[Future[R]] = collections.deque()
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="nerve-interp-eigh") as pool:
+        with blas_threads(per), ThreadPoolExecutor(
+                workers, thread_name_prefix="nerve-interp-eigh") as pool:
             try:
                 for item in items:
                     pending.append(pool.submit(run, item))

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import _lapack
 from ._inflight import map_in_flight
 from .covariance import CovarianceAccumulator
 from .errors import CaptureError
@@ -241,7 +242,7 @@ def _eigenvalues(m2: torch.Tensor, n: int) -> np.ndarray:
     """Descending eigenvalues of ``M2 / (n − 1)`` in float64, round-off negatives clipped
     (the lower triangle of ``m2`` is read: it is exactly symmetric)."""
     cov = m2.detach().to("cpu", torch.float64) / (n - 1)
-    vals = torch.linalg.eigvalsh(cov).flip(-1).numpy()
+    vals = _lapack.eigvalsh(cov).flip(-1).numpy()
     return np.clip(vals, 0.0, None)
 
 

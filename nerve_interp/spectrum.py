@@ -1,6 +1,7 @@
 """Eigendecomposition of a covariance matrix in float64: the :class:`Spectrum` of one point.
 
-Eigenvalues come from ``torch.linalg.eigh`` in float64 and are stored in descending order.
+Eigenvalues come from LAPACK in float64 (:mod:`nerve_interp._lapack`; ``torch.linalg.eigh`` with
+eigenvectors) and are stored in descending order.
 Round-off negatives are clipped to 0; how many there were and the most negative value are
 kept (``n_negative``, ``min_eigenvalue``) and a ``NegativeEigenvalueWarning`` is raised when
 one is below ``-1e-8 · λ_1`` (a sign of a broken covariance, not of round-off).
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import _lapack
 from . import metrics as _metrics
 from .errors import NegativeEigenvalueWarning, NotFittedError
 from .groups import GroupSpectra
@@ -189,7 +191,7 @@ def spectrum_from_covariance(
         vals, vecs = torch.linalg.eigh(cov)
         vecs = vecs.flip(-1).numpy()
     else:
-        vals, vecs = torch.linalg.eigvalsh(cov), None
+        vals, vecs = _lapack.eigvalsh(cov), None
     vals = vals.flip(-1).numpy()
     lam1 = float(vals[0]) if vals.size else 0.0
     n_neg = int((vals < 0).sum())
