@@ -7,8 +7,8 @@ two cores better than one decomposition on two: on an AMD EPYC (Zen 5, 2 cores) 
 covariances at D = 1536 took 93–96 ms each against 107–113 ms one after another on 2 threads
 (``eigh`` with eigenvectors: 242–256 against 252–259 ms). The eigenvalues agree to 6e-15·λ₁,
 round-off of a different thread count, not bitwise. Eigenvalues alone now go through numpy's
-LAPACK (:mod:`nerve_interp._lapack`), which releases the GIL: 76 ms per decomposition two at
-a time.
+LAPACK (:mod:`nerve_interp._lapack`) where it is faster; it releases the GIL: 76-87 ms per
+decomposition two at a time at D = 1536.
 
 The thread count of torch is per calling thread (OpenMP's), so each worker sets its own
 (``torch.set_num_threads`` inside the worker; calling it once in the main thread does not reach

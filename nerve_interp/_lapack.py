@@ -80,11 +80,11 @@ def last_level_cache_bytes() -> int | None:
     if "llc" not in _STATE:
         sizes = []
         for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-            raw = f.read_text().strip().upper()
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:], 1)
-            try:
+            try:  # e.g. "32768K"; an unreadable or odd entry is skipped
+                raw = f.read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:], 1)
                 sizes.append(int(raw.rstrip("KMG")) * scale)
-            except ValueError:
+            except (OSError, ValueError):
                 continue
         _STATE["llc"] = max(sizes, default=None)
     return _STATE["llc"]

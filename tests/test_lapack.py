@@ -124,3 +124,19 @@ def test_workers_hold_the_blas_at_their_share():
         assert _blas_threads() == before
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_cache_size_is_read_from_sysfs_and_odd_entries_are_skipped(monkeypatch, tmp_path):
+    for name, text in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"),
+                       ("index4", "lots")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(text + "\n")
+    (tmp_path / "index5" / "size").mkdir(parents=True)  # unreadable as a file
+    real = _lapack.Path
+    monkeypatch.setattr(_lapack, "Path", lambda p: real(tmp_path) if "cache" in str(p) else real(p))
+    monkeypatch.delitem(_lapack._STATE, "llc", raising=False)
+    assert _lapack.last_level_cache_bytes() == 32 << 20
+    monkeypatch.setattr(_lapack, "Path", lambda p: real(tmp_path / "none"))
+    monkeypatch.delitem(_lapack._STATE, "llc")
+    assert _lapack.last_level_cache_bytes() is None
+    monkeypatch.delitem(_lapack._STATE, "llc")  # the next call reads the real machine again
