@@ -470,19 +470,12 @@ def bench_accuracy(args: argparse.Namespace) -> list[dict]:
 def _eigvalsh_with(lapack: str, covs: list[torch.Tensor], workers: int) -> float:
     """Seconds per covariance of ``spectrum_from_covariance`` over ``covs`` through ``lapack``'s
     LAPACK (:mod:`nerve_interp._lapack`), ``workers`` at a time."""
-    before = os.environ.get(_lapack.ENV)
-    os.environ[_lapack.ENV] = lapack
-    try:
+    with mock.patch.dict(os.environ, {_lapack.ENV: lapack}):
         t0 = time.perf_counter()
         for _ in map_in_flight(lambda c: spectrum_from_covariance(
                 c, np.zeros(c.shape[0]), 10 * c.shape[0], warn=False), covs, workers=workers):
             pass
         return (time.perf_counter() - t0) / len(covs)
-    finally:
-        if before is None:
-            os.environ.pop(_lapack.ENV)
-        else:
-            os.environ[_lapack.ENV] = before
 
 
 def bench_eigh(args: argparse.Namespace) -> dict:

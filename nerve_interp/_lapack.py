@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,7 @@ def eigvalsh(cov: torch.Tensor) -> torch.Tensor:
                          f"{cov.device}. Pass cov.to('cpu', torch.float64).")
     if backend(int(cov.shape[-1])) == "torch":
         return torch.linalg.eigvalsh(cov)
-    a = cov.detach().numpy()
-    if _STATE["held"] is not None:
-        return torch.from_numpy(np.linalg.eigvalsh(a, UPLO="L"))
-    with _controller().limit(limits=torch.get_num_threads(), user_api="blas"):
-        return torch.from_numpy(np.linalg.eigvalsh(a, UPLO="L"))
+    held = _STATE["held"] is not None  # by blas_threads: leave the count as it is
+    with nullcontext() if held else _controller().limit(limits=torch.get_num_threads(),
+                                                         user_api="blas"):
+        return torch.from_numpy(np.linalg.eigvalsh(cov.detach().numpy(), UPLO="L"))

@@ -99,7 +99,7 @@ class MomentSums:
         self._sw = torch.zeros_like(e)  # Σ s_i w_i
         self._rw = torch.zeros_like(e)  # Σ r_i w_i
         self._s: list[torch.Tensor] = []
-        self._r: list[torch.Tensor] = []
+        self._r_sum = torch.zeros((), dtype=e.dtype, device=e.device)  # Σ r_i
 
     def add(self, w: torch.Tensor, norms2: torch.Tensor) -> None:
         """Add the rows ``w`` ``[k, D]`` (float64) whose squared norms are ``norms2`` ``[k]``."""
@@ -108,13 +108,12 @@ class MomentSums:
         self._sw.addmv_(w.T, s)
         self._rw.addmv_(w.T, r)
         self._s.append(s)
-        self._r.append(r)
+        self._r_sum += r.sum()
 
     def result(self) -> BatchMoments:
         s = torch.cat(self._s) if self._s else self.e[:0]
-        r_sum = torch.cat(self._r).sum() if self._r else self._ed.new_zeros(())
         tr = s.sum()
-        return BatchMoments(s @ s, tr, self._sw - self.e * tr, self._rw - self.e * r_sum)
+        return BatchMoments(s @ s, tr, self._sw - self.e * tr, self._rw - self.e * self._r_sum)
 
 
 class NormMoments:
