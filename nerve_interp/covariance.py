@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 from . import _onednn
+from ._scratch import scratch
 from .errors import CaptureError, NotFittedError, ResultsFileError
 from .moments import BatchMoments, MomentSums, NormMoments
 
@@ -407,7 +408,8 @@ def shift_of(mean: torch.Tensor, bf16_shift: bool = False) -> torch.Tensor:
 
 def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift: bool = False,
                 delta: torch.Tensor | None = None, norms2: torch.Tensor | None = None,
-                shift: torch.Tensor | None = None) -> CentredRows:
+                shift: torch.Tensor | None = None, out: torch.Tensor | None = None
+                ) -> CentredRows:
     """Centre rows on their mean for a float32 Gram product, with every sum in float64, in
     one pass over chunks of rows that stay in cache.
 
@@ -437,6 +439,8 @@ def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift
     shift : torch.Tensor of shape (D,), float64, optional
         ``s`` itself, when it is not :func:`shift_of` ``mean`` (a float32- or
         bfloat16-representable vector).
+    out : torch.Tensor of shape (N, D), float32, optional
+        Where to write ``xc`` (returned as it), instead of a new tensor.
 
     Returns
     -------
@@ -454,7 +458,10 @@ def centre_rows(x: torch.Tensor, mean: torch.Tensor | None = None, *, bf16_shift
     rows, ones = _row_chunks(x)
     shift = shift_of(mean, bf16_shift) if shift is None else shift
     sums = None if delta is None else MomentSums(mean - shift, delta)
-    xc = torch.empty(n, d, dtype=torch.float32, device=x.device)
+    xc = torch.empty(n, d, dtype=torch.float32, device=x.device) if out is None else out
+    if xc.shape != (n, d) or xc.dtype != torch.float32:
+        raise ValueError(f"out must be float32 of shape {(n, d)}; got {xc.dtype} of shape "
+                         f"{tuple(xc.shape)}.")
     resid = torch.zeros(d, dtype=torch.float64, device=x.device)
     diag = torch.zeros(d, dtype=torch.float64, device=x.device)
     wide = torch.empty(min(n, rows), d, dtype=torch.float64, device=x.device)
@@ -520,7 +527,8 @@ def panels(d: int, width: int = PANEL_WIDTH) -> list[tuple[int, int]]:
 
 
 def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WIDTH,
-                   low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   before: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Add ``xcᵀxc`` to the *upper block triangle* of ``m2``, in place: half the products.
 
     For each panel ``[i, j)`` of :func:`panels`, ``m2[i:j, i:] += xc[:, i:j]ᵀ xc[:, i:]``:
@@ -545,6 +553,11 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
     low_rank : (torch.Tensor, torch.Tensor) of shape (D, k) each, float64, optional
         Also add ``u vᵀ`` to the same blocks, each while it is in cache (the rank-one
         corrections of an update: :func:`add_upper_low_rank` without its own pass).
+    before : (torch.Tensor, torch.Tensor) of shape (D,) each, float64, optional
+        ``(v, out)``: also ``out += S v`` for the symmetric ``S`` whose upper block triangle
+        ``m2`` holds *before* this call, each block read just before it is updated (what
+        :func:`upper_matvec` gives, without its own pass over ``m2``: the fourth moments
+        need it for every update, 0.8 ms at D = 1536).
 
     Returns
     -------
@@ -555,13 +568,15 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
     d = int(xc.shape[1])
     with full_precision_matmul():
         if xc.dtype != m2.dtype and xc.shape[0] and _uses_onednn(xc):  # 0 rows: torch.mm
-            return _add_upper_gram_onednn(m2, xc, width, low_rank)
+            return _add_upper_gram_onednn(m2, xc, width, low_rank, before)
         diag = torch.empty(d, dtype=torch.float64, device=xc.device)
         narrow = xc.dtype != m2.dtype
         scratch = torch.empty(min(width, d) * d, dtype=xc.dtype, device=xc.device) \
             if narrow else None
         for i, j in panels(d, width):
             block = m2[i:j, i:]
+            if before is not None:
+                _block_matvec(block, i, j, *before)
             if not narrow:
                 block.addmm_(xc[:, i:j].T, xc[:, i:])
                 diag[i:j] = block[:, :j - i].diagonal()  # unused for float64 (no correction)
@@ -585,7 +600,9 @@ took 1.2 ms more per update at D = 1536; 3.7e-5 with 128 rows, 10-20% slower).""
 
 
 def _add_upper_gram_onednn(m2: torch.Tensor, xc: torch.Tensor, width: int,
-                           low_rank: LowRank | None) -> torch.Tensor:
+                           low_rank: LowRank | None,
+                           before: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> torch.Tensor:
     """:func:`add_upper_gram` of float32 CPU rows through oneDNN: each panel is the float32
     sum of products of blocks of exactly :data:`ONEDNN_ROWS` rows (the last one padded with
     zero rows, which add exact zeros), added to ``m2`` in float64; returns the panels'
@@ -594,14 +611,18 @@ def _add_upper_gram_onednn(m2: torch.Tensor, xc: torch.Tensor, width: int,
     Every product has the same shape whatever the batch's row count: oneDNN caches one
     primitive (~0.7 MB) per shape it sees, so blocks sized by the row count made a
     capture's memory grow with its number of distinct batch sizes (+0.37 GB over 65.6k
-    tokens at 4 points)."""
+    tokens at 4 points). The blocks are written into a buffer reused across updates
+    (:mod:`nerve_interp._scratch`)."""
     n, d = (int(s) for s in xc.shape)
     diag = torch.empty(d, dtype=torch.float64, device=xc.device)
+    starts = range(0, n, ONEDNN_ROWS)
+    room = scratch("onednn_blocks", (len(starts), d, ONEDNN_ROWS), torch.float32, xc.device)
     blocks = []
-    for s in range(0, n, ONEDNN_ROWS):
+    for xct, s in zip(room, starts, strict=True):
         rows = xc[s:s + ONEDNN_ROWS]
-        xct = rows.new_zeros(d, ONEDNN_ROWS)
-        xct[:, :rows.shape[0]] = rows.T
+        k = int(rows.shape[0])
+        xct[:, :k].copy_(rows.T)
+        xct[:, k:].zero_()
         blocks.append(xct)
     for i, j in panels(d, width):
         block = m2[i:j, i:]
@@ -609,10 +630,21 @@ def _add_upper_gram_onednn(m2: torch.Tensor, xc: torch.Tensor, width: int,
         for xct in blocks[1:]:  # float32 sums of block sums, as MKL's sgemm adds its own
             part += _onednn.rows_times_rows(xct[i:j], xct[i:])
         diag[i:j] = part[:, :j - i].diagonal()
+        if before is not None:
+            _block_matvec(block, i, j, *before)
         block.add_(part)
         if low_rank is not None:
             block.addmm_(low_rank[0][i:j], low_rank[1][i:].T)
     return diag
+
+
+def _block_matvec(block: torch.Tensor, i: int, j: int, v: torch.Tensor, out: torch.Tensor
+                  ) -> None:
+    """``out += S[:, i:j] v[i:j] + S[i:j, j:] v[j:]`` (in place) for the symmetric ``S`` whose
+    row panel ``[i, j)`` of the upper block triangle is ``block = S[i:j, i:]``: summed over
+    the panels of :func:`panels`, ``S v``."""
+    out[i:].addmv_(block.T, v[i:j])  # the panel's blocks, transposed ...
+    out[i:j].addmv_(block[:, j - i:], v[j:])  # ... and right of the diagonal, as they are
 
 
 def _uses_onednn(xc: torch.Tensor) -> bool:
@@ -672,8 +704,7 @@ def upper_matvec(m2: torch.Tensor, v: torch.Tensor, *, width: int = PANEL_WIDTH
     """
     out = torch.zeros_like(v)
     for i, j in panels(int(m2.shape[0]), width):
-        out[i:] += m2[i:j, i:].T @ v[i:j]  # the blocks of row panel i, transposed
-        out[i:j] += m2[i:j, j:] @ v[j:]    # ... and as they are (right of the diagonal)
+        _block_matvec(m2[i:j, i:], i, j, v, out)
     return out
 
 
@@ -868,7 +899,6 @@ class CovarianceAccumulator:
             return self
         if self._resolved is None:
             self._resolved = default_precision(x.device)
-        diag = wide = None
         if self._resolved == "fp64":
             mean_b = x.sum(dim=0, dtype=torch.float64) / n_b  # the exact mean
             self._check_finite(x, mean_b)
@@ -878,15 +908,24 @@ class CovarianceAccumulator:
                 sums = MomentSums(torch.zeros_like(mean_b), moments.offset(mean_b, n_b))
                 sums.add(xc, torch.linalg.vector_norm(xc, dim=1) ** 2)
                 moments.fold(n_b, mean_b, sums.result(), self)
-        else:  # chunks widened once give the residual, the diagonal and the moments
-            mean_b = batch_mean(x)
-            self._check_finite(x, mean_b)
-            xc, resid, diag, wide, batch = self._centre(
-                x, mean_b, None if moments is None else moments.offset(mean_b, n_b))
-            if moments is not None:
-                moments.fold(n_b, mean_b, batch, self)
-        self._fold(n_b, mean_b, lambda m2, low: self._add_scatter(m2, xc, diag, low, wide),
-                   resid)
+            self._fold(n_b, mean_b, lambda m2, low: self._add_scatter(m2, xc, None, low),
+                       resid)
+            return self
+        # below float64: chunks widened once give the residual, the diagonal and the
+        # moments; the moments' M2 d_a is taken in the Gram's own pass over M2
+        mean_b = batch_mean(x)
+        self._check_finite(x, mean_b)
+        xc, resid, diag, wide, batch = self._centre(
+            x, mean_b, None if moments is None else moments.offset(mean_b, n_b))
+        d_a = None if moments is None else moments.recentring(mean_b, n_b)
+        tr_a = None if d_a is None else self.scatter_trace()
+        before = None if d_a is None else (d_a.to(self._m2.device),
+                                          torch.zeros_like(d_a, device=self._m2.device))
+        self._fold(n_b, mean_b,
+                   lambda m2, low: self._add_scatter(m2, xc, diag, low, wide, before), resid)
+        if moments is not None:
+            moments.fold(n_b, mean_b, batch, self,
+                         before=None if before is None else (tr_a, before[1]))
         return self
 
     def _centre(self, x: torch.Tensor, mean_b: torch.Tensor, delta: torch.Tensor | None
@@ -898,15 +937,16 @@ class CovarianceAccumulator:
         Returns ``(xc, resid, diag, wide, moments)``; ``wide`` (k, D) float64 or None."""
         bf16 = self._resolved == "bf16-split"
         norms2 = torch.empty(int(x.shape[0]), dtype=torch.float64, device=x.device)
+        room = scratch("centred", tuple(x.shape), torch.float32, x.device)
         xc, _, resid, diag, batch = centre_rows(x, mean_b, bf16_shift=bf16, delta=delta,
-                                                norms2=norms2)
+                                                norms2=norms2, out=room)
         big = massive_rows(norms2)
         if big.numel() == 0:
             return xc, resid, diag, None, batch
         rows = x.index_select(0, big).double()
         rest = (mean_b * x.shape[0] - rows.sum(0)) / max(1, int(x.shape[0]) - big.numel())
         shift = shift_of(rest, bf16)
-        xc, _, resid, diag, batch = centre_rows(x, mean_b, delta=delta, shift=shift)
+        xc, _, resid, diag, batch = centre_rows(x, mean_b, delta=delta, shift=shift, out=room)
         xc.index_fill_(0, big, 0.0)
         return xc, resid, diag, rows.sub_(shift), batch
 
@@ -928,11 +968,17 @@ class CovarianceAccumulator:
         )
 
     def _add_scatter(self, m2: torch.Tensor, xc: torch.Tensor, diag: torch.Tensor | None,
-                     low_rank: LowRank | None, wide: torch.Tensor | None = None) -> bool:
+                     low_rank: LowRank | None, wide: torch.Tensor | None = None,
+                     before: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
         """Add the centred rows' scatter ``xcᵀxc`` to ``m2`` (its float64 ``diag`` in place
         of the product's), the float64 rows ``wide``'s (:func:`massive_rows`) and
         ``low_rank``; True when only the upper block triangle was updated (on the CPU,
-        :func:`add_upper_gram`; elsewhere one full product)."""
+        :func:`add_upper_gram`; elsewhere one full product). ``before = (v, out)``: also
+        ``out += M2 v`` of ``m2`` as it was (see :func:`add_upper_gram`)."""
+        if before is not None and (xc.device.type != "cpu" or xc.device != m2.device
+                                   or self._resolved == "bf16-split"):
+            before[1].add_(self.scatter_matvec(before[0]))  # no pass of the Gram's to share
+            before = None
         wide = None if wide is None else wide.to(m2.device)
         formed_wide = 0.0 if wide is None else wide.square().sum(0)
         with full_precision_matmul():
@@ -943,7 +989,7 @@ class CovarianceAccumulator:
             elif xc.device.type != "cpu" or xc.device != m2.device:
                 gram = xc.T @ xc
             else:
-                formed = add_upper_gram(m2, xc, low_rank=low_rank)
+                formed = add_upper_gram(m2, xc, low_rank=low_rank, before=before)
                 if wide is not None:
                     add_upper_gram(m2, wide)
                 if diag is not None:

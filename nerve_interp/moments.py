@@ -165,20 +165,35 @@ class NormMoments:
             return torch.zeros_like(mean_b, dtype=torch.float64)
         return (mean_b - self._mean.to(mean_b.device)) * (self._n / (self._n + n_b))
 
-    def fold(self, n_b: int, mean_b: torch.Tensor, batch: BatchMoments, acc: Any
-             ) -> NormMoments:
+    def recentring(self, mean_b: torch.Tensor, n_b: int) -> torch.Tensor | None:
+        """``d_a = μ − μ'``: how far the rows seen so far move their centre when a batch of
+        ``n_b`` rows with mean ``mean_b`` is folded in (None before the first batch). What
+        :meth:`fold` multiplies the accumulator's scatter with."""
+        if self._n == 0 or n_b == 0:
+            return None
+        return self._mean - self._merged_mean(mean_b, n_b)
+
+    def _merged_mean(self, mean_b: torch.Tensor, n_b: int) -> torch.Tensor:
+        return self._mean + (mean_b - self._mean) * (n_b / (self._n + n_b))
+
+    def fold(self, n_b: int, mean_b: torch.Tensor, batch: BatchMoments, acc: Any, *,
+             before: tuple[torch.Tensor, torch.Tensor] | None = None) -> NormMoments:
         """Fold one batch's :class:`BatchMoments` (around its mean ``mean_b``, with the
-        offset of :meth:`offset`) in; ``acc`` is the paired accumulator before the batch."""
+        offset of :meth:`offset`) in; ``acc`` is the paired accumulator before the batch, or
+        ``before = (tr M2, M2 d_a)`` of it (``d_a`` of :meth:`recentring`), taken while the
+        accumulator's own update passed over its scatter."""
         if n_b == 0:
             return self
         n_a, n = self._n, self._n + n_b
         if n_a == 0:
             self._n, self._mean, self._a, self._v = n_b, mean_b.clone(), batch.a, batch.v
             return self
-        mean = self._mean + (mean_b - self._mean) * (n_b / n)
+        mean = self._merged_mean(mean_b, n_b)
         d_a = self._mean - mean
-        a1, v1 = shift(self._a, self._v, None, acc.scatter_trace().to(mean.device), n_a, d_a,
-                       m2_delta=acc.scatter_matvec(d_a).to(mean.device))
+        tr_a, md_a = before if before is not None else (acc.scatter_trace(),
+                                                         acc.scatter_matvec(d_a))
+        a1, v1 = shift(self._a, self._v, None, tr_a.to(mean.device), n_a, d_a,
+                       m2_delta=md_a.to(mean.device))
         a2, v2 = shift(batch.a, batch.v, None, batch.tr, n_b, mean_b - mean,
                        m2_delta=batch.m2_delta)
         self._n, self._mean, self._a, self._v = n, mean, a1 + a2, v1 + v2

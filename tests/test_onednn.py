@@ -4,6 +4,7 @@ IEEE float32 even when the user allows bf16 products, and torch.mm when oneDNN i
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,26 @@ def test_no_rows_add_only_the_low_rank_term():
     diag = cov.add_upper_gram(m2, torch.zeros(0, 200), low_rank=(u, u))
     cov.fill_lower(m2)
     assert bool((m2 == 1).all()) and bool((diag == 0).all())
+
+
+@pytest.mark.parametrize("path", ["onednn", "torch.mm", "float64"])
+def test_before_gives_the_old_scatter_times_v(monkeypatch, path):
+    """``before=(v, out)`` adds ``S v`` of the symmetric ``S`` that ``m2``'s upper block
+    triangle held before the call (numpy's product, float64 round-off), whichever way the
+    panels are multiplied; the lower blocks, stale, are not read."""
+    if path == "onednn" and not _onednn.available():
+        pytest.skip("this torch has no oneDNN float32 product")
+    if path == "torch.mm":
+        monkeypatch.setattr(cov, "_uses_onednn", lambda xc: False)
+    g = torch.Generator().manual_seed(5)
+    d = 300
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    s = a @ a.T
+    m2 = s.clone()
+    m2[torch.ones(d, d, dtype=torch.bool).tril(-cov.PANEL_WIDTH)] = float("nan")  # stale
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    out = torch.ones(d, dtype=torch.float64)
+    xc = torch.randn(333, d, generator=g)
+    cov.add_upper_gram(m2, xc.double() if path == "float64" else xc, before=(v, out))
+    want = 1.0 + s.numpy() @ v.numpy()
+    assert np.abs(out.numpy() - want).max() <= 1e-12 * np.abs(want).max()
