@@ -81,11 +81,12 @@ def test_a_probe_that_gets_a_wrong_product_turns_it_off(monkeypatch, fresh_probe
 
 @needs_onednn
 def test_each_float32_sum_has_at_most_onednn_rows_rows(monkeypatch):
-    """add_upper_gram multiplies blocks of exactly ONEDNN_ROWS rows (the last padded with
-    zeros, so every product has one shape and oneDNN caches one primitive per panel, not
-    one per batch size) and adds their products in float32: each entry is a float32 sum of
-    ONEDNN_ROWS + 3 terms, so within γ_(ONEDNN_ROWS+3) (one chain over the 1,000 rows may be
-    off by up to γ_1000); every panel sees every row once."""
+    """add_upper_gram multiplies blocks of ONEDNN_ROWS rows (the last padded with zeros to
+    a multiple of ONEDNN_PAD, so products have a few shapes and oneDNN caches a few
+    primitives per panel, not one per batch size) and adds their products in float32: each
+    entry is a float32 sum of at most ONEDNN_ROWS + 3 terms, so within γ_(ONEDNN_ROWS+3)
+    (one chain over the 900 rows may be off by up to γ_900); every panel sees every row
+    once."""
     calls: list[tuple[int, int, int]] = []
     real = _onednn.rows_times_rows
 
@@ -94,14 +95,16 @@ def test_each_float32_sum_has_at_most_onednn_rows_rows(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(_onednn, "rows_times_rows", spy)
-    n, d = 1000, 300
+    n, d = 900, 300
     g = torch.Generator().manual_seed(2)
     xc = torch.randn(n, d, generator=g)
     m2 = torch.zeros(d, d, dtype=torch.float64)
     diag = cov.add_upper_gram(m2, xc)
     rows = [k for *_, k in calls]
     blocks = -(-n // cov.ONEDNN_ROWS)
-    assert set(rows) == {cov.ONEDNN_ROWS}  # one shape whatever n
+    last = n - (blocks - 1) * cov.ONEDNN_ROWS  # 132 rows, padded to 192
+    assert set(rows) == {cov.ONEDNN_ROWS, -(-last // cov.ONEDNN_PAD) * cov.ONEDNN_PAD}
+    assert all(k % cov.ONEDNN_PAD == 0 and k <= cov.ONEDNN_ROWS for k in rows)
     assert len(rows) == blocks * len(cov.panels(d))
     cov.fill_lower(m2)
     exact = xc.double().T @ xc.double()
