@@ -51,8 +51,8 @@ after). The diagonal is therefore summed in float64 (:func:`exact_diagonal`, O(N
 the product's O(N·D²)).
 
 **Half the products on the CPU.** The scatter is symmetric, so on the CPU (``"fp64"`` and
-``"fp32"``) each update forms only its upper block triangle, one GEMM per panel of 128
-columns (:func:`add_upper_gram`: 54% of the multiply-adds at D = 1536), and the rank-one
+``"fp32"``) each update forms only its upper block triangle, one GEMM per panel of 192
+columns (:func:`add_upper_gram`: 56% of the multiply-adds at D = 1536), and the rank-one
 corrections touch the same half. The float32 panels go through oneDNN where torch has it
 (:mod:`nerve_interp._onednn`; MKL's ``sgemm`` runs AVX2 kernels on AMD CPUs, oneDNN their
 AVX-512 ones: 1.9x faster on a Zen 5 EPYC), in products of at most 256 rows
@@ -511,8 +511,12 @@ def massive_rows(norms2: torch.Tensor, factor: float = MASSIVE_ROW_FACTOR) -> to
 
 
 # ------------------------------------------------------------------ symmetric Gram
-PANEL_WIDTH = 128
-"""Columns per panel of :func:`add_upper_gram` (12 panels at D = 1536)."""
+PANEL_WIDTH = 192
+"""Columns per panel of :func:`add_upper_gram` (8 panels at D = 1536). Against 128 columns
+(12 panels, 54% of the products' multiply-adds instead of 56%) a whole update took 0.98×
+as long at 2 threads (rounds of 24 points alternated in one process, D = 1536, ~1,000
+rows) and the same at 1 thread: a third fewer calls, and each product splits better over
+two threads."""
 
 
 def panels(d: int, width: int = PANEL_WIDTH) -> list[tuple[int, int]]:
@@ -533,8 +537,8 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
 
     For each panel ``[i, j)`` of :func:`panels`, ``m2[i:j, i:] += xc[:, i:j]ᵀ xc[:, i:]``:
     the diagonal blocks in full, the blocks right of them, nothing below (the symmetric
-    half, :func:`fill_lower`, is copied once when it is read). With 12 panels that is
-    (12 + 1) / 24 = 54% of the full product's multiply-adds, as one GEMM per panel (a BLAS
+    half, :func:`fill_lower`, is copied once when it is read). With 8 panels that is
+    (8 + 1) / 16 = 56% of the full product's multiply-adds, as one GEMM per panel (a BLAS
     ``syrk`` was no faster than these on MKL). A float64 ``xc`` is multiplied straight into
     ``m2`` (``addmm``); a float32 one into a float32 panel that is then added (widened
     exactly) to the float64 ``m2``. On the CPU the float32 panels are multiplied through
