@@ -73,3 +73,25 @@ def test_centre_rows_writes_into_out_and_checks_it():
     assert torch.equal(got.xc, cov.centre_rows(x).xc)
     with pytest.raises(ValueError, match=r"float32 of shape \(50, 12\)"):
         cov.centre_rows(x, out=torch.empty(50, 12, dtype=torch.float64))
+
+
+def test_a_capture_uses_the_buffers_and_gives_them_back(monkeypatch):
+    """collect_spectra's updates take their buffers from the pool, and the pool is empty
+    once the stream is done (what the finish and the user need is not in it)."""
+    import nerve_interp as ni
+    from nerve_interp.models import make_lm
+
+    names = []
+    real = _scratch.scratch
+
+    def spy(name, *args, **kwargs):
+        names.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(cov, "scratch", spy)
+    model = make_lm("tiny", vocab_size=256)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 256, (4, 32), generator=g) for _ in range(2)]
+    ni.collect_spectra(model, data, progress=False)
+    assert "centred" in names
+    assert not getattr(_scratch._LOCAL, "pool", {})

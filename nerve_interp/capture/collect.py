@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._scratch import release as release_scratch
 from ..data import corpus_metadata
 from ..diagnostics import (
     DEFAULT_MAX_OUTLIER_TOKENS,
@@ -304,8 +305,11 @@ def _one_pass(wrapper: Any, all_sites: list[FFNSite], data: Any, tokenizer: Any,
                                            seconds=opts.checkpoint_seconds,
                                            announce=opts.progress and shard.is_main),
                  device=device, limits=input_limits(wrapper._module, tokenizer))
-    state = run(p, numbered(data, tokenizer, batch_size=opts.batch_size,
-                            max_length=opts.max_length))
+    try:
+        state = run(p, numbered(data, tokenizer, batch_size=opts.batch_size,
+                                max_length=opts.max_length))
+    finally:
+        release_scratch()  # the updates' reused buffers are not needed past the stream
     return finish(p, state, chosen, len(all_sites), tokenizer)
 
 
