@@ -4,7 +4,8 @@ Every update of a :class:`~nerve_interp.covariance.CovarianceAccumulator` on the
 its centred rows in float32 (``N × D``) and their transposed blocks for oneDNN (as many
 again): 12 MB per update at D = 1536 and 973 rows. Fresh from the allocator, those pages
 were often new to the process: glibc gives large freed blocks back to the system, so an
-update touched ~3,000 new pages (counted with ``getrusage``) and zero-filled the blocks;
+update could touch new pages (~3,000 per update in one run, none in another, counted with
+``getrusage``), and the blocks were zero-filled;
 writing the transposed blocks into a buffer already in use took 0.96 ms against 2.4 ms with
 ``new_zeros`` (2 threads, D = 1536, 973 rows, medians of 40). Buffers up to
 :data:`MAX_BYTES` are therefore kept, one per name and thread, and handed out again.
