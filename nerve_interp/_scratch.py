@@ -16,6 +16,7 @@ use it within one update and never return it (a view of it) to the user.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -46,11 +47,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype,
     torch.Tensor of ``shape``, contiguous; its contents are whatever the last user left.
     """
     device = torch.device(device)
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes > MAX_BYTES:
+    numel = math.prod(int(s) for s in shape)
+    if device.type != "cpu" or numel * dtype.itemsize > MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     pool = getattr(_LOCAL, "pool", None)
     if pool is None:

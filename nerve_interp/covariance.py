@@ -575,8 +575,7 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
             return _add_upper_gram_onednn(m2, xc, width, low_rank, before)
         diag = torch.empty(d, dtype=torch.float64, device=xc.device)
         narrow = xc.dtype != m2.dtype
-        scratch = torch.empty(min(width, d) * d, dtype=xc.dtype, device=xc.device) \
-            if narrow else None
+        room = scratch("panel", (min(width, d) * d,), xc.dtype, xc.device) if narrow else None
         for i, j in panels(d, width):
             block = m2[i:j, i:]
             if before is not None:
@@ -585,7 +584,7 @@ def add_upper_gram(m2: torch.Tensor, xc: torch.Tensor, *, width: int = PANEL_WID
                 block.addmm_(xc[:, i:j].T, xc[:, i:])
                 diag[i:j] = block[:, :j - i].diagonal()  # unused for float64 (no correction)
             else:
-                part = scratch[:(j - i) * (d - i)].view(j - i, d - i)
+                part = room[:(j - i) * (d - i)].view(j - i, d - i)
                 torch.mm(xc[:, i:j].T, xc[:, i:], out=part)
                 diag[i:j] = part[:, :j - i].diagonal()
                 block.add_(part)
